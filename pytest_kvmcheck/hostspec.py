@@ -1,0 +1,205 @@
+"""Host specs: the one place where ``--kvm-hosts`` values and inventories are parsed.
+
+Accepted forms, comma separated::
+
+    local                                   this machine, via subprocesses
+    ssh://user@host[:port][?key=..&qemu=..&qemu_img=..&workdir=..&accel=..&name=..
+                                            &accept_new_host_key=1&known_hosts=..]
+    @inventory.toml                         a TOML inventory (see fixtures/inventory.example.toml)
+    lab                                     the virtual KVM lab's inventory, once it is up
+
+A malformed entry raises :class:`HostSpecError` naming the entry and the bad part.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .errors import HostSpecError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ACCELS = ("auto", "kvm", "tcg")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
+               "known_hosts", "memory_budget_mib", "tags", "assignable"}
+_INVENTORY_KEYS = _QUERY_KEYS | {"url"}
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """Everything needed to reach one host and run QEMU there."""
+
+    name: str
+    transport: str = "local"  # "local" or "ssh"
+    hostname: str | None = None
+    user: str | None = None
+    port: int | None = None
+    key: str | None = None
+    known_hosts: str | None = None
+    accept_new_host_key: bool = False
+    qemu: str = "qemu-system-x86_64"
+    qemu_img: str = "qemu-img"
+    accel: str | None = None  # overrides --kvm-accel for this host
+    workdir: str | None = None
+    memory_budget_mib: int | None = None
+    assignable: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        """A display form without secrets (key paths are not secrets, but left out for brevity)."""
+        if self.transport == "local":
+            return "local"
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"ssh://{user}{self.hostname}{port}"
+
+
+def _bool(value: str, what: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise HostSpecError(f"{what}: expected a yes/no value, got {value!r}")
+
+
+def _int(value, what: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise HostSpecError(f"{what}: expected a whole number, got {value!r}") from None
+    if n <= 0:
+        raise HostSpecError(f"{what}: must be positive, got {n}")
+    return n
+
+
+def _list(value) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    return tuple(v for v in str(value).split("+") if v)
+
+
+def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:
+    changes: dict = {}
+    for key, value in options.items():
+        what = f"{where}: {key}"
+        if key == "accel":
+            if value not in ACCELS:
+                raise HostSpecError(f"{what}: must be one of {', '.join(ACCELS)}, got {value!r}")
+            changes["accel"] = None if value == "auto" else value
+        elif key == "accept_new_host_key":
+            changes[key] = value if isinstance(value, bool) else _bool(value, what)
+        elif key == "memory_budget_mib":
+            changes[key] = _int(value, what)
+        elif key in ("tags", "assignable"):
+            changes[key] = _list(value)
+        elif key == "name":
+            if not _NAME_RE.match(str(value)):
+                raise HostSpecError(f"{what}: {value!r} is not a valid host name "
+                                    "(letters, digits, '.', '_', '-')")
+            changes["name"] = str(value)
+        elif key in ("key", "known_hosts", "workdir"):
+            changes[key] = os.path.expanduser(str(value)) if key != "workdir" else str(value)
+        else:
+            changes[key] = str(value)
+    return replace(spec, **changes)
+
+
+def parse_host(entry: str) -> HostSpec:
+    """Parse one ``local`` or ``ssh://`` entry."""
+    entry = entry.strip()
+    if not entry:
+        raise HostSpecError("empty host entry (two commas in a row?)")
+    if entry == "local" or entry.startswith("local?"):
+        query = entry.partition("?")[2]
+        return _apply_options(HostSpec(name="local"), _query(query, entry), f"host {entry!r}")
+    if "://" not in entry:
+        raise HostSpecError(
+            f"host {entry!r}: not understood; use 'local', 'ssh://user@host[:port]' or '@inventory.toml'")
+    parts = urlsplit(entry)
+    if parts.scheme != "ssh":
+        raise HostSpecError(f"host {entry!r}: unsupported scheme {parts.scheme!r}; only ssh:// is supported")
+    if not parts.hostname:
+        raise HostSpecError(f"host {entry!r}: no host name after ssh://")
+    try:
+        port = parts.port
+    except ValueError:
+        raise HostSpecError(f"host {entry!r}: the port is not a number between 1 and 65535") from None
+    if parts.path not in ("", "/"):
+        raise HostSpecError(f"host {entry!r}: unexpected path {parts.path!r}; options go after '?'")
+    user = unquote(parts.username) if parts.username else None
+    spec = HostSpec(name=parts.hostname if port in (None, 22) else f"{parts.hostname}-{port}",
+                    transport="ssh", hostname=parts.hostname, user=user, port=port)
+    if parts.password:
+        raise HostSpecError(f"host {parts.hostname!r}: passwords in host specs are refused; use key=PATH")
+    return _apply_options(spec, _query(parts.query, entry), f"host {spec.url!r}")
+
+
+def _query(query: str, entry: str) -> dict:
+    options: dict = {}
+    for key, values in parse_qs(query, keep_blank_values=True, strict_parsing=False).items():
+        if key not in _QUERY_KEYS:
+            raise HostSpecError(f"host {entry.split('?')[0]!r}: unknown option {key!r} "
+                                f"(known: {', '.join(sorted(_QUERY_KEYS))})")
+        options[key] = values[-1]
+    return options
+
+
+def load_inventory(path: str | Path) -> list[HostSpec]:
+    """Read a TOML inventory: ``[hosts.NAME]`` tables with ``url`` and host options."""
+    p = Path(path).expanduser()
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise HostSpecError(f"inventory {str(p)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise HostSpecError(f"inventory {str(p)!r} is not valid TOML: {exc}") from None
+    hosts = data.get("hosts")
+    if not isinstance(hosts, dict) or not hosts:
+        raise HostSpecError(f"inventory {str(p)!r} has no [hosts.NAME] tables")
+    out = []
+    for name, table in hosts.items():
+        where = f"inventory {p.name} host {name!r}"
+        if not isinstance(table, dict):
+            raise HostSpecError(f"{where}: must be a table")
+        unknown = set(table) - _INVENTORY_KEYS
+        if unknown:
+            raise HostSpecError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+        base = parse_host(str(table.get("url", "local")))
+        options = {k: v for k, v in table.items() if k != "url"}
+        options.setdefault("name", name)
+        key = options.get("key")
+        if key and not os.path.isabs(os.path.expanduser(str(key))):
+            options["key"] = str(p.parent / str(key))  # relative to the inventory
+        out.append(_apply_options(base, options, where))
+    return out
+
+
+def parse_hosts(value: str | None, lab_inventory: Path | None = None) -> list[HostSpec]:
+    """Parse a whole ``--kvm-hosts`` value. Host names must be unique."""
+    value = (value or "local").strip() or "local"
+    specs: list[HostSpec] = []
+    for entry in value.split(","):
+        entry = entry.strip()
+        if entry.startswith("@"):
+            specs.extend(load_inventory(entry[1:]))
+        elif entry == "lab":
+            if lab_inventory is None or not Path(lab_inventory).is_file():
+                raise HostSpecError("host 'lab': the virtual KVM lab is not up; run 'kvmcheck lab up' first")
+            specs.extend(load_inventory(lab_inventory))
+        else:
+            specs.append(parse_host(entry))
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise HostSpecError(f"host name {s.name!r} is given twice; add name=... to tell them apart")
+        seen.add(s.name)
+    return specs

@@ -1,0 +1,103 @@
+"""The QEMU monitor of one VM: QMP through qemu.qmp, HMP through human-monitor-command.
+
+A thin layer over qemu.qmp's synchronous adapter that keeps a transcript (attached to
+reports), turns QMP errors into :class:`QMPCommandError` and a broken connection
+into :class:`QMPLost`, and waits for events with a deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .errors import QMPLost, VMError
+
+
+class QMPCommandError(VMError):
+    """QEMU answered a QMP command with an error."""
+
+    def __init__(self, command: str, desc: str, error_class: str = ""):
+        super().__init__(f"QMP {command} failed: {desc}")
+        self.command, self.desc, self.error_class = command, desc, error_class
+
+
+class Monitor:
+    def __init__(self, sock: socket.socket, vm_name: str, timeout: float = 30.0):
+        self.vm_name = vm_name
+        self.transcript: list[str] = []
+        self._events: list[dict] = []
+        self._qmp = QEMUMonitorProtocol(sock)
+        self._qmp.settimeout(timeout)
+        try:
+            greeting = self._qmp.connect(negotiate=True)
+        except (QMPError, OSError, EOFError) as exc:
+            raise QMPLost(f"VM {vm_name}: no QMP greeting: {exc}") from None
+        self.version = greeting["QMP"]["version"]["qemu"] if greeting else {}
+        self._log("<-", greeting)
+
+    def _log(self, direction: str, message: Any) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self.transcript.append(f"{stamp} {direction} {json.dumps(message, default=str)}")
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        """Run a QMP command and return its ``return`` value."""
+        self._log("->", {"execute": name, "arguments": args} if args else {"execute": name})
+        try:
+            result = self._qmp.cmd(name, **args)
+        except ExecuteError as exc:
+            self._log("<-", {"error": {"class": exc.error_class, "desc": exc.error_message}})
+            raise QMPCommandError(name, exc.error_message, exc.error_class) from None
+        except (QMPError, OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            self._log("!!", f"connection lost: {type(exc).__name__}: {exc}")
+            raise QMPLost(f"VM {self.vm_name}: QMP connection lost during {name} "
+                          f"({type(exc).__name__}: {exc}); QEMU probably exited: see its console log") from None
+        self._log("<-", {"return": result})
+        return result
+
+    def hmp(self, command_line: str) -> str:
+        """Run an HMP command (as the handbook types them) and return its text output."""
+        return self.cmd("human-monitor-command", **{"command-line": command_line})
+
+    def _drain(self, wait: float = 0.0) -> None:
+        try:
+            for event in self._qmp.get_events(wait=wait):
+                self._log("<-", event)
+                self._events.append(event)
+        except asyncio.TimeoutError:
+            pass
+        except (QMPError, OSError, EOFError) as exc:
+            raise QMPLost(f"VM {self.vm_name}: QMP connection lost while waiting for events: {exc}") from None
+
+    def events(self, name: str | None = None) -> list[dict]:
+        """Events received so far (optionally only those called ``name``)."""
+        self._drain()
+        return [e for e in self._events if name is None or e.get("event") == name]
+
+    def clear_events(self) -> None:
+        self._drain()
+        self._events.clear()
+
+    def wait_event(self, name: str, timeout: float = 10.0, match=None) -> dict:
+        """Wait for an event ``name`` (seen since the last clear_events) until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._drain()
+            for event in self._events:
+                if event.get("event") == name and (match is None or match(event)):
+                    self._events.remove(event)
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise VMError(f"VM {self.vm_name}: no {name} event within {timeout:.1f} s")
+            self._drain(wait=min(left, 0.5))
+
+    def close(self) -> None:
+        try:
+            self._qmp.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection must not mask the real error
+            pass

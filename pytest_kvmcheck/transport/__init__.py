@@ -1,0 +1,124 @@
+"""Transports: one :class:`Host` interface, a local and an SSH implementation.
+
+Backends are imported lazily, so a run against local hosts never imports paramiko.
+Every command is an argv list; every call has a timeout.
+"""
+from __future__ import annotations
+
+import abc
+import shlex
+import socket
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import HostError
+from ..hostspec import HostSpec
+
+DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command left behind: the argv, its exit status and both output streams."""
+
+    argv: tuple[str, ...]
+    exit_status: int
+    stdout: str
+    stderr: str
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    def check(self, what: str | None = None) -> "CommandResult":
+        """Return self if the command succeeded, else raise naming the command and its stderr."""
+        if not self.ok:
+            raise HostError(f"{what or shlex.join(self.argv)} failed with exit status "
+                            f"{self.exit_status}: {self.stderr.strip()[-500:] or self.stdout.strip()[-500:]}")
+        return self
+
+
+class Host(abc.ABC):
+    """A machine QEMU runs on. Subclasses implement the transport; the rest is shared."""
+
+    def __init__(self, spec: HostSpec):
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec.name} {self.spec.url}>"
+
+    # --- transport primitives -------------------------------------------------
+    @abc.abstractmethod
+    def run(self, argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
+            input: str | None = None) -> CommandResult:
+        """Run ``argv`` on the host and wait for it (killed at ``timeout``)."""
+
+    @abc.abstractmethod
+    def read_bytes(self, path: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def write_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None: ...
+
+    @abc.abstractmethod
+    def put_file(self, local_path: str, remote_path: str) -> None: ...
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def listdir(self, path: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def connect_tcp(self, address: str, port: int, timeout: float = 10.0):
+        """A socket-like stream to ``address:port`` as seen from the host."""
+
+    @abc.abstractmethod
+    def connect_unix(self, path: str, timeout: float = 10.0) -> socket.socket:
+        """A real socket connected to a unix socket on the host (QMP uses this)."""
+
+    @abc.abstractmethod
+    def default_workdir(self) -> str: ...
+
+    def close(self) -> None:
+        """Release the connection (idempotent)."""
+
+    # --- shared helpers built on the primitives -------------------------------
+    def read_text(self, path: str, default: str | None = None) -> str:
+        try:
+            return self.read_bytes(path).decode(errors="replace")
+        except (FileNotFoundError, OSError):
+            if default is not None:
+                return default
+            raise
+
+    def makedirs(self, path: str) -> None:
+        self.run(["mkdir", "-p", "--", path]).check()
+
+    def remove_tree(self, path: str) -> None:
+        self.run(["rm", "-rf", "--", path]).check()
+
+    def pid_alive(self, pid: int) -> bool:
+        return self.exists(f"/proc/{int(pid)}")
+
+    def process_cmdline(self, pid: int) -> list[str]:
+        raw = self.read_text(f"/proc/{int(pid)}/cmdline", default="")
+        return [a for a in raw.split("\0") if a]
+
+    def kill(self, pid: int, signal: str = "TERM") -> None:
+        self.run(["kill", f"-{signal}", str(int(pid))], timeout=10)
+
+
+def connect(spec: HostSpec) -> Host:
+    """Open the transport named by the spec (backends imported lazily)."""
+    if spec.transport == "local":
+        from .local import LocalHost
+        return LocalHost(spec)
+    if spec.transport == "ssh":
+        from .ssh import SSHHost
+        return SSHHost(spec)
+    raise HostError(f"host {spec.name}: unknown transport {spec.transport!r}")

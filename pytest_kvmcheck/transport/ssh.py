@@ -1,0 +1,245 @@
+"""The SSH transport: paramiko with key auth, ~/.ssh/config and verified host keys.
+
+One connection per host per process, reused for commands (exec channels), files
+(SFTP), guest SSH (direct-tcpip to the host's loopback) and QMP (a relay to the
+VM's unix socket, bridged to a local socketpair for qemu.qmp).
+"""
+from __future__ import annotations
+
+import os
+import select
+import shlex
+import socket
+import threading
+import time
+from typing import Sequence
+
+import paramiko
+
+from ..errors import CommandTimeout, HostError, HostKeyUnknown, HostUnreachable
+from . import DEFAULT_TIMEOUT, CommandResult, Host
+
+# Relays a unix socket over an exec channel; socat where the host has it, python3 otherwise.
+_PY_RELAY = (
+    "import socket,sys,os,select\n"
+    "s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1])\n"
+    "i=sys.stdin.buffer.raw;o=sys.stdout.buffer.raw\n"
+    "while True:\n"
+    " r,_,_=select.select([i,s],[],[])\n"
+    " if i in r:\n"
+    "  d=os.read(i.fileno(),65536)\n"
+    "  if not d: break\n"
+    "  s.sendall(d)\n"
+    " if s in r:\n"
+    "  d=s.recv(65536)\n"
+    "  if not d: break\n"
+    "  o.write(d);o.flush()\n"
+)
+
+
+def _bridge(channel: paramiko.Channel) -> socket.socket:
+    """A local socket whose peer is ``channel``: asyncio code needs a real socket."""
+    ours, theirs = socket.socketpair()
+
+    def pump() -> None:
+        try:
+            while True:
+                r, _, _ = select.select([theirs, channel], [], [], 1.0)
+                if channel.closed and not channel.recv_ready():
+                    break
+                if theirs in r:
+                    data = theirs.recv(65536)
+                    if not data:
+                        break
+                    channel.sendall(data)
+                if channel in r:
+                    data = channel.recv(65536)
+                    if not data:
+                        break
+                    theirs.sendall(data)
+        except OSError:
+            pass
+        finally:
+            channel.close()
+            theirs.close()
+
+    threading.Thread(target=pump, name="kvmcheck-ssh-bridge", daemon=True).start()
+    return ours
+
+
+class SSHHost(Host):
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._lock = threading.Lock()
+        self._home: str | None = None
+
+    # --- connection -------------------------------------------------------------
+    def _resolve(self) -> dict:
+        """Merge the spec with ~/.ssh/config (the spec wins where it says something)."""
+        cfg_path = os.path.expanduser("~/.ssh/config")
+        cfg: dict = {}
+        if os.path.isfile(cfg_path):
+            cfg = paramiko.SSHConfig.from_path(cfg_path).lookup(self.spec.hostname)
+        key = self.spec.key or (cfg.get("identityfile") or [None])[0]
+        return {
+            "hostname": cfg.get("hostname", self.spec.hostname),
+            "port": self.spec.port or int(cfg.get("port", 22)),
+            "username": self.spec.user or cfg.get("user") or os.environ.get("USER", "root"),
+            "key_filename": os.path.expanduser(key) if key else None,
+        }
+
+    @property
+    def client(self) -> paramiko.SSHClient:
+        with self._lock:
+            if self._client is None or not self._client.get_transport() or \
+                    not self._client.get_transport().is_active():
+                self._client = self._connect()
+                self._sftp = None
+            return self._client
+
+    def _connect(self) -> paramiko.SSHClient:
+        params = self._resolve()
+        client = paramiko.SSHClient()
+        known = os.path.expanduser(self.spec.known_hosts or "~/.ssh/known_hosts")
+        if os.path.isfile(known):
+            client.load_host_keys(known)
+        if self.spec.known_hosts is None:
+            client.load_system_host_keys()
+        if self.spec.accept_new_host_key:
+            os.makedirs(os.path.dirname(known), mode=0o700, exist_ok=True)
+            if not os.path.exists(known):
+                open(known, "a").close()
+            client.load_host_keys(known)  # so new keys are saved there
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        else:
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        where = f"host {self.name} ({params['username']}@{params['hostname']}:{params['port']})"
+        try:
+            client.connect(params["hostname"], port=params["port"], username=params["username"],
+                           key_filename=params["key_filename"], timeout=10, banner_timeout=10,
+                           auth_timeout=10, allow_agent=True, look_for_keys=params["key_filename"] is None)
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyUnknown(
+                f"{where}: the host key does not match the one in {known} (got {exc.key.get_name()} "
+                f"{exc.key.get_fingerprint().hex()}). If the host was reinstalled, remove the old "
+                f"entry with: ssh-keygen -R '[{params['hostname']}]:{params['port']}' -f {known}") from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                port = params["port"]
+                raise HostKeyUnknown(
+                    f"{where}: its host key is not in {known}. Check it and add it with: "
+                    f"ssh-keyscan -p {port} {params['hostname']} >> {known}  "
+                    f"(or add accept_new_host_key=1 to the host spec to accept and record it)") from None
+            raise HostUnreachable(f"{where}: SSH failed: {exc}") from None
+        except (OSError, socket.timeout) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise HostUnreachable(
+                f"{where}: cannot connect: {reason}. Check the address and that sshd runs there, "
+                f"or drop it from --kvm-hosts") from None
+        if self.spec.accept_new_host_key:
+            client.save_host_keys(known)
+        transport = client.get_transport()
+        transport.set_keepalive(15)
+        return client
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        client = self.client
+        with self._lock:
+            if self._sftp is None:
+                self._sftp = client.open_sftp()
+            return self._sftp
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sftp is not None:
+                self._sftp.close()
+            if self._client is not None:
+                self._client.close()
+            self._client = self._sftp = None
+
+    # --- primitives -------------------------------------------------------------
+    def run(self, argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
+            input: str | None = None) -> CommandResult:
+        argv = tuple(str(a) for a in argv)
+        command = shlex.join(argv)  # quoted: the remote side runs it through the user's shell
+        start = time.monotonic()
+        channel = self.client.get_transport().open_session(timeout=10)
+        try:
+            channel.exec_command(command)
+            if input is not None:
+                channel.sendall(input.encode())
+            channel.shutdown_write()
+            out, err = bytearray(), bytearray()
+            deadline = start + timeout
+            while True:
+                if channel.recv_ready():
+                    out += channel.recv(65536)
+                elif channel.recv_stderr_ready():
+                    err += channel.recv_stderr(65536)
+                elif channel.exit_status_ready() and not channel.recv_ready() \
+                        and not channel.recv_stderr_ready():
+                    break
+                else:
+                    if time.monotonic() > deadline:
+                        raise CommandTimeout(
+                            f"host {self.name}: {command} did not finish within {timeout:.0f} s")
+                    select.select([channel], [], [], 0.05)
+            status = channel.recv_exit_status()
+        finally:
+            channel.close()
+        return CommandResult(argv, status, out.decode(errors="replace"), err.decode(errors="replace"),
+                             time.monotonic() - start)
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            with self.sftp.open(path, "rb") as f:
+                return f.read()
+        except IOError as exc:
+            if getattr(exc, "errno", None) == 2:
+                raise FileNotFoundError(path) from None
+            raise
+
+    def write_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        with self.sftp.open(path, "wb") as f:
+            f.write(data)
+        self.sftp.chmod(path, mode)
+
+    def put_file(self, local_path: str, remote_path: str) -> None:
+        tmp = f"{remote_path}.part-{os.getpid()}"
+        self.sftp.put(local_path, tmp)
+        self.sftp.posix_rename(tmp, remote_path)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.sftp.stat(path)
+            return True
+        except IOError:
+            return False
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(self.sftp.listdir(path))
+        except IOError:
+            return []
+
+    def connect_tcp(self, address: str, port: int, timeout: float = 10.0):
+        try:
+            return self.client.get_transport().open_channel(
+                "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as exc:
+            raise HostError(f"host {self.name}: cannot reach {address}:{port} from there: {exc}") from None
+
+    def connect_unix(self, path: str, timeout: float = 10.0) -> socket.socket:
+        has_socat = self.run(["sh", "-c", "command -v socat"], timeout=timeout).ok
+        argv = ["socat", "-", f"UNIX-CONNECT:{path}"] if has_socat else ["python3", "-c", _PY_RELAY, path]
+        channel = self.client.get_transport().open_session(timeout=timeout)
+        channel.exec_command(shlex.join(argv))
+        return _bridge(channel)
+
+    def default_workdir(self) -> str:
+        if self._home is None:
+            self._home = self.run(["sh", "-c", 'echo "$HOME"'], timeout=15).check().stdout.strip() or "/tmp"
+        return f"{self._home}/.cache/pytest-kvmcheck/work"
