@@ -6,6 +6,7 @@ trusted on first use; the guest accepts only this run's key.
 from __future__ import annotations
 
 import base64
+import secrets
 import select
 import shlex
 import time
@@ -59,49 +60,98 @@ class GuestSession:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise VMError(f"guest {name}: SSH login failed: {type(exc).__name__}: {exc}") from None
         self._client.get_transport().set_keepalive(5)
+        self._shell: paramiko.Channel | None = None
+        self._started = 0.0
 
     def run(self, command: str | Sequence[str], timeout: float = 30.0, check: bool = False,
             input: str | None = None) -> CommandResult:
-        """Run a command in the guest. A list is quoted safely; a string is shell text."""
+        """Run a command in the guest. A list is quoted safely; a string is shell text.
+
+        Commands without ``input`` go to one persistent shell (about 1 ms a command under
+        TCG, against about 20 ms for a fresh exec channel, which forks in the guest each time).
+        """
         text = command if isinstance(command, str) else shlex.join(command)
         argv = (text,) if isinstance(command, str) else tuple(command)
         start = time.monotonic()
-        try:
-            channel = self._client.get_transport().open_session(timeout=10)
-        except (paramiko.SSHException, AttributeError, OSError) as exc:
-            raise VMError(f"guest {self.name}: SSH connection lost: {exc}") from None
-        try:
-            channel.exec_command(text)
-            if input is not None:
-                channel.sendall(input.encode())
-            channel.shutdown_write()
-            out, err = bytearray(), bytearray()
-            deadline = start + timeout
-            while True:
-                if channel.recv_ready():
-                    out += channel.recv(65536)
-                elif channel.recv_stderr_ready():
-                    err += channel.recv_stderr(65536)
-                elif channel.exit_status_ready():
-                    break
-                elif channel.closed:
-                    raise VMError(f"guest {self.name}: SSH channel closed during {text!r}")
-                else:
-                    if time.monotonic() > deadline:
-                        raise CommandTimeout(f"guest {self.name}: {text!r} did not finish within {timeout:.0f} s")
-                    select.select([channel], [], [], 0.05)
-            status = channel.recv_exit_status()
-        finally:
-            channel.close()
-        result = CommandResult(argv, status, out.decode(errors="replace"), err.decode(errors="replace"),
-                               time.monotonic() - start)
+        if input is None:
+            status, out, err = self._run_in_shell(text, timeout)
+        else:
+            status, out, err = self._run_in_channel(text, timeout, input)
+        result = CommandResult(argv, status, out, err, time.monotonic() - start)
         if check and not result.ok:
             raise GuestCommandError(f"guest {self.name}: {text!r} exited {status}: "
                                     f"{result.stderr.strip()[-400:] or result.stdout.strip()[-400:]}")
         return result
 
+    def _open_channel(self) -> paramiko.Channel:
+        try:
+            return self._client.get_transport().open_session(timeout=10)
+        except (paramiko.SSHException, AttributeError, OSError) as exc:
+            raise VMError(f"guest {self.name}: SSH connection lost: {exc}") from None
+
+    def _pump(self, channel: paramiko.Channel, done, deadline: float, text: str) -> tuple[bytearray, bytearray]:
+        """Read both streams of ``channel`` until ``done(out, err)`` or the deadline."""
+        out, err = bytearray(), bytearray()
+        while not done(out, err):
+            if channel.recv_ready():
+                out += channel.recv(65536)
+            elif channel.recv_stderr_ready():
+                err += channel.recv_stderr(65536)
+            elif channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                if done(out, err) or channel.eof_received:
+                    break
+            elif channel.closed:
+                raise VMError(f"guest {self.name}: SSH channel closed during {text!r}")
+            elif time.monotonic() > deadline:
+                raise CommandTimeout(f"guest {self.name}: {text!r} did not finish within "
+                                     f"{deadline - self._started:.0f} s")
+            else:
+                select.select([channel], [], [], 0.05)
+        return out, err
+
+    def _run_in_channel(self, text: str, timeout: float, input: str) -> tuple[int, str, str]:
+        channel = self._open_channel()
+        self._started = time.monotonic()
+        try:
+            channel.exec_command(text)
+            channel.sendall(input.encode())
+            channel.shutdown_write()
+            out, err = self._pump(channel, lambda o, e: channel.exit_status_ready() and channel.eof_received,
+                                  self._started + timeout, text)
+            while channel.recv_ready():
+                out += channel.recv(65536)
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(65536)
+            return channel.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace")
+        finally:
+            channel.close()
+
+    def _run_in_shell(self, text: str, timeout: float) -> tuple[int, str, str]:
+        if self._shell is None or self._shell.closed:
+            self._shell = self._open_channel()
+            self._shell.exec_command("exec sh")
+        token = f"__KVMCHECK_{secrets.token_hex(6)}__".encode()
+        tail_out, tail_err = b"\n" + token + b" ", b"\n" + token + b"\n"
+        # A subshell: 'exit' or 'cd' in a command cannot change the persistent shell.
+        script = (b"(\n" + text.encode() + b"\n) </dev/null; printf '\\n%s %d\\n' " + token +
+                  b" $?; printf '\\n%s\\n' " + token + b" >&2\n")
+        self._started = time.monotonic()
+        try:
+            self._shell.sendall(script)
+            out, err = self._pump(self._shell, lambda o, e: tail_out in o and o.endswith(b"\n") and tail_err in e,
+                                  self._started + timeout, text)
+        except BaseException:
+            self._shell.close()  # its state is unknown now: the next command gets a fresh shell
+            self._shell = None
+            raise
+        body, _, status = bytes(out).rpartition(tail_out)
+        return int(status.strip() or 255), body.decode(errors="replace"), \
+            bytes(err).rpartition(tail_err)[0].decode(errors="replace")
+
     def read(self, path: str) -> str:
         return self.run(["cat", path], check=True).stdout
 
     def close(self) -> None:
+        if self._shell is not None:
+            self._shell.close()
         self._client.close()

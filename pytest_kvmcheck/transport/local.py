@@ -62,6 +62,8 @@ class LocalHost(Host):
 
     def connect_tcp(self, address: str, port: int, timeout: float = 10.0):
         sock = socket.create_connection((address, port), timeout=timeout)
+        # Without TCP_NODELAY every small SSH packet waits for the peer's delayed ACK (~40 ms).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         return sock
 

@@ -1,0 +1,149 @@
+"""A run's footprint on a host: its work dir, its owner record, and removing what dead runs left.
+
+Every run gets ``<workdir>/runs/<run_id>/`` on each host; every VM lives in a subdirectory
+with its pidfile, QMP socket, console log and disks. ``owner.json`` says which client
+process owns the run, so the start of the next run can tell a dead run from a live one and
+remove what the dead one left (QEMU processes included).
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import time
+from dataclasses import dataclass
+
+from .image import TinyImage
+from .transport import Host
+
+STALE_AFTER_S = 24 * 3600
+PIDFILE = "qemu.pid"
+KEEP_MARKER = "KEPT"  # a VM left running on purpose by --kvm-keep-failed
+
+
+def _local_boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def owner_record() -> dict:
+    return {"client": socket.gethostname(), "boot_id": _local_boot_id(), "pid": os.getpid(),
+            "started": time.time()}
+
+
+def _owner_is_dead(owner: dict) -> bool:
+    if time.time() - float(owner.get("started", 0)) > STALE_AFTER_S:
+        return True
+    if owner.get("client") != socket.gethostname():
+        return False  # another client's run: only age tells
+    if owner.get("boot_id") != _local_boot_id():
+        return True
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError):
+        return False
+    return False
+
+
+def runs_dir(host: Host) -> str:
+    return posixpath.join(host.spec.workdir or host.default_workdir(), "runs")
+
+
+def kill_vm_dir(host: Host, vm_dir: str, grace: float = 3.0) -> bool:
+    """Kill the QEMU whose pidfile is in ``vm_dir`` (only if its argv names that pidfile).
+
+    Checking the argv guards against a recycled pid. Returns True if a process was killed.
+    """
+    pidfile = posixpath.join(vm_dir, PIDFILE)
+    text = host.read_text(pidfile, default="").strip()
+    if not text.isdigit():
+        return False
+    pid = int(text)
+    if pidfile not in host.process_cmdline(pid):
+        return False
+    host.kill(pid, "TERM")
+    deadline = time.monotonic() + grace
+    while host.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if host.pid_alive(pid):
+        host.kill(pid, "KILL")
+    return True
+
+
+def remove_run(host: Host, run_dir: str, keep_kept: bool = False) -> list[str]:
+    """Kill every QEMU of a run and remove its dir. Returns what was killed or kept."""
+    notes = []
+    kept = False
+    for name in host.listdir(run_dir):
+        vm_dir = posixpath.join(run_dir, name)
+        if keep_kept and host.exists(posixpath.join(vm_dir, KEEP_MARKER)):
+            kept = True
+            notes.append(f"kept {vm_dir}")
+            continue
+        if kill_vm_dir(host, vm_dir):
+            notes.append(f"killed QEMU of {vm_dir}")
+    if not kept:
+        host.remove_tree(run_dir)
+    return notes
+
+
+def reap_stale_runs(host: Host, current: str | None = None, everything: bool = False) -> list[str]:
+    """Remove runs whose owner is dead (or every run but ``current`` if ``everything``)."""
+    base = runs_dir(host)
+    notes = []
+    for run_id in host.listdir(base):
+        if run_id == current:
+            continue
+        run_dir = posixpath.join(base, run_id)
+        try:
+            owner = json.loads(host.read_text(posixpath.join(run_dir, "owner.json"), default="{}"))
+        except ValueError:
+            owner = {}
+        if everything or not owner or _owner_is_dead(owner):
+            # Kept VMs of dead runs stay until `kvmcheck cleanup` (everything=True).
+            notes += [f"{run_id}: {n}" for n in remove_run(host, run_dir, keep_kept=not everything)]
+            notes.append(f"removed stale run {run_id}")
+    return notes
+
+
+@dataclass(frozen=True)
+class HostRun:
+    """Where one run lives on one host, and where the tiny image is there."""
+
+    run_dir: str
+    kernel: str
+    initrd: str
+    host_public_key: str
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HostRun":
+        return cls(**d)
+
+
+def start_run(host: Host, run_id: str, image: TinyImage) -> tuple[HostRun, list[str]]:
+    """Reap dead runs, create this run's dir with its owner record, and place the image."""
+    notes = reap_stale_runs(host, current=run_id)
+    workdir = host.spec.workdir or host.default_workdir()
+    run_dir = posixpath.join(workdir, "runs", run_id)
+    host.makedirs(run_dir)
+    host.write_bytes(posixpath.join(run_dir, "owner.json"), json.dumps(owner_record()).encode())
+    if host.spec.transport == "local":
+        kernel, initrd = str(image.kernel), str(image.initrd)
+    else:
+        remote = posixpath.join(workdir, "images", f"tiny-{image.digest}")
+        kernel, initrd = posixpath.join(remote, "vmlinuz"), posixpath.join(remote, "initrd.img")
+        if not host.exists(posixpath.join(remote, "complete")):
+            host.makedirs(remote)
+            host.put_file(str(image.kernel), kernel)
+            host.put_file(str(image.initrd), initrd)
+            host.write_bytes(posixpath.join(remote, "complete"), b"")
+    return HostRun(run_dir, kernel, initrd, image.host_public_key), notes

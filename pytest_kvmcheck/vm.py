@@ -1,0 +1,257 @@
+"""VM lifecycle: boot on a host, wait for the guest, reach it, shut it down, leave nothing.
+
+A :class:`VM` is started daemonized with a pidfile in its own directory of the run's work
+dir; QMP listens on a unix socket there, the serial console goes to a file there, and the
+guest's SSH is a user-mode hostfwd on the host's loopback (port chosen by QEMU, read back
+through ``info usernet``, so parallel workers never collide). Shut-down is ``quit``, then
+SIGTERM, then SIGKILL. Every VM of the process is also stopped at exit, whatever happened.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import posixpath
+import re
+import secrets
+import shlex
+import threading
+import time
+from typing import Callable
+
+from .errors import GuestBootError, KvmCheckError, QemuNotFound, QMPLost, VMError
+from .guest import GuestSession, RunKey
+from .image import READY_MARKER
+from .monitor import Monitor
+from .run import KEEP_MARKER, PIDFILE, HostRun
+from .transport import Host
+from .vmspec import RenderContext, VMSpec, render_argv
+
+DEFAULT_BOOT_TIMEOUT = 60.0
+_UNIX_PATH_MAX = 107
+
+_live: set["VM"] = set()
+_live_lock = threading.Lock()
+
+
+def stop_all_vms() -> None:
+    """Stop every VM this process started and has not stopped (exit, interrupt, crash)."""
+    with _live_lock:
+        vms = list(_live)
+    for vm in vms:
+        try:
+            vm.stop()
+        except Exception:  # noqa: BLE001 - best effort at exit; the next run reaps the rest
+            pass
+
+
+atexit.register(stop_all_vms)
+
+
+def poll(predicate: Callable[[], object], timeout: float, interval: float = 0.05):
+    """Call ``predicate`` until it returns something truthy or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+class VM:
+    """One QEMU process on one host, with its monitor and its guest session."""
+
+    def __init__(self, host: Host, spec: VMSpec, *, name: str, host_run: HostRun, run_key: RunKey,
+                 accel: str, qemu_version: tuple[int, int, int] = (7, 2, 0)):
+        self.host, self.spec, self.name = host, spec, name
+        self.host_run, self.run_key, self.accel = host_run, run_key, accel
+        self.qemu_version = qemu_version
+        self.dir = posixpath.join(host_run.run_dir, name)
+        self.seed = secrets.randbits(24)
+        self.argv: list[str] = []
+        self.pid: int | None = None
+        self.start_stderr = ""
+        self.boot_seconds: float | None = None
+        self._qmp: Monitor | None = None
+        self._guest: GuestSession | None = None
+        self._ssh_port: int | None = None
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"<VM {self.name} on {self.host.name} pid={self.pid}>"
+
+    # ------------------------------------------------------------------ paths
+    def path(self, name: str) -> str:
+        return posixpath.join(self.dir, name)
+
+    @property
+    def console_log(self) -> str:
+        return self.path("console.log")
+
+    @property
+    def qmp_socket(self) -> str:
+        return self.path("qmp.sock")
+
+    # ------------------------------------------------------------------ lifecycle
+    def render(self, disk_paths: tuple[str, ...] = ()) -> list[str]:
+        ctx = RenderContext(
+            accel=self.accel, kernel=self.host_run.kernel, initrd=self.host_run.initrd, workdir=self.dir,
+            qmp_socket=self.qmp_socket, console_log=self.console_log, pidfile=self.path(PIDFILE),
+            ssh_public_key=self.run_key.public_line, disk_paths=disk_paths,
+            qemu_version=self.qemu_version, mac_seed=self.seed)
+        return render_argv(self.host.spec.qemu, self.spec, ctx)
+
+    def start(self) -> "VM":
+        """Create the VM's dir and disks and launch QEMU (returns once QEMU daemonized)."""
+        if len(self.qmp_socket) > _UNIX_PATH_MAX:
+            raise VMError(f"host {self.host.name}: work dir path too long for a unix socket "
+                          f"({self.qmp_socket}); set a shorter workdir= for the host")
+        self.host.makedirs(self.dir)
+        disk_paths = []
+        for i, disk in enumerate(self.spec.disks):
+            if disk.path:
+                disk_paths.append(disk.path)
+                continue
+            path = self.path(f"disk{i}.{disk.format}")
+            self.host.run([self.host.spec.qemu_img, "create", "-q", "-f", disk.format, path,
+                           f"{disk.size_mib}M"], timeout=30).check(f"qemu-img create on {self.host.name}")
+            disk_paths.append(path)
+        self.argv = self.render(tuple(disk_paths))
+        self.host.write_bytes(self.path("argv.json"), json.dumps(self.argv).encode())
+        with _live_lock:
+            _live.add(self)
+        result = self.host.run(self.argv, timeout=60)
+        self.start_stderr = result.stderr
+        if result.exit_status == 127:
+            raise QemuNotFound(f"host {self.host.name}: {self.argv[0]} not found: install QEMU "
+                               "(Debian: apt-get install qemu-system-x86) or set qemu= for the host")
+        if not result.ok:
+            raise VMError(f"VM {self.name} on host {self.host.name}: QEMU refused to start "
+                          f"(exit {result.exit_status}): {result.stderr.strip()[-800:]}")
+        pid = self.host.read_text(self.path(PIDFILE), default="").strip()
+        self.pid = int(pid) if pid.isdigit() else None
+        self._started_at = time.monotonic()
+        return self
+
+    def console(self) -> str:
+        return self.host.read_text(self.console_log, default="")
+
+    def alive(self) -> bool:
+        return self.pid is not None and self.host.pid_alive(self.pid)
+
+    def wait_for_console(self, text: str, timeout: float) -> bool:
+        """Poll the serial console for ``text`` while QEMU lives; True if it appeared."""
+        def seen():
+            if text in self.console():
+                return True
+            if not self.alive():
+                return "dead"
+            return False
+        return poll(seen, timeout, interval=0.1) is True
+
+    def wait_ready(self, timeout: float = DEFAULT_BOOT_TIMEOUT) -> "VM":
+        """Wait for the guest's ready marker; on failure say why, with the console tail."""
+        if not self.wait_for_console(READY_MARKER, timeout):
+            state = "QEMU exited" if not self.alive() else f"no ready marker within {timeout:.0f} s"
+            tail = "\n".join(self.console().splitlines()[-25:]) or "(empty: the guest printed nothing)"
+            raise GuestBootError(
+                f"VM {self.name} on host {self.host.name} did not boot: {state}.\n"
+                f"--- serial console (last lines) ---\n{tail}\n"
+                f"--- QEMU stderr ---\n{self.start_stderr.strip() or '(empty)'}\n"
+                f"Reproduce with: {shlex.join(self.argv)}")
+        self.boot_seconds = time.monotonic() - self._started_at
+        return self
+
+    def boot(self, timeout: float = DEFAULT_BOOT_TIMEOUT) -> "VM":
+        """Start and wait until the guest is ready, stopping QEMU if it is not."""
+        try:
+            return self.start().wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    # ------------------------------------------------------------------ access
+    @property
+    def qmp(self) -> Monitor:
+        if self._qmp is None:
+            if not self.alive():
+                raise QMPLost(f"VM {self.name}: QEMU is not running; see its console log")
+            self._qmp = Monitor(self.host.connect_unix(self.qmp_socket), self.name)
+        return self._qmp
+
+    @property
+    def ssh_port(self) -> int:
+        if self._ssh_port is None:
+            table = self.qmp.hmp("info usernet")
+            match = re.search(r"HOST_FORWARD\]?\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+10\.0\.2\.15\s+22", table)
+            if not match:
+                raise VMError(f"VM {self.name}: no SSH port forward in 'info usernet':\n{table}")
+            self._ssh_port = int(match.group(1))
+        return self._ssh_port
+
+    @property
+    def guest(self) -> GuestSession:
+        """The guest's SSH session (one connection, opened on first use, reused)."""
+        if self._guest is None:
+            self._guest = GuestSession(self.host.connect_tcp("127.0.0.1", self.ssh_port), self.run_key,
+                                       self.host_run.host_public_key, self.name)
+        return self._guest
+
+    def run(self, command, timeout: float = 30.0, check: bool = False):
+        """Shortcut: run a command in the guest."""
+        return self.guest.run(command, timeout=timeout, check=check)
+
+    # ------------------------------------------------------------------ shutdown
+    def stop(self, timeout: float = 5.0) -> None:
+        """``quit``, then SIGTERM, then SIGKILL; idempotent, never raises for a dead VM."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self._guest is not None:
+                self._guest.close()
+            if self.pid is not None and self.alive():
+                try:
+                    self.qmp.cmd("quit")
+                except KvmCheckError:
+                    pass
+                if not poll(lambda: not self.alive(), timeout):
+                    self.host.kill(self.pid, "TERM")
+                    if not poll(lambda: not self.alive(), 3.0):
+                        self.host.kill(self.pid, "KILL")
+                        poll(lambda: not self.alive(), 3.0)
+        finally:
+            if self._qmp is not None:
+                self._qmp.close()
+            with _live_lock:
+                _live.discard(self)
+
+    def keep(self) -> str:
+        """Leave the VM running for a human (``--kvm-keep-failed``); returns how to reach it."""
+        self.host.write_bytes(self.path(KEEP_MARKER), b"")
+        with _live_lock:
+            _live.discard(self)
+        self._stopped = True
+        where = "" if self.host.spec.transport == "local" else f" on {self.host.spec.url}"
+        return (f"VM {self.name} left running{where} (pid {self.pid}):\n"
+                f"  ssh -i {self.run_key.path} -p {self.ssh_port} -o StrictHostKeyChecking=no root@127.0.0.1\n"
+                f"  QMP: socat - UNIX-CONNECT:{self.qmp_socket}\n"
+                f"  console: {self.console_log}\n"
+                f"  remove it with: kvmcheck cleanup --kvm-hosts={self.host.spec.url}")
+
+    def destroy(self) -> None:
+        self.stop()
+        self.host.remove_tree(self.dir)
+
+    # ------------------------------------------------------------------ reports
+    def artifacts(self) -> dict[str, str]:
+        """Texts worth attaching to a report: argv, QMP transcript, console, stderr."""
+        out = {"QEMU argv": shlex.join(self.argv) if self.argv else "(not started)"}
+        if self._qmp is not None:
+            out["QMP transcript"] = "\n".join(self._qmp.transcript)
+        try:
+            out["serial console"] = self.console()
+        except KvmCheckError:
+            pass
+        if self.start_stderr.strip():
+            out["QEMU stderr"] = self.start_stderr
+        return out
