@@ -30,8 +30,9 @@ def _local_boot_id() -> str:
         return ""
 
 
-def owner_record() -> dict:
-    return {"client": socket.gethostname(), "boot_id": _local_boot_id(), "pid": os.getpid(),
+def owner_record(pid: int | None = None) -> dict:
+    """Who owns a run: the client machine (and its boot) and the controlling pytest process."""
+    return {"client": socket.gethostname(), "boot_id": _local_boot_id(), "pid": pid or os.getpid(),
             "started": time.time()}
 
 
@@ -129,13 +130,13 @@ class HostRun:
         return cls(**d)
 
 
-def start_run(host: Host, run_id: str, image: TinyImage) -> tuple[HostRun, list[str]]:
+def start_run(host: Host, run_id: str, image: TinyImage, owner_pid: int | None = None) -> tuple[HostRun, list[str]]:
     """Reap dead runs, create this run's dir with its owner record, and place the image."""
     notes = reap_stale_runs(host, current=run_id)
     workdir = host.spec.workdir or host.default_workdir()
     run_dir = posixpath.join(workdir, "runs", run_id)
     host.makedirs(run_dir)
-    host.write_bytes(posixpath.join(run_dir, "owner.json"), json.dumps(owner_record()).encode())
+    host.write_bytes(posixpath.join(run_dir, "owner.json"), json.dumps(owner_record(owner_pid)).encode())
     if host.spec.transport == "local":
         kernel, initrd = str(image.kernel), str(image.initrd)
     else:

@@ -75,6 +75,8 @@ class VM:
         self._guest: GuestSession | None = None
         self._ssh_port: int | None = None
         self._stopped = False
+        self.failed = False  # a test using this VM failed (set by the plugin)
+        self.kept = False  # left running on purpose (--kvm-keep-failed)
 
     def __repr__(self) -> str:
         return f"<VM {self.name} on {self.host.name} pid={self.pid}>"
@@ -228,6 +230,7 @@ class VM:
     def keep(self) -> str:
         """Leave the VM running for a human (``--kvm-keep-failed``); returns how to reach it."""
         self.host.write_bytes(self.path(KEEP_MARKER), b"")
+        self.kept = True
         with _live_lock:
             _live.discard(self)
         self._stopped = True
@@ -239,6 +242,9 @@ class VM:
                 f"  remove it with: kvmcheck cleanup --kvm-hosts={self.host.spec.url}")
 
     def destroy(self) -> None:
+        """Stop the VM and remove its dir (a kept VM is left alone)."""
+        if self.kept:
+            return
         self.stop()
         self.host.remove_tree(self.dir)
 

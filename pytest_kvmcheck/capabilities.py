@@ -1,0 +1,244 @@
+"""Capability probing and requirement matching.
+
+Hosts advertise capabilities (probed once per run, shared with xdist workers as JSON);
+tests declare needs with ``@pytest.mark.kvm_requires(...)``; :func:`unmet` matches them and
+explains every miss, naming the host and the capability, so a skip always says why.
+
+Need names: ``kvm``, ``vhost-net``, ``tap``, ``iommu``, ``sriov``, ``ksm``, ``nested``,
+``device:NAME``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from .errors import HostError, QemuNotFound
+from .transport import Host
+
+KVM_PROBE_TIMEOUT = 10.0
+
+
+@dataclass
+class Capabilities:
+    """What one host offers. ``reasons`` explains each capability it lacks."""
+
+    host: str
+    qemu_version: tuple[int, int, int] = (0, 0, 0)
+    qemu_version_text: str = ""
+    machines: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    accels: list[str] = field(default_factory=list)
+    kvm_usable: bool = False
+    accel: str = "tcg"  # what this run uses on the host
+    vhost_net: bool = False
+    tap: bool = False
+    iommu_groups: int = 0
+    sriov_pfs: list[str] = field(default_factory=list)
+    ksm: bool = False
+    nested: str = ""  # the kvm_amd/kvm_intel 'nested' parameter, "" if absent
+    mem_available_mib: int = 0
+    kernel: str = ""
+    boot_id: str = ""
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Capabilities":
+        d = dict(d)
+        d["qemu_version"] = tuple(d.get("qemu_version", (0, 0, 0)))
+        return cls(**d)
+
+    def has(self, need: str) -> tuple[bool, str]:
+        """Whether the host meets ``need``, and if not, why (a phrase naming the capability)."""
+        if need == "kvm":
+            return self.accel == "kvm", self.reasons.get("kvm", "this run uses TCG on it")
+        if need == "vhost-net":
+            return self.vhost_net, self.reasons.get("vhost-net", "/dev/vhost-net is missing")
+        if need == "tap":
+            return self.tap, self.reasons.get("tap", "cannot create tap devices")
+        if need == "iommu":
+            return self.iommu_groups > 0, "no IOMMU groups (/sys/kernel/iommu_groups is empty)"
+        if need == "sriov":
+            return bool(self.sriov_pfs), "no SR-IOV physical function (no sriov_totalvfs > 0)"
+        if need == "ksm":
+            return self.ksm, "no /sys/kernel/mm/ksm"
+        if need == "nested":
+            return self.nested in ("1", "Y", "y"), f"nested virtualization is off (nested={self.nested or 'absent'})"
+        if need.startswith("device:"):
+            name = need.split(":", 1)[1]
+            return name in self.devices, f"QEMU {self.qemu_version_text} has no device {name!r}"
+        if need.startswith("machine:"):
+            name = need.split(":", 1)[1]
+            return name in self.machines, f"QEMU {self.qemu_version_text} has no machine type {name!r}"
+        if need.startswith("memory:"):
+            mib = int(need.split(":", 1)[1])
+            return self.mem_available_mib >= mib, f"needs {mib} MiB free, has {self.mem_available_mib} MiB"
+        if need.startswith("qemu>="):
+            want = tuple(int(x) for x in need[6:].split("."))
+            return self.qemu_version[:len(want)] >= want, f"QEMU {self.qemu_version_text} is older than {need[6:]}"
+        raise ValueError(f"unknown capability {need!r} in kvm_requires (see pytest_kvmcheck.capabilities)")
+
+    def summary(self) -> str:
+        kvm = "kvm" if self.accel == "kvm" else f"tcg ({self.reasons.get('kvm', 'by choice')})"
+        return (f"QEMU {self.qemu_version_text}, accel {kvm}, vhost-net {'yes' if self.vhost_net else 'no'}, "
+                f"IOMMU groups {self.iommu_groups}, SR-IOV PFs {len(self.sriov_pfs)}, "
+                f"KSM {'yes' if self.ksm else 'no'}, nested {self.nested or '-'}, "
+                f"{self.mem_available_mib} MiB free, kernel {self.kernel}")
+
+
+def unmet(caps: Capabilities, needs: list[str]) -> list[str]:
+    """Reasons for each unmet need, each naming the host: empty when all are met."""
+    out = []
+    for need in needs:
+        ok, why = caps.has(need)
+        if not ok:
+            out.append(f"host {caps.host}: needs {need}: {why}")
+    return out
+
+
+# --------------------------------------------------------------------------- probing
+
+def parse_qemu_version(text: str) -> tuple[int, int, int]:
+    m = re.search(r"version (\d+)\.(\d+)\.(\d+)", text)
+    if not m:
+        raise HostError(f"cannot read a QEMU version from {text.strip()[:200]!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def parse_device_help(text: str) -> list[str]:
+    return re.findall(r'^name "([^"]+)"', text, re.M)
+
+
+def parse_machine_help(text: str) -> list[str]:
+    names = []
+    for line in text.splitlines()[1:]:
+        if line.strip():
+            names.append(line.split()[0])
+    return names
+
+
+def parse_accel_help(text: str) -> list[str]:
+    lines = text.splitlines()
+    return [line.strip() for line in lines[1:] if line.strip()]
+
+
+def _probe_qemu(host: Host, caps: Capabilities) -> None:
+    qemu = host.spec.qemu
+    result = host.run([qemu, "-version"], timeout=30)
+    if result.exit_status == 127 or (not result.ok and "No such file" in result.stderr):
+        raise QemuNotFound(f"host {host.name}: QEMU binary {qemu!r} not found. Install QEMU "
+                           f"(Debian: apt-get install qemu-system-x86 qemu-utils) or set qemu= for the host")
+    result.check(f"{qemu} -version on {host.name}")
+    caps.qemu_version = parse_qemu_version(result.stdout)
+    caps.qemu_version_text = ".".join(map(str, caps.qemu_version))
+    caps.devices = parse_device_help(host.run([qemu, "-device", "help"], timeout=30).stdout)
+    caps.machines = parse_machine_help(host.run([qemu, "-machine", "help"], timeout=30).stdout)
+    caps.accels = parse_accel_help(host.run([qemu, "-accel", "help"], timeout=30).stdout)
+    img = host.run([host.spec.qemu_img, "--version"], timeout=30)
+    if not img.ok:
+        raise QemuNotFound(f"host {host.name}: {host.spec.qemu_img!r} not found. Install it "
+                           f"(Debian: apt-get install qemu-utils) or set qemu_img= for the host")
+
+
+def _probe_kernel(host: Host, caps: Capabilities) -> None:
+    caps.kernel = host.run(["uname", "-r"], timeout=10).stdout.strip()
+    caps.boot_id = host.read_text("/proc/sys/kernel/random/boot_id", default="").strip()
+    meminfo = host.read_text("/proc/meminfo", default="")
+    m = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
+    caps.mem_available_mib = int(m.group(1)) // 1024 if m else 0
+    caps.vhost_net = host.exists("/dev/vhost-net")
+    if not caps.vhost_net:
+        caps.reasons["vhost-net"] = "/dev/vhost-net is missing (vhost_net module not loaded or not available)"
+    is_root = host.run(["id", "-u"], timeout=10).stdout.strip() == "0"
+    caps.tap = host.exists("/dev/net/tun") and is_root
+    if not caps.tap:
+        caps.reasons["tap"] = "/dev/net/tun is missing" if is_root else "tap devices need root (CAP_NET_ADMIN)"
+    caps.iommu_groups = len(host.listdir("/sys/kernel/iommu_groups"))
+    pfs = []
+    for bdf in host.listdir("/sys/bus/pci/devices"):
+        total = host.read_text(f"/sys/bus/pci/devices/{bdf}/sriov_totalvfs", default="0").strip()
+        if total.isdigit() and int(total) > 0:
+            pfs.append(bdf)
+    caps.sriov_pfs = pfs
+    caps.ksm = host.exists("/sys/kernel/mm/ksm/run")
+    for module in ("kvm_amd", "kvm_intel"):
+        value = host.read_text(f"/sys/module/{module}/parameters/nested", default="").strip()
+        if value:
+            caps.nested = value
+            break
+
+
+def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tuple[bool, str]:
+    """Is KVM usable? Only a guest that reaches its kernel under -accel kvm says so.
+
+    /dev/kvm can exist while guests hang before their first instruction (as on this
+    project's CI machines), so the device node alone proves nothing.
+    """
+    if "kvm" not in caps.accels:
+        return False, f"QEMU {caps.qemu_version_text} was built without KVM"
+    if not host.exists("/dev/kvm"):
+        return False, "/dev/kvm is missing (no hardware virtualization, or kvm module not loaded)"
+    from .vm import poll  # local import: vm imports this module's users
+    host.makedirs(workdir)
+    console, pidfile = posixpath.join(workdir, "console.log"), posixpath.join(workdir, "qemu.pid")
+    argv = [host.spec.qemu, "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+            "-display", "none", "-no-reboot", "-kernel", kernel, "-append", "console=ttyS0 panic=-1",
+            "-serial", f"file:{console}", "-pidfile", pidfile, "-daemonize"]
+    started = time.monotonic()
+    try:
+        result = host.run(argv, timeout=30)
+        if not result.ok:
+            return False, f"QEMU refused -accel kvm: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'exit ' + str(result.exit_status)}"
+        seen = poll(lambda: "Linux version" in host.read_text(console, default=""), KVM_PROBE_TIMEOUT, 0.1)
+        if seen:
+            return True, f"a guest reached its kernel under KVM in {time.monotonic() - started:.1f} s"
+        pid = host.read_text(pidfile, default="").strip()
+        if pid.isdigit() and not host.pid_alive(int(pid)):
+            return False, "QEMU died under -accel kvm before the guest kernel started"
+        return False, (f"/dev/kvm exists but a guest under -accel kvm printed nothing within "
+                       f"{KVM_PROBE_TIMEOUT:.0f} s (it hangs before reaching guest code)")
+    finally:
+        from .run import kill_vm_dir
+        kill_vm_dir(host, workdir, grace=1.0)
+        host.remove_tree(workdir)
+
+
+def probe(host: Host, requested_accel: str, kernel: str, workdir: str, cache: dict | None = None) -> Capabilities:
+    """Probe one host. ``cache`` (a dict persisted by the caller) keeps the slow KVM
+    verdict per host boot and QEMU version, so it is paid once per host boot."""
+    caps = Capabilities(host=host.name)
+    _probe_qemu(host, caps)
+    _probe_kernel(host, caps)
+    accel = host.spec.accel or requested_accel
+    if accel == "tcg":
+        caps.kvm_usable, why = False, "not probed: TCG requested"
+    else:
+        key = hashlib.sha256(f"{host.spec.url}|{caps.boot_id}|{caps.qemu_version_text}|{host.spec.qemu}".encode()).hexdigest()[:16]
+        if cache is not None and key in cache:
+            caps.kvm_usable, why = cache[key]
+        else:
+            caps.kvm_usable, why = probe_kvm(host, caps, kernel, workdir)
+            if cache is not None:
+                cache[key] = [caps.kvm_usable, why]
+    if accel == "kvm" and not caps.kvm_usable:
+        raise HostError(f"host {host.name}: --kvm-accel=kvm, but KVM is not usable there: {why}. "
+                        f"Use --kvm-accel=auto to fall back to TCG")
+    caps.accel = "kvm" if caps.kvm_usable else "tcg"
+    if not caps.kvm_usable:
+        caps.reasons["kvm"] = f"KVM not usable: {why}"
+    else:
+        caps.reasons["kvm-probe"] = why
+    return caps
+
+
+def load_probe_cache(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

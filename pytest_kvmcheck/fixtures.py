@@ -1,0 +1,99 @@
+"""Fixtures the suites use: the host under test, its capabilities, and booted guests.
+
+``kvm_host`` is parametrized over every ``--kvm-hosts`` entry (test ids carry the host
+name). Guests come from :func:`vm_fixture` (one VM per module and host, the fast path)
+or from the ``boot_vm`` factory (VMs a single test owns). Either way the VM is stopped
+and its files removed at teardown, unless ``--kvm-keep-failed`` kept it for a human.
+"""
+from __future__ import annotations
+
+import pytest
+
+from .capabilities import Capabilities
+from .errors import KvmCheckError
+from .session import RUN_KEY, KvmRun, PreparedHost
+from .vm import DEFAULT_BOOT_TIMEOUT, VM
+from .vmspec import VMSpec
+
+
+@pytest.fixture(scope="session")
+def kvm_run(request: pytest.FixtureRequest) -> KvmRun:
+    return request.config.stash[RUN_KEY]
+
+
+@pytest.fixture(scope="session")
+def kvm_host(request: pytest.FixtureRequest, kvm_run: KvmRun) -> PreparedHost:
+    """The host under test (the plugin parametrizes this over ``--kvm-hosts``)."""
+    try:
+        return kvm_run.host(request.param)
+    except KvmCheckError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kvm_caps(kvm_host: PreparedHost) -> Capabilities:
+    return kvm_host.caps
+
+
+def boot(kvm_run: KvmRun, kvm_host: PreparedHost, spec: VMSpec, timeout: float = DEFAULT_BOOT_TIMEOUT) -> VM:
+    """Boot ``spec`` on the host; a guest that does not boot fails the test with the reason."""
+    vm = kvm_run.new_vm(kvm_host.name, spec)
+    try:
+        return vm.boot(timeout)
+    except KvmCheckError as exc:
+        vm.destroy()
+        pytest.fail(str(exc), pytrace=False)
+
+
+def release(vm: VM) -> None:
+    """Teardown: stop and remove the VM, unless it was kept for a human."""
+    if not vm.kept:
+        vm.destroy()
+
+
+class VMFactory:
+    """``boot_vm(spec)``: VMs owned by one test, all released at its teardown."""
+
+    def __init__(self, kvm_run: KvmRun, kvm_host: PreparedHost):
+        self.kvm_run, self.kvm_host = kvm_run, kvm_host
+        self.vms: list[VM] = []
+
+    def __call__(self, spec: VMSpec = VMSpec(), timeout: float = DEFAULT_BOOT_TIMEOUT) -> VM:
+        vm = boot(self.kvm_run, self.kvm_host, spec, timeout)
+        self.vms.append(vm)
+        return vm
+
+    def release(self) -> None:
+        for vm in self.vms:
+            release(vm)
+
+
+@pytest.fixture
+def boot_vm(kvm_run: KvmRun, kvm_host: PreparedHost):
+    factory = VMFactory(kvm_run, kvm_host)
+    yield factory
+    factory.release()
+
+
+def vm_fixture(spec: VMSpec, scope: str = "module"):
+    """A fixture booting one guest of ``spec`` per host, shared by the tests of a module.
+
+    Usage in a suite: ``virtio_guest = vm_fixture(VMSpec(balloon=True))``.
+    """
+    @pytest.fixture(scope=scope)
+    def _vm(kvm_run: KvmRun, kvm_host: PreparedHost):
+        vm = boot(kvm_run, kvm_host, spec)
+        yield vm
+        release(vm)
+    return _vm
+
+
+def vms_of(item: pytest.Item) -> list[VM]:
+    """The VMs a test used (directly, or through the ``boot_vm`` factory)."""
+    vms: list[VM] = []
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, VM):
+            vms.append(value)
+        elif isinstance(value, VMFactory):
+            vms.extend(value.vms)
+    return vms

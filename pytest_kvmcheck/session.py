@@ -1,0 +1,193 @@
+"""One run of the suites: its id, key, local state, and each host prepared once.
+
+The controller (or the only process, without xdist) creates a local state dir holding the
+run's SSH key; xdist workers receive its path. A host is prepared lazily, by whichever
+process needs it first, under a file lock: connect, reap dead runs, create the run's work
+dir, place the image, probe capabilities. The result is written to the state dir as JSON
+and every other process reads it, so each host is probed once per run. The controller's
+:meth:`KvmRun.finish` removes each prepared host's run dir (and any QEMU still in it).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .capabilities import Capabilities, load_probe_cache, probe
+from .errors import KvmCheckError
+from .guest import RunKey
+from .hostspec import HostSpec
+from .image import TinyImage, build_tiny, cache_dir
+from .run import HostRun, remove_run, start_run
+from .transport import Host, connect
+from .vm import VM
+from .vmspec import VMSpec
+
+
+@dataclass
+class PreparedHost:
+    """A host as this process sees it: its connection, its run dir and capabilities."""
+
+    spec: HostSpec
+    transport: Host
+    host_run: HostRun
+    caps: Capabilities
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class KvmRun:
+    def __init__(self, specs: list[HostSpec], state_dir: Path, run_id: str, accel: str = "auto",
+                 worker: str = "main", progress=None):
+        self.specs = {s.name: s for s in specs}
+        self.state_dir, self.run_id, self.accel, self.worker = state_dir, run_id, accel, worker
+        self.progress = progress or (lambda msg: None)
+        self.run_key = RunKey(state_dir / "id_ed25519")
+        self._hosts: dict[str, PreparedHost] = {}
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._vm_counter = 0
+        self.owner_pid = os.getpid()
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, specs: list[HostSpec], accel: str = "auto", progress=None) -> "KvmRun":
+        """The controller's side: a fresh run id, state dir and key (cheap; nothing remote)."""
+        run_id = time.strftime("%m%d%H%M") + "-" + secrets.token_hex(3)
+        state_dir = Path(tempfile.mkdtemp(prefix=f"kvmcheck-run-{run_id}-"))
+        RunKey.create(state_dir / "id_ed25519")
+        (state_dir / "run.json").write_text(json.dumps({"run_id": run_id, "accel": accel, "pid": os.getpid()}))
+        return cls(specs, state_dir, run_id, accel, progress=progress)
+
+    @classmethod
+    def attach(cls, specs: list[HostSpec], state_dir: str, worker: str) -> "KvmRun":
+        """An xdist worker's side: the controller's run, seen from another process."""
+        meta = json.loads((Path(state_dir) / "run.json").read_text())
+        run = cls(specs, Path(state_dir), meta["run_id"], meta["accel"], worker=worker)
+        run.owner_pid = meta["pid"]
+        return run
+
+    # ------------------------------------------------------------------ hosts
+    def _state_file(self, name: str) -> Path:
+        return self.state_dir / f"host-{name}.json"
+
+    def host(self, name: str) -> PreparedHost:
+        """The prepared host (preparing it first if no process has yet).
+
+        Raises :class:`KvmCheckError` with the one-line reason if the host cannot be used.
+        """
+        with self._lock:
+            if name in self._hosts:
+                return self._hosts[name]
+            if name in self._errors:
+                raise KvmCheckError(self._errors[name])
+            spec = self.specs[name]
+            transport = None
+            try:
+                with open(self.state_dir / f"host-{name}.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    state_file = self._state_file(name)
+                    if state_file.exists():
+                        state = json.loads(state_file.read_text())
+                    else:
+                        transport = connect(spec)
+                        state = self._prepare(spec, transport)
+                        state_file.write_text(json.dumps(state))
+                if "error" in state:
+                    raise KvmCheckError(state["error"])
+                transport = transport or connect(spec)
+                prepared = PreparedHost(spec, transport, HostRun.from_dict(state["host_run"]),
+                                        Capabilities.from_dict(state["caps"]))
+            except KvmCheckError as exc:
+                if transport is not None:
+                    transport.close()
+                self._errors[name] = str(exc)
+                raise
+            self._hosts[name] = prepared
+            return prepared
+
+    def _prepare(self, spec: HostSpec, transport: Host) -> dict:
+        try:
+            image = build_tiny(progress=self.progress)
+            host_run, notes = start_run(transport, self.run_id, image, self.owner_pid)
+            for note in notes:
+                self.progress(f"host {spec.name}: {note}")
+            probe_file = cache_dir() / "probes" / (hashlib.sha256(spec.url.encode()).hexdigest()[:16] + ".json")
+            cache = load_probe_cache(probe_file)
+            caps = probe(transport, self.accel, host_run.kernel, f"{host_run.run_dir}/kvm-probe", cache)
+            probe_file.parent.mkdir(parents=True, exist_ok=True)
+            probe_file.write_text(json.dumps(cache))
+            return {"host_run": host_run.to_dict(), "caps": caps.to_dict()}
+        except KvmCheckError as exc:
+            return {"error": str(exc)}
+
+    def prepared_states(self) -> dict[str, dict]:
+        out = {}
+        for name in self.specs:
+            f = self._state_file(name)
+            if f.exists():
+                out[name] = json.loads(f.read_text())
+        return out
+
+    # ------------------------------------------------------------------ VMs
+    def new_vm(self, host_name: str, spec: VMSpec) -> VM:
+        prepared = self.host(host_name)
+        with self._lock:
+            self._vm_counter += 1
+            name = f"{self.worker}-{self._vm_counter}"
+        return VM(prepared.transport, spec, name=name, host_run=prepared.host_run, run_key=self.run_key,
+                  accel=prepared.caps.accel, qemu_version=prepared.caps.qemu_version)
+
+    # ------------------------------------------------------------------ the end
+    def close(self) -> None:
+        """A worker's end: drop its connections (its VMs were stopped by their fixtures)."""
+        for prepared in self._hosts.values():
+            prepared.transport.close()
+        self._hosts.clear()
+
+    def finish(self) -> list[str]:
+        """The controller's end: remove each prepared host's run dir and the local state.
+
+        Returns notes for the terminal (VMs killed or kept).
+        """
+        from .vm import stop_all_vms
+        stop_all_vms()
+        self.close()
+        notes, kept = [], False
+        for name, state in self.prepared_states().items():
+            if "host_run" not in state:
+                continue
+            try:
+                transport = connect(self.specs[name])
+                try:
+                    for note in remove_run(transport, state["host_run"]["run_dir"], keep_kept=True):
+                        kept |= note.startswith("kept")
+                        notes.append(f"host {name}: {note}")
+                finally:
+                    transport.close()
+            except KvmCheckError as exc:
+                notes.append(f"host {name}: could not clean up ({exc}); the next run there will")
+        if kept:
+            notes.append(f"the run's SSH key for kept VMs stays in {self.state_dir}")
+        else:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        return notes
+
+
+def worker_id() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+RUN_KEY = pytest.StashKey[KvmRun]()
