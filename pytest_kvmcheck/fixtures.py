@@ -75,17 +75,32 @@ def boot_vm(kvm_run: KvmRun, kvm_host: PreparedHost):
     factory.release()
 
 
-def vm_fixture(spec: VMSpec, scope: str = "module"):
-    """A fixture booting one guest of ``spec`` per host, shared by the tests of a module.
+def vm_fixture(spec, scope: str = "module"):
+    """A fixture booting one guest per host, shared by the tests of a module.
 
+    ``spec`` is a :class:`VMSpec`, or a dict of mode name -> VMSpec (or ``pytest.param(VMSpec,
+    marks=...)``) to run the module once per mode; the fixture's ``vm.mode`` says which.
     Usage in a suite: ``virtio_guest = vm_fixture(VMSpec(balloon=True))``.
     """
-    @pytest.fixture(scope=scope)
-    def _vm(kvm_run: KvmRun, kvm_host: PreparedHost):
-        vm = boot(kvm_run, kvm_host, spec)
+    if isinstance(spec, VMSpec):
+        @pytest.fixture(scope=scope)
+        def _vm(kvm_run: KvmRun, kvm_host: PreparedHost):
+            vm = boot(kvm_run, kvm_host, spec)
+            yield vm
+            release(vm)
+        return _vm
+    params = [pytest.param((mode, value), id=mode) if isinstance(value, VMSpec)
+              else pytest.param((mode, value.values[0]), marks=value.marks, id=mode)
+              for mode, value in spec.items()]
+
+    @pytest.fixture(scope=scope, params=params)
+    def _vm_per_mode(request: pytest.FixtureRequest, kvm_run: KvmRun, kvm_host: PreparedHost):
+        mode, vm_spec = request.param
+        vm = boot(kvm_run, kvm_host, vm_spec)
+        vm.mode = mode
         yield vm
         release(vm)
-    return _vm
+    return _vm_per_mode
 
 
 def vms_of(item: pytest.Item) -> list[VM]:

@@ -77,6 +77,7 @@ class VM:
         self._stopped = False
         self.failed = False  # a test using this VM failed (set by the plugin)
         self.kept = False  # left running on purpose (--kvm-keep-failed)
+        self.mode = ""  # the device mode a parametrized suite booted it in
 
     def __repr__(self) -> str:
         return f"<VM {self.name} on {self.host.name} pid={self.pid}>"

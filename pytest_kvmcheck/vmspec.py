@@ -92,7 +92,7 @@ def management_mac(spec: VMSpec, seed: int) -> str:
     return f"{MANAGEMENT_MAC_PREFIX}{(seed >> 8) & 0xff:02x}:{seed & 0xff:02x}"
 
 
-def _nic_mac(spec: VMSpec, index: int, seed: int) -> str:
+def nic_mac(spec: VMSpec, index: int, seed: int) -> str:
     nic = spec.nics[index]
     if nic.mac:
         return nic.mac
@@ -141,7 +141,7 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
         else:
             netdev += f",net=10.0.{i + 2}.0/24"
         argv += ["-netdev", netdev]
-        device = f"{nic.model},netdev=net{i},mac={_nic_mac(spec, i, ctx.mac_seed)},id=nic{i}"
+        device = f"{nic.model},netdev=net{i},mac={nic_mac(spec, i, ctx.mac_seed)},id=nic{i}"
         argv += ["-device", device]
     if any(d.interface == "scsi-hd" for d in spec.disks):
         argv += ["-device", "virtio-scsi-pci,id=scsi0"]
