@@ -6,7 +6,6 @@ fixtures tests use are in :mod:`.fixtures`.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 

@@ -27,7 +27,7 @@ from .capabilities import Capabilities, load_probe_cache, probe
 from .errors import KvmCheckError
 from .guest import RunKey
 from .hostspec import HostSpec
-from .image import TinyImage, build_tiny, cache_dir
+from .image import build_tiny, cache_dir
 from .run import HostRun, remove_run, start_run
 from .transport import Host, connect
 from .vm import VM

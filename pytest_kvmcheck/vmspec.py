@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
@@ -117,7 +117,7 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
     """The full argv for ``spec`` on one host. Device order is fixed by the spec."""
     cpu = spec.cpu or ("host" if ctx.accel == "kvm" else "max")
     argv = [
-        qemu, "-name", f"kvmcheck,debug-threads=on",
+        qemu, "-name", "kvmcheck,debug-threads=on",
         "-machine", f"{spec.machine},accel={ctx.accel}",
         "-cpu", cpu,
         "-m", str(spec.memory_mib), "-smp", str(spec.smp),

@@ -5,7 +5,6 @@ is an ordinary PCI device, ``-device virtio-balloon-pci``. The guest must show t
 device, bind the virtio_balloon driver, and give up (and get back) the memory the
 monitor asks for.
 """
-import pytest
 
 from pytest_kvmcheck import VMSpec, vm_fixture
 from pytest_kvmcheck.guestinfo import MIB, lspci, lspci_line, meminfo, pci_driver, wait_for

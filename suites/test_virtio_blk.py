@@ -5,7 +5,6 @@ The handbook writes ``-drive file=IMG,if=virtio``; today's explicit form is a
 by virtio_blk, of the configured size, and read back exactly what it wrote; QEMU's own
 block statistics must show the writes.
 """
-import pytest
 
 from pytest_kvmcheck import Disk, VMSpec, vm_fixture
 from pytest_kvmcheck.guestinfo import MIB, block_size_bytes, disk_round_trip, driver_of

@@ -84,7 +84,7 @@ class Host(abc.ABC):
     @abc.abstractmethod
     def default_workdir(self) -> str: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: the local transport holds nothing
         """Release the connection (idempotent)."""
 
     # --- shared helpers built on the primitives -------------------------------

@@ -1,0 +1,30 @@
+# The README's two commands: `make suite` (qualify this machine) and `make test` (our own tests).
+PYTEST = .venv/bin/pytest
+REPORTS = reports
+
+.PHONY: setup suite test lint bench clean
+
+setup:
+	bash scripts/setup.sh
+
+suite: setup
+	$(PYTEST) suites -n auto --dist loadscope \
+	  --html=$(REPORTS)/report.html --self-contained-html \
+	  --alluredir=$(REPORTS)/allure --junitxml=$(REPORTS)/junit.xml \
+	  --kvm-artifacts=$(REPORTS)/artifacts $(PYTEST_ARGS); \
+	status=$$?; \
+	echo "reports: $(REPORTS)/report.html (HTML), $(REPORTS)/allure (Allure results), $(REPORTS)/junit.xml (JUnit)"; \
+	exit $$status
+
+test: setup
+	$(PYTEST) tests -n auto --dist loadscope $(PYTEST_ARGS)
+
+lint: setup
+	.venv/bin/ruff check pytest_kvmcheck suites tests benchmarks
+
+bench: setup
+	.venv/bin/python benchmarks/bench.py
+
+clean:
+	.venv/bin/kvmcheck cleanup || true
+	rm -rf $(REPORTS)/report.html $(REPORTS)/allure $(REPORTS)/junit.xml $(REPORTS)/artifacts
