@@ -84,7 +84,8 @@ def _int(value, what: str) -> int:
 def _list(value) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(str(v) for v in value)
-    return tuple(v for v in str(value).split("+") if v)
+    # '+' separates items; in a URL query it arrives decoded as a space.
+    return tuple(v for v in re.split(r"[+\s]+", str(value)) if v)
 
 
 def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:

@@ -1,0 +1,77 @@
+"""Host specs and inventories: every accepted form, and a clear error for every bad one."""
+import pytest
+
+from pytest_kvmcheck.errors import HostSpecError
+from pytest_kvmcheck.hostspec import load_inventory, parse_host, parse_hosts
+
+
+def test_default_is_local():
+    (spec,) = parse_hosts(None)
+    assert (spec.name, spec.transport, spec.url) == ("local", "local", "local")
+
+
+def test_ssh_url_with_options():
+    spec = parse_host("ssh://qa@node3:2222?key=/k/id&qemu=/usr/libexec/qemu-kvm&workdir=/var/tmp/kc&accel=tcg"
+                      "&tags=a+b&accept_new_host_key=yes")
+    assert (spec.transport, spec.user, spec.hostname, spec.port) == ("ssh", "qa", "node3", 2222)
+    assert (spec.key, spec.qemu, spec.workdir, spec.accel) == ("/k/id", "/usr/libexec/qemu-kvm", "/var/tmp/kc", "tcg")
+    assert spec.tags == ("a", "b") and spec.accept_new_host_key
+    assert spec.name == "node3-2222" and spec.url == "ssh://qa@node3:2222"
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ("ftp://host", "unsupported scheme 'ftp'"),
+    ("ssh://", "no host name"),
+    ("ssh://h:99999", "port is not a number"),
+    ("ssh://h/path", "unexpected path"),
+    ("ssh://u:secret@h", "passwords in host specs are refused"),
+    ("ssh://h?colour=blue", "unknown option 'colour'"),
+    ("ssh://h?accel=xen", "must be one of auto, kvm, tcg"),
+    ("ssh://h?memory_budget_mib=lots", "expected a whole number"),
+    ("ssh://h?accept_new_host_key=maybe", "expected a yes/no value"),
+    ("myhost", "not understood"),
+    ("local,,local", "empty host entry"),
+    ("local,local", "given twice"),
+    ("lab", "lab is not up"),
+])
+def test_bad_entries_name_the_bad_part(entry, fragment):
+    with pytest.raises(HostSpecError, match=fragment.replace("(", r"\(")):
+        parse_hosts(entry)
+
+
+def test_secret_never_echoed():
+    with pytest.raises(HostSpecError) as info:
+        parse_host("ssh://u:hunter2@h")
+    assert "hunter2" not in str(info.value)
+
+
+def test_inventory(tmp_path):
+    inv = tmp_path / "inv.toml"
+    inv.write_text('[hosts.a]\nurl = "local"\n[hosts.b]\nurl = "ssh://qa@b"\nkey = "keys/b"\n'
+                   'memory_budget_mib = 4096\nassignable = ["0000:01:00.0"]\n')
+    a, b = parse_hosts(f"@{inv}")
+    assert (a.name, a.transport) == ("a", "local")
+    assert (b.name, b.key, b.memory_budget_mib, b.assignable) == ("b", str(tmp_path / "keys/b"), 4096, ("0000:01:00.0",))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("not toml [", "not valid TOML"),
+    ("[other]\n", "no [hosts.NAME] tables"),
+    ("[hosts.a]\nurl='local'\ncolour='x'\n", "unknown keys colour"),
+])
+def test_bad_inventory(tmp_path, text, fragment):
+    inv = tmp_path / "inv.toml"
+    inv.write_text(text)
+    with pytest.raises(HostSpecError, match=fragment.replace("[", r"\[")):
+        load_inventory(inv)
+
+
+def test_missing_inventory(tmp_path):
+    with pytest.raises(HostSpecError, match="does not exist"):
+        parse_hosts(f"@{tmp_path}/nope.toml")
+
+
+def test_example_inventory_parses():
+    from pytest_kvmcheck.image import fixtures_dir
+    specs = load_inventory(fixtures_dir() / "inventory.example.toml")
+    assert [s.name for s in specs] == ["this-machine", "rack12-node3"]

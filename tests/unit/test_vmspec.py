@@ -1,0 +1,96 @@
+"""Argv rendering and the handbook's legacy-option table."""
+import shlex
+
+import pytest
+
+from pytest_kvmcheck.vmspec import (LEGACY_FORMS, Disk, Nic, RenderContext, VMSpec, kernel_cmdline, render_argv,
+                                    tap_name, translate_legacy)
+
+CTX = RenderContext(accel="tcg", kernel="/k", initrd="/i", workdir="/w", qmp_socket="/w/qmp.sock",
+                    console_log="/w/console.log", pidfile="/w/qemu.pid", ssh_public_key="ssh-ed25519 AAAA run",
+                    disk_paths=("/w/d0.qcow2", "/w/d1.raw"), mac_seed=0x1234)
+
+
+def opt_values(argv, opt):
+    return [argv[i + 1] for i, a in enumerate(argv) if a == opt]
+
+
+def test_default_spec_renders_a_safe_headless_guest():
+    argv = render_argv("qemu-system-x86_64", VMSpec(), CTX)
+    assert argv[0] == "qemu-system-x86_64"
+    for flag in ("-nodefaults", "-no-user-config", "-daemonize", "-no-reboot"):
+        assert flag in argv
+    assert opt_values(argv, "-machine") == ["pc,accel=tcg"] and opt_values(argv, "-cpu") == ["max"]
+    assert opt_values(argv, "-qmp") == ["unix:/w/qmp.sock,server=on,wait=off"]
+    (netdev,) = opt_values(argv, "-netdev")
+    assert "hostfwd=tcp:127.0.0.1:0-:22" in netdev, "guest SSH must be forwarded on loopback only, port chosen by QEMU"
+
+
+def test_kvm_uses_host_cpu():
+    argv = render_argv("q", VMSpec(), RenderContext(**{**CTX.__dict__, "accel": "kvm"}))
+    assert opt_values(argv, "-cpu") == ["host"] and opt_values(argv, "-machine") == ["pc,accel=kvm"]
+
+
+def test_devices_in_spec_order():
+    spec = VMSpec(nics=(Nic("e1000"), Nic("virtio-net-pci", vhost=True)),
+                  disks=(Disk(interface="ide-hd"), Disk(format="raw", serial="s1")), balloon=True)
+    argv = render_argv("q", spec, CTX)
+    devices = opt_values(argv, "-device")
+    assert [d.split(",")[0] for d in devices] == ["e1000", "virtio-net-pci", "ide-hd", "virtio-blk-pci",
+                                                  "virtio-balloon-pci"]
+    assert f"ifname={tap_name(0x1234, 1)}" in opt_values(argv, "-netdev")[1] and "vhost=on" in opt_values(argv, "-netdev")[1]
+    assert "serial=s1" in devices[3]
+    assert "driver=raw,file=file1,node-name=disk1" in opt_values(argv, "-blockdev")
+
+
+def test_same_spec_renders_identically():
+    """Migration needs the destination's argv to match the source's device for device."""
+    spec = VMSpec(disks=(Disk(),), balloon=True)
+    assert render_argv("q", spec, CTX) == render_argv("q", spec, CTX)
+
+
+def test_vhost_never_on_the_ssh_nic():
+    with pytest.raises(ValueError, match="first NIC carries the guest's SSH"):
+        render_argv("q", VMSpec(nics=(Nic(vhost=True),)), CTX)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"model": "ne2k"}, "not one of"), ({"model": "e1000", "vhost": True}, "vhost=on needs a virtio-net NIC")])
+def test_bad_nic(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        Nic(**kwargs)
+
+
+def test_tap_names_fit_the_kernel_limit():
+    assert len(tap_name(0xffffff, 9)) <= 15
+
+
+def test_kernel_cmdline_carries_the_key_not_a_password():
+    line = kernel_cmdline(VMSpec(), CTX)
+    assert "kvmcheck.key=" in line and "console=ttyS0" in line and "password" not in line
+
+
+@pytest.mark.parametrize("legacy, modern", [
+    ("-balloon virtio", "-device virtio-balloon-pci"),
+    ("-net nic,model=virtio", "-netdev user,id=legacynet0 -device virtio-net-pci,netdev=legacynet0"),
+    ("-drive file=/a.qcow2,if=virtio",
+     "-blockdev driver=file,filename=/a.qcow2,node-name=legacydisk0f "
+     "-blockdev driver=qcow2,file=legacydisk0f,node-name=legacydisk0 -device virtio-blk-pci,drive=legacydisk0"),
+    ("-device pci-assign,host=01:00.0", "-device vfio-pci,host=01:00.0"),
+    ("-enable-kvm", "-accel kvm"),
+    ("-incoming tcp:0:6666", "-incoming tcp:127.0.0.1:6666"),
+    ("-m 512", "-m 512"),
+])
+def test_legacy_translation(legacy, modern):
+    out, rows = translate_legacy(shlex.split(legacy))
+    assert shlex.join(out) == modern
+    assert bool(rows) == (legacy != "-m 512")
+
+
+def test_legacy_table_dates():
+    by_legacy = {row.legacy: row for row in LEGACY_FORMS}
+    assert by_legacy["-balloon virtio"].removed_in((7, 2, 0))
+    assert not by_legacy["-balloon virtio"].removed_in((3, 0, 0))
+    assert by_legacy["-device pci-assign,host=BDF"].removed_in((2, 12, 0))
+    assert not by_legacy["migrate -b tcp:HOST:PORT"].removed_in((9, 0, 0))
+    assert by_legacy["migrate -b tcp:HOST:PORT"].removed_in((10, 0, 0))
