@@ -236,11 +236,12 @@ class VM:
             _live.discard(self)
         self._stopped = True
         where = "" if self.host.spec.transport == "local" else f" on {self.host.spec.url}"
+        hosts = self.host.spec.url + (f"?workdir={self.host.spec.workdir}" if self.host.spec.workdir else "")
         return (f"VM {self.name} left running{where} (pid {self.pid}):\n"
                 f"  ssh -i {self.run_key.path} -p {self.ssh_port} -o StrictHostKeyChecking=no root@127.0.0.1\n"
                 f"  QMP: socat - UNIX-CONNECT:{self.qmp_socket}\n"
                 f"  console: {self.console_log}\n"
-                f"  remove it with: kvmcheck cleanup --kvm-hosts={self.host.spec.url}")
+                f"  remove it with: kvmcheck cleanup --kvm-hosts='{hosts}'")
 
     def destroy(self) -> None:
         """Stop the VM and remove its dir (a kept VM is left alone)."""

@@ -1,0 +1,89 @@
+"""The conformance suites run for real (QEMU under TCG here) and leave nothing behind."""
+import json
+import re
+import subprocess
+import sys
+
+from .conftest import SUITES, assert_nothing_left, qemu_processes, run_pytest
+
+
+def skip_reasons(result) -> list[str]:
+    return [line for line in result.outlines if line.startswith("SKIPPED")]
+
+
+def assert_suites_passed(result, host: str) -> None:
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
+    assert outcomes.get("passed", 0) >= 24, outcomes
+    for line in skip_reasons(result):
+        assert f"host {host}: needs " in line, f"a skip without host and capability: {line}"
+    verdicts = "\n".join(result.outlines)
+    for feature in ("test_emulated_io", "test_virtio_net", "test_virtio_blk", "test_virtio_balloon"):
+        assert re.search(rf"^{re.escape(host)}\s+{feature}\s+PASS", verdicts, re.M), f"no PASS verdict for {feature}"
+
+
+def test_suites_pass_on_the_local_host(pytester, workdir):
+    result = run_pytest(pytester, SUITES, f"--kvm-hosts=local?workdir={workdir}")
+    assert_suites_passed(result, "local")
+    caps = next(line for line in result.outlines if line.startswith("kvmcheck: host local: QEMU"))
+    if "accel tcg" in caps:
+        assert any("needs kvm" in line for line in skip_reasons(result)), "kvm-clock must skip under TCG"
+    assert_nothing_left(workdir, result.stdout.str())
+
+
+def test_suites_pass_over_ssh(pytester, sshd, workdir):
+    address, key, known_hosts = sshd
+    host = f"ssh://root@{address}?key={key}&known_hosts={known_hosts}&workdir={workdir}"
+    result = run_pytest(pytester, SUITES, f"--kvm-hosts={host}")
+    assert_suites_passed(result, address)
+    assert_nothing_left(workdir, result.stdout.str())
+
+
+def test_xdist_and_all_reports_together(pytester, workdir):
+    out = pytester.path / "reports"
+    result = run_pytest(pytester, f"{SUITES}/test_virtio_balloon.py", f"{SUITES}/test_virtio_blk.py", "-n", "2",
+                        f"--kvm-hosts=local?workdir={workdir}", f"--html={out}/r.html", "--self-contained-html",
+                        f"--alluredir={out}/allure", f"--junitxml={out}/junit.xml", f"--kvm-artifacts={out}/art")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    html = (out / "r.html").read_text()
+    for name in ("QEMU argv", "QMP transcript", "serial console", "host capabilities"):
+        assert html.count(name) >= 12, f"HTML report lacks {name!r} attachments"
+    assert "host local" in html, "HTML environment lacks the host"
+    results = [json.loads(p.read_text()) for p in (out / "allure").glob("*-result.json")]
+    assert len(results) == 14
+    for r in results:
+        names = {a["name"] for a in r.get("attachments", [])}
+        wanted = {"handbook", "host capabilities"} if r["name"].startswith("test_handbook") else \
+            {"QEMU argv", "QMP transcript", "serial console", "host capabilities"}
+        assert wanted <= names, (r["name"], names)
+    assert "host.local=QEMU" in (out / "allure" / "environment.properties").read_text()
+    junit = (out / "junit.xml").read_text()
+    assert 'name="kvm_host" value="local"' in junit and 'name="accel"' in junit
+    assert 'name="handbook"' in junit and "virtio-balloon-pci" in junit
+    assert any((out / "art").iterdir())
+    assert "id_ed25519" not in html and "PRIVATE KEY" not in html, "a secret leaked into the report"
+    assert_nothing_left(workdir, result.stdout.str())
+
+
+def test_failed_test_carries_dmesg_and_can_keep_its_vm(pytester, workdir):
+    pytester.makepyfile(test_fails="""
+        from pytest_kvmcheck import VMSpec, vm_fixture
+        guest = vm_fixture(VMSpec())
+        def test_expect_the_impossible(guest):
+            assert guest.run("cat /proc/cmdline").stdout == "nothing"
+    """)
+    out = pytester.path / "r.html"
+    art = pytester.path / "art"
+    result = run_pytest(pytester, f"--kvm-hosts=local?workdir={workdir}", f"--html={out}", "--self-contained-html",
+                        "--kvm-keep-failed", f"--kvm-artifacts={art}")
+    assert result.ret == 1
+    assert "guest dmesg" in out.read_text()
+    (dmesg,) = art.glob("*/guest_dmesg.txt")
+    assert "Linux version" in dmesg.read_text()
+    text = result.stdout.str()
+    assert "left running" in text and "ssh -i" in text and "kvmcheck cleanup" in text
+    assert len(qemu_processes(str(workdir))) == 1, "the failed test's VM should still run"
+    cleanup = subprocess.run([sys.executable, "-m", "pytest_kvmcheck.cli", "cleanup",
+                              f"--kvm-hosts=local?workdir={workdir}"], capture_output=True, text=True)
+    assert cleanup.returncode == 0 and "killed QEMU" in cleanup.stdout, cleanup.stdout + cleanup.stderr
+    assert_nothing_left(workdir)
