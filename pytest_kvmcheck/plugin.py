@@ -61,10 +61,14 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--kvm-hosts: {exc}") from None
     config._kvm_specs = specs  # read by pytest_generate_tests
     workerinput = getattr(config, "workerinput", None)
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    progress = (lambda msg: reporter.write_line(f"kvmcheck: {msg}")) if reporter and not workerinput else None
+
+    def progress(msg: str) -> None:  # the terminal reporter registers after us: look it up late
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"kvmcheck: {msg}")
     if workerinput is not None:
         run = KvmRun.attach(specs, workerinput["kvmcheck_state"], worker_id())
+        run.progress = progress
     else:
         run = KvmRun.create(specs, accel, progress=progress)
     config.stash[RUN_KEY] = run
@@ -173,8 +177,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     reporting.add_html_environment(config, rows)
     if getattr(config.option, "allure_report_dir", None) and rows:
         reporting.write_allure_environment(config.option.allure_report_dir, rows)
-    summary = [f"host {name}: {Capabilities.from_dict(state['caps']).summary()}"
-               for name, state in run.prepared_states().items() if "caps" in state]
+    summary = []
+    for name, state in run.prepared_states().items():
+        summary += [f"host {name}: {note}" for note in state.get("notes", [])]
+        if "caps" in state:
+            summary.append(f"host {name}: {Capabilities.from_dict(state['caps']).summary()}")
     config.stash[SUMMARY_KEY] = summary + run.finish()
 
 

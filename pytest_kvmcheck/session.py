@@ -119,18 +119,19 @@ class KvmRun:
             return prepared
 
     def _prepare(self, spec: HostSpec, transport: Host) -> dict:
+        host_run = None
         try:
             image = build_tiny(progress=self.progress)
             host_run, notes = start_run(transport, self.run_id, image, self.owner_pid)
-            for note in notes:
-                self.progress(f"host {spec.name}: {note}")
             probe_file = cache_dir() / "probes" / (hashlib.sha256(spec.url.encode()).hexdigest()[:16] + ".json")
             cache = load_probe_cache(probe_file)
             caps = probe(transport, self.accel, host_run.kernel, f"{host_run.run_dir}/kvm-probe", cache)
             probe_file.parent.mkdir(parents=True, exist_ok=True)
             probe_file.write_text(json.dumps(cache))
-            return {"host_run": host_run.to_dict(), "caps": caps.to_dict()}
+            return {"host_run": host_run.to_dict(), "caps": caps.to_dict(), "notes": notes}
         except KvmCheckError as exc:
+            if host_run is not None:  # an unusable host keeps nothing of this run
+                remove_run(transport, host_run.run_dir)
             return {"error": str(exc)}
 
     def prepared_states(self) -> dict[str, dict]:

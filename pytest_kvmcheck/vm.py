@@ -209,6 +209,9 @@ class VM:
         if self._stopped:
             return
         self._stopped = True
+        if self.pid is None and self.argv:  # interrupted while QEMU daemonized: find it by pidfile
+            pid = self.host.read_text(self.path(PIDFILE), default="").strip()
+            self.pid = int(pid) if pid.isdigit() else None
         try:
             if self._guest is not None:
                 self._guest.close()

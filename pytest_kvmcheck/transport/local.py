@@ -14,6 +14,13 @@ from ..errors import CommandTimeout, HostError
 from . import DEFAULT_TIMEOUT, CommandResult, Host
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it finished on its own meanwhile
+
+
 class LocalHost(Host):
     def run(self, argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
             input: str | None = None) -> CommandResult:
@@ -29,11 +36,11 @@ class LocalHost(Host):
         try:
             out, err = proc.communicate(input=input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc)
             proc.communicate()
             raise CommandTimeout(f"host {self.name}: {' '.join(argv)} did not finish within {timeout:.0f} s") from None
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
+        except BaseException:  # Ctrl-C included: the child must not outlive us
+            _kill_group(proc)
             proc.wait()
             raise
         return CommandResult(argv, proc.returncode, out, err, time.monotonic() - start)

@@ -150,7 +150,11 @@ class SSHHost(Host):
         client = self.client
         with self._lock:
             if self._sftp is None:
-                self._sftp = client.open_sftp()
+                try:
+                    self._sftp = client.open_sftp()
+                except (paramiko.SSHException, OSError) as exc:
+                    raise HostError(f"host {self.name}: its sshd refused the SFTP subsystem ({exc}); "
+                                    "enable 'Subsystem sftp' in its sshd_config") from None
             return self._sftp
 
     def close(self) -> None:

@@ -82,7 +82,7 @@ def sshd(tmp_path_factory):
         f"ListenAddress {ns_ip}\nPort 22\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
         f"StrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\nAllowTcpForwarding yes\nAllowStreamLocalForwarding yes\n"
-        "MaxSessions 100\nMaxStartups 100\n")
+        "MaxSessions 100\nMaxStartups 100\nSubsystem sftp /usr/lib/openssh/sftp-server\n")
     pub = (d / "host_key.pub").read_text().split()
     (d / "known_hosts").write_text(f"{ns_ip} {pub[0]} {pub[1]}\n")
     Path("/run/sshd").mkdir(exist_ok=True)

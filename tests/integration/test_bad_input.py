@@ -1,0 +1,136 @@
+"""Bad input gets one clear message and loses nothing: no QEMU, run dir or state dir left."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pytest_kvmcheck.errors import GuestBootError, QMPLost
+from pytest_kvmcheck.hostspec import parse_host
+from pytest_kvmcheck.session import KvmRun
+from pytest_kvmcheck.vmspec import VMSpec
+
+from .conftest import SUITES, assert_nothing_left, qemu_processes, run_pytest
+
+ONE_TEST = f"{SUITES}/test_virtio_blk.py::test_disk_shows_as_vd"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--kvm-hosts=ftp://x", "ERROR: --kvm-hosts: host 'ftp://x': unsupported scheme 'ftp'"),
+    ("--kvm-hosts=ssh://h?colour=blue", "ERROR: --kvm-hosts: host 'ssh://h': unknown option 'colour'"),
+    ("--kvm-accel=xen", "ERROR: --kvm-accel: 'xen' is not one of auto, kvm, tcg"),
+    ("--kvm-guest=windows", "ERROR: --kvm-guest: 'windows' is not a known guest"),
+])
+def test_bad_option_is_one_usage_line(pytester, option, message):
+    result = run_pytest(pytester, ONE_TEST, option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+
+
+def assert_one_clear_failure(result, message: str) -> None:
+    text = result.stdout.str()
+    assert result.parseoutcomes().get("failed", 0) + result.parseoutcomes().get("errors", 0) >= 1
+    assert message in text, text[-3000:]
+    assert "Traceback" not in text and "paramiko/" not in text, "a traceback instead of a message"
+
+
+def test_unreachable_host(pytester):
+    result = run_pytest(pytester, ONE_TEST, "--kvm-hosts=ssh://root@127.0.0.1:1")
+    assert_one_clear_failure(result, "host 127.0.0.1-1 (root@127.0.0.1:1): cannot connect")
+
+
+def test_unknown_host_key_says_how_to_accept_it(pytester, sshd, tmp_path):
+    address, key, _ = sshd
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    result = run_pytest(pytester, ONE_TEST, f"--kvm-hosts=ssh://root@{address}?key={key}&known_hosts={empty}")
+    assert_one_clear_failure(result, "its host key is not in")
+    assert "ssh-keyscan" in result.stdout.str() and "accept_new_host_key=1" in result.stdout.str()
+
+
+def test_missing_qemu(pytester, workdir):
+    result = run_pytest(pytester, ONE_TEST, f"--kvm-hosts=local?qemu=/nonexistent/qemu&workdir={workdir}")
+    assert_one_clear_failure(result, "QEMU binary '/nonexistent/qemu' not found")
+    assert "apt-get install qemu-system-x86" in result.stdout.str()
+    assert_nothing_left(workdir, result.stdout.str())
+
+
+@pytest.fixture
+def local_run(workdir):
+    run = KvmRun.create([parse_host(f"local?workdir={workdir}")], accel="tcg")
+    yield run
+    run.finish()
+    assert_nothing_left(workdir)
+
+
+def test_guest_that_never_boots(local_run, workdir):
+    """A guest whose init never comes up: the error carries the console tail, QEMU is gone."""
+    # A shell as init waits on the serial console for ever: no ready marker, no exit.
+    vm = local_run.new_vm("local", VMSpec(kernel_args=("rdinit=/bin/sh",)))
+    started = time.monotonic()
+    with pytest.raises(GuestBootError) as info:
+        vm.boot(timeout=8)
+    assert time.monotonic() - started < 20
+    message = str(info.value)
+    assert "did not boot: no ready marker within 8 s" in message and "serial console (last lines)" in message
+    assert "Reproduce with: qemu-system-x86_64" in message
+    assert not qemu_processes(str(workdir))
+
+
+def test_guest_whose_kernel_panics(local_run, workdir):
+    vm = local_run.new_vm("local", VMSpec(memory_mib=16))
+    with pytest.raises(GuestBootError, match="QEMU exited|did not boot"):
+        vm.boot(timeout=30)
+    assert not qemu_processes(str(workdir))
+
+
+def test_lost_qmp_connection(local_run, workdir):
+    vm = local_run.new_vm("local", VMSpec()).boot()
+    assert vm.qmp.cmd("query-status")["status"] == "running"
+    os.kill(vm.pid, signal.SIGKILL)
+    with pytest.raises(QMPLost, match="QMP connection lost during query-status"):
+        for _ in range(50):  # the kill lands asynchronously
+            vm.qmp.cmd("query-status")
+            time.sleep(0.05)
+    vm.stop()  # must not raise for a dead VM
+    vm.destroy()
+
+
+def _wait_for_qemu(workdir, proc, timeout=90.0):
+    deadline = time.monotonic() + timeout
+    while not qemu_processes(str(workdir)):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no QEMU started"
+        time.sleep(0.1)
+
+
+def _inner_pytest(workdir, *args):
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"{SUITES}/test_virtio_blk.py",
+                             f"--kvm-hosts=local?workdir={workdir}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_ctrl_c_leaves_nothing(workdir):
+    proc = _inner_pytest(workdir)
+    _wait_for_qemu(workdir, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out[-2000:]
+    assert_nothing_left(workdir, out)
+
+
+def test_next_run_removes_what_a_killed_run_left(workdir):
+    proc = _inner_pytest(workdir)
+    _wait_for_qemu(workdir, proc)
+    proc.kill()  # SIGKILL: no cleanup at all; the daemonized QEMU survives it
+    proc.communicate()
+    time.sleep(0.5)
+    assert qemu_processes(str(workdir)), "the killed run should have left its QEMU behind"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", ONE_TEST,
+                             f"--kvm-hosts=local?workdir={workdir}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "removed stale run" in result.stdout
+    assert_nothing_left(workdir)
