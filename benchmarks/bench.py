@@ -1,0 +1,86 @@
+"""Benchmarks on the local host (not a timed test): how fast the product's basic moves are.
+
+    python benchmarks/bench.py [--boots 3] [--commands 200] [--json reports/bench.json] [--no-suite]
+
+Measures the tiny guest's boot-to-ready and boot-to-first-command times, the median guest
+command round trip over the persistent connection, and the wall time of one run of the
+suites; prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pytest_kvmcheck.hostspec import parse_host
+from pytest_kvmcheck.session import KvmRun
+from pytest_kvmcheck.vmspec import VMSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure_boots(run: KvmRun, boots: int, commands: int) -> dict:
+    ready, first, rtts = [], [], []
+    for _ in range(boots):
+        vm = run.new_vm("local", VMSpec())
+        start = time.monotonic()
+        try:
+            vm.boot()
+            ready.append(time.monotonic() - start)
+            vm.run("true", check=True)
+            first.append(time.monotonic() - start)
+            for _ in range(commands):
+                t = time.monotonic()
+                vm.run("true")
+                rtts.append((time.monotonic() - t) * 1000)
+        finally:
+            vm.destroy()
+    return {"boot_to_ready_s": statistics.median(ready), "boot_to_first_command_s": statistics.median(first),
+            "command_rtt_median_ms": statistics.median(rtts),
+            "command_rtt_p95_ms": sorted(rtts)[int(len(rtts) * 0.95) - 1],
+            "boots": boots, "commands_per_boot": commands, "accel": run.host("local").caps.accel}
+
+
+def measure_suite(extra: list[str]) -> dict:
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "suites"),
+                           *extra], capture_output=True, text=True, cwd=ROOT)
+    wall = time.monotonic() - start
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
+    return {"suite_wall_s": wall, "suite_args": " ".join(extra) or "(serial)", "suite_summary": summary}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boots", type=int, default=3)
+    ap.add_argument("--commands", type=int, default=200)
+    ap.add_argument("--json", default=str(ROOT / "reports" / "bench.json"))
+    ap.add_argument("--no-suite", action="store_true")
+    args = ap.parse_args()
+    run = KvmRun.create([parse_host("local")], accel="auto")
+    try:
+        results = measure_boots(run, args.boots, args.commands)
+    finally:
+        run.finish()
+    if not args.no_suite:
+        results.update(measure_suite([]))
+        parallel = measure_suite(["-n", "auto", "--dist", "loadscope"])
+        results["suite_parallel_wall_s"] = parallel["suite_wall_s"]
+        results["suite_parallel_summary"] = parallel["suite_summary"]
+    results["machine"] = f"{platform.node()} {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} CPUs"
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
