@@ -17,6 +17,7 @@ suite: setup
 	exit $$status
 
 test: setup
+	.venv/bin/ruff check pytest_kvmcheck suites tests benchmarks
 	$(PYTEST) tests -n auto --dist loadscope $(PYTEST_ARGS)
 
 lint: setup

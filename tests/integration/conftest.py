@@ -98,7 +98,7 @@ def sshd(tmp_path_factory):
         proc = subprocess.Popen(["ip", "netns", "exec", ns, "/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
                                 stderr=open(d / "sshd.log", "w"))
         deadline = time.monotonic() + 10
-        while subprocess.run(["ip", "netns", "exec", ns, "ss", "-ltn", f"sport = :22"],
+        while subprocess.run(["ip", "netns", "exec", ns, "ss", "-ltn", "sport = :22"],
                              capture_output=True, text=True).stdout.count("LISTEN") == 0:
             assert time.monotonic() < deadline, "sshd did not listen: " + (d / "sshd.log").read_text()
             time.sleep(0.05)
