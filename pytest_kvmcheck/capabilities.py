@@ -17,7 +17,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .errors import HostError, QemuNotFound
+from .run import kill_vm_dir
 from .transport import Host
+from .vm import poll
 
 KVM_PROBE_TIMEOUT = 10.0
 
@@ -184,7 +186,6 @@ def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tupl
         return False, f"QEMU {caps.qemu_version_text} was built without KVM"
     if not host.exists("/dev/kvm"):
         return False, "/dev/kvm is missing (no hardware virtualization, or kvm module not loaded)"
-    from .vm import poll  # local import: vm imports this module's users
     host.makedirs(workdir)
     console, pidfile = posixpath.join(workdir, "console.log"), posixpath.join(workdir, "qemu.pid")
     argv = [host.spec.qemu, "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "256", "-nodefaults",
@@ -204,7 +205,6 @@ def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tupl
         return False, (f"/dev/kvm exists but a guest under -accel kvm printed nothing within "
                        f"{KVM_PROBE_TIMEOUT:.0f} s (it hangs before reaching guest code)")
     finally:
-        from .run import kill_vm_dir
         kill_vm_dir(host, workdir, grace=1.0)
         host.remove_tree(workdir)
 

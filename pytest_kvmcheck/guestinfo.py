@@ -9,7 +9,6 @@ import base64
 import hashlib
 import os
 import re
-import time
 
 from .vm import VM
 
@@ -61,16 +60,6 @@ def meminfo(vm: VM) -> dict[str, int]:
         if m:
             out[m.group(1)] = int(m.group(2))
     return out
-
-
-def wait_for(probe, timeout: float, interval: float = 0.2):
-    """Poll ``probe`` until truthy or ``timeout``; returns the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def transfer_through_guest(vm: VM, nbytes: int = MIB) -> dict:

@@ -77,14 +77,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(verdicts, "kvmcheck-verdicts")
 
 
-def pytest_configure_node(node) -> None:  # xdist hook: hand the run's state dir to a worker
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist: hand the run's state dir (key, prepared hosts) to each worker."""
     node.workerinput["kvmcheck_state"] = str(node.config.stash[RUN_KEY].state_dir)
-
-
-def pytest_addhooks(pluginmanager) -> None:
-    if not pluginmanager.hasplugin("xdist"):
-        # pytest_configure_node is an xdist hook: without xdist pytest would reject it.
-        globals().pop("pytest_configure_node", None)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

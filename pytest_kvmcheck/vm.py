@@ -240,8 +240,12 @@ class VM:
         self._stopped = True
         where = "" if self.host.spec.transport == "local" else f" on {self.host.spec.url}"
         hosts = self.host.spec.url + (f"?workdir={self.host.spec.workdir}" if self.host.spec.workdir else "")
+        # The guest's host key is known: a known_hosts file keeps the human's ssh verifying it.
+        known = self.run_key.path.parent / f"known_hosts-{self.name}"
+        known.write_text(f"[127.0.0.1]:{self.ssh_port} {self.host_run.host_public_key}\n")
+        jump = "" if self.host.spec.transport == "local" else f"-J {self.host.spec.url.removeprefix('ssh://')} "
         return (f"VM {self.name} left running{where} (pid {self.pid}):\n"
-                f"  ssh -i {self.run_key.path} -p {self.ssh_port} -o StrictHostKeyChecking=no root@127.0.0.1\n"
+                f"  ssh {jump}-i {self.run_key.path} -p {self.ssh_port} -o UserKnownHostsFile={known} root@127.0.0.1\n"
                 f"  QMP: socat - UNIX-CONNECT:{self.qmp_socket}\n"
                 f"  console: {self.console_log}\n"
                 f"  remove it with: kvmcheck cleanup --kvm-hosts='{hosts}'")

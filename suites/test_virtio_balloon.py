@@ -7,8 +7,9 @@ monitor asks for.
 """
 
 from pytest_kvmcheck import VMSpec, vm_fixture
-from pytest_kvmcheck.guestinfo import MIB, lspci, lspci_line, meminfo, pci_driver, wait_for
+from pytest_kvmcheck.guestinfo import MIB, lspci, lspci_line, meminfo, pci_driver
 from pytest_kvmcheck.handbook import describe, form, try_options
+from pytest_kvmcheck.vm import poll
 
 MEMORY_MIB = 512
 TOLERANCE_MIB = 8  # MemTotal moves by the ballooned amount, give or take page-table rounding
@@ -45,7 +46,7 @@ def test_shrink_and_grow_back(balloon_guest):
     event = vm.qmp.wait_event("BALLOON_CHANGE", timeout=20, match=lambda e: e["data"]["actual"] == target * MIB)
     assert event["data"]["actual"] == target * MIB
     expected = before - (MEMORY_MIB - target)
-    shrunk = wait_for(lambda: (m := meminfo(vm)["MemTotal"] // 1024) <= expected + TOLERANCE_MIB and m, 20)
+    shrunk = poll(lambda: (m := meminfo(vm)["MemTotal"] // 1024) <= expected + TOLERANCE_MIB and m, 20, interval=0.2)
     now = meminfo(vm)["MemTotal"] // 1024
     assert shrunk and abs(now - expected) <= TOLERANCE_MIB, \
         f"expected MemTotal about {expected} MiB (+-{TOLERANCE_MIB}) after ballooning to {target} MiB, " \
@@ -54,7 +55,7 @@ def test_shrink_and_grow_back(balloon_guest):
 
     vm.qmp.cmd("balloon", value=MEMORY_MIB * MIB)
     vm.qmp.wait_event("BALLOON_CHANGE", timeout=20, match=lambda e: e["data"]["actual"] == MEMORY_MIB * MIB)
-    grown = wait_for(lambda: abs(meminfo(vm)["MemTotal"] // 1024 - before) <= TOLERANCE_MIB, 20)
+    grown = poll(lambda: abs(meminfo(vm)["MemTotal"] // 1024 - before) <= TOLERANCE_MIB, 20, interval=0.2)
     assert grown, f"expected MemTotal back at {before} MiB, the guest shows {meminfo(vm)['MemTotal'] // 1024} MiB"
 
 

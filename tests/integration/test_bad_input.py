@@ -81,9 +81,10 @@ def test_guest_that_never_boots(local_run, workdir):
 
 
 def test_guest_whose_kernel_panics(local_run, workdir):
-    vm = local_run.new_vm("local", VMSpec(memory_mib=16))
-    with pytest.raises(GuestBootError, match="QEMU exited|did not boot"):
+    vm = local_run.new_vm("local", VMSpec(kernel_args=("rdinit=/nonexistent", "init=/nonexistent")))
+    with pytest.raises(GuestBootError, match="did not boot: QEMU exited") as info:
         vm.boot(timeout=30)
+    assert "Kernel panic" in str(info.value), "the console tail should show why"
     assert not qemu_processes(str(workdir))
 
 
