@@ -12,7 +12,7 @@ import pytest
 from .capabilities import Capabilities
 from .errors import KvmCheckError
 from .session import RUN_KEY, KvmRun, PreparedHost
-from .vm import DEFAULT_BOOT_TIMEOUT, VM
+from .vm import VM
 from .vmspec import VMSpec
 
 
@@ -35,7 +35,7 @@ def kvm_caps(kvm_host: PreparedHost) -> Capabilities:
     return kvm_host.caps
 
 
-def boot(kvm_run: KvmRun, kvm_host: PreparedHost, spec: VMSpec, timeout: float = DEFAULT_BOOT_TIMEOUT) -> VM:
+def boot(kvm_run: KvmRun, kvm_host: PreparedHost, spec: VMSpec, timeout: float | None = None) -> VM:
     """Boot ``spec`` on the host; a guest that does not boot fails the test with the reason."""
     vm = kvm_run.new_vm(kvm_host.name, spec)
     try:
@@ -58,7 +58,7 @@ class VMFactory:
         self.kvm_run, self.kvm_host = kvm_run, kvm_host
         self.vms: list[VM] = []
 
-    def __call__(self, spec: VMSpec = VMSpec(), timeout: float = DEFAULT_BOOT_TIMEOUT) -> VM:
+    def __call__(self, spec: VMSpec = VMSpec(), timeout: float | None = None) -> VM:
         vm = boot(self.kvm_run, self.kvm_host, spec, timeout)
         self.vms.append(vm)
         return vm

@@ -94,5 +94,14 @@ def disk_round_trip(vm: VM, device: str, mib: int = 4) -> tuple[str, str]:
     return written, read
 
 
+def block_device_by_serial(vm: VM, serial: str) -> str:
+    """The block device (``vdb``) whose serial is ``serial``: names depend on the guest's boot disk."""
+    for name in vm.run("ls /sys/block", check=True).stdout.split():
+        if vm.run(["cat", f"/sys/block/{name}/serial"]).stdout.strip() == serial:
+            return name
+    raise AssertionError(f"guest {vm.name}: no block device with serial {serial!r}; it has: "
+                         f"{vm.run('ls /sys/block').stdout.split()}")
+
+
 def block_size_bytes(vm: VM, name: str) -> int:
     return int(vm.run(["cat", f"/sys/block/{name}/size"], check=True).stdout) * 512

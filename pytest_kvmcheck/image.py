@@ -81,7 +81,8 @@ class TinyImage:
 
 def _run(argv: list[str], cwd: str | Path | None = None, timeout: float = 600) -> str:
     try:
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
     except FileNotFoundError as exc:
         raise ImageBuildError(
             f"building the tiny guest needs {argv[0]!r}, which is not installed: "

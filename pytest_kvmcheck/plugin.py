@@ -11,6 +11,7 @@ import pytest
 
 from . import reporting
 from .capabilities import Capabilities, unmet
+from .cloudimage import CloudImage, CloudImageError
 from .errors import HostSpecError, KvmCheckError
 from .fixtures import *  # noqa: F401,F403 - registers the fixtures with pytest
 from .fixtures import vms_of
@@ -18,7 +19,6 @@ from .hostspec import ACCELS, parse_hosts
 from .session import RUN_KEY, KvmRun, worker_id
 VERDICTS_KEY = pytest.StashKey[reporting.Verdicts]()
 SUMMARY_KEY = pytest.StashKey[list]()
-GUESTS = ("tiny",)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,7 +27,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("--kvm-hosts", "kvm_hosts", "local",
          "hosts to qualify: comma list of 'local', 'ssh://user@host[:port][?key=..&qemu=..&workdir=..]', "
          "'@inventory.toml' (default: local)"),
-        ("--kvm-guest", "kvm_guest", "tiny", "guest image: 'tiny' (kernel + busybox initramfs, built on first use)"),
+        ("--kvm-guest", "kvm_guest", "tiny", "guest: 'tiny' (kernel + busybox initramfs, built on first use) or "
+         "the path of a qcow2 cloud image (booted with a cloud-init NoCloud seed carrying the run's key)"),
         ("--kvm-accel", "kvm_accel", "auto", "accelerator: auto (KVM if a guest really runs under it, else TCG), kvm, tcg"),
         ("--kvm-artifacts", "kvm_artifacts", "", "also write each test's QEMU argv, QMP transcript and console here"),
     ]
@@ -53,8 +54,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if accel not in ACCELS:
         raise pytest.UsageError(f"--kvm-accel: {accel!r} is not one of {', '.join(ACCELS)}")
     guest = setting(config, "kvm_guest")
-    if guest not in GUESTS:
-        raise pytest.UsageError(f"--kvm-guest: {guest!r} is not a known guest (known: {', '.join(GUESTS)})")
+    if guest != "tiny":
+        try:
+            guest = str(CloudImage.open(guest).path)
+        except CloudImageError as exc:
+            raise pytest.UsageError(f"--kvm-guest: {exc}") from None
     try:
         specs = parse_hosts(setting(config, "kvm_hosts"))
     except HostSpecError as exc:
@@ -70,7 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
         run = KvmRun.attach(specs, workerinput["kvmcheck_state"], worker_id())
         run.progress = progress
     else:
-        run = KvmRun.create(specs, accel, progress=progress)
+        run = KvmRun.create(specs, accel, progress=progress, guest=guest)
     config.stash[RUN_KEY] = run
     verdicts = config.stash[VERDICTS_KEY] = reporting.Verdicts()
     # On the controller, pytest_runtest_logreport sees every worker's reports too.

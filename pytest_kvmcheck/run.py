@@ -14,7 +14,6 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .image import TinyImage
 from .transport import Host
 
 STALE_AFTER_S = 24 * 3600
@@ -118,9 +117,11 @@ class HostRun:
     """Where one run lives on one host, and where the tiny image is there."""
 
     run_dir: str
-    kernel: str
+    kernel: str  # tiny guest: kernel and initramfs; "" for a disk-image guest
     initrd: str
-    host_public_key: str
+    host_public_key: str  # the guest's SSH host key, which the guest must present
+    boot_disk: str = ""  # disk-image guest: the image (VMs boot from an overlay of it)
+    seed: str = ""  # disk-image guest: the cloud-init seed ISO of this run
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -130,21 +131,27 @@ class HostRun:
         return cls(**d)
 
 
-def start_run(host: Host, run_id: str, image: TinyImage, owner_pid: int | None = None) -> tuple[HostRun, list[str]]:
-    """Reap dead runs, create this run's dir with its owner record, and place the image."""
+def start_run(host: Host, run_id: str, owner_pid: int | None = None) -> tuple[str, list[str]]:
+    """Reap dead runs and create this run's dir with its owner record. Returns (dir, notes)."""
     notes = reap_stale_runs(host, current=run_id)
-    workdir = host.spec.workdir or host.default_workdir()
-    run_dir = posixpath.join(workdir, "runs", run_id)
+    run_dir = posixpath.join(host.spec.workdir or host.default_workdir(), "runs", run_id)
     host.makedirs(run_dir)
     host.write_bytes(posixpath.join(run_dir, "owner.json"), json.dumps(owner_record(owner_pid)).encode())
+    return run_dir, notes
+
+
+def place_files(host: Host, name: str, files: dict[str, str]) -> dict[str, str]:
+    """Copy local ``files`` (remote name -> local path) to ``<workdir>/images/<name>/`` once.
+
+    Returns remote name -> path on the host. A local host uses the files where they are.
+    """
     if host.spec.transport == "local":
-        kernel, initrd = str(image.kernel), str(image.initrd)
-    else:
-        remote = posixpath.join(workdir, "images", f"tiny-{image.digest}")
-        kernel, initrd = posixpath.join(remote, "vmlinuz"), posixpath.join(remote, "initrd.img")
-        if not host.exists(posixpath.join(remote, "complete")):
-            host.makedirs(remote)
-            host.put_file(str(image.kernel), kernel)
-            host.put_file(str(image.initrd), initrd)
-            host.write_bytes(posixpath.join(remote, "complete"), b"")
-    return HostRun(run_dir, kernel, initrd, image.host_public_key), notes
+        return dict(files)
+    remote = posixpath.join(host.spec.workdir or host.default_workdir(), "images", name)
+    placed = {key: posixpath.join(remote, key) for key in files}
+    if not host.exists(posixpath.join(remote, "complete")):
+        host.makedirs(remote)
+        for key, local in files.items():
+            host.put_file(local, placed[key])
+        host.write_bytes(posixpath.join(remote, "complete"), b"")
+    return placed

@@ -27,8 +27,9 @@ from .capabilities import Capabilities, load_probe_cache, probe
 from .errors import KvmCheckError
 from .guest import RunKey
 from .hostspec import HostSpec
-from .image import build_tiny, cache_dir
-from .run import HostRun, remove_run, start_run
+from .cloudimage import CloudImage, seed_iso
+from .image import TinyImage, build_tiny, cache_dir
+from .run import HostRun, place_files, remove_run, start_run
 from .transport import Host, connect
 from .vm import VM
 from .vmspec import VMSpec
@@ -50,9 +51,10 @@ class PreparedHost:
 
 class KvmRun:
     def __init__(self, specs: list[HostSpec], state_dir: Path, run_id: str, accel: str = "auto",
-                 worker: str = "main", progress=None):
+                 worker: str = "main", progress=None, guest: str = "tiny"):
         self.specs = {s.name: s for s in specs}
         self.state_dir, self.run_id, self.accel, self.worker = state_dir, run_id, accel, worker
+        self.guest = guest  # "tiny" or the path of a qcow2 cloud image
         self.progress = progress or (lambda msg: None)
         self.run_key = RunKey(state_dir / "id_ed25519")
         self._hosts: dict[str, PreparedHost] = {}
@@ -63,19 +65,24 @@ class KvmRun:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def create(cls, specs: list[HostSpec], accel: str = "auto", progress=None) -> "KvmRun":
-        """The controller's side: a fresh run id, state dir and key (cheap; nothing remote)."""
+    def create(cls, specs: list[HostSpec], accel: str = "auto", progress=None, guest: str = "tiny") -> "KvmRun":
+        """The controller's side: a fresh run id, state dir and keys (cheap; nothing remote)."""
         run_id = time.strftime("%m%d%H%M") + "-" + secrets.token_hex(3)
         state_dir = Path(tempfile.mkdtemp(prefix=f"kvmcheck-run-{run_id}-"))
-        RunKey.create(state_dir / "id_ed25519")
-        (state_dir / "run.json").write_text(json.dumps({"run_id": run_id, "accel": accel, "pid": os.getpid()}))
-        return cls(specs, state_dir, run_id, accel, progress=progress)
+        run_key = RunKey.create(state_dir / "id_ed25519")
+        if guest != "tiny":  # a disk-image guest gets this run's host key and key through a seed ISO
+            host_key = RunKey.create(state_dir / "guest_host_key")
+            seed_iso(state_dir / "seed.iso", f"kvmcheck-{run_id}", run_key.public_line,
+                     host_key.path.read_text(), host_key.public_line)
+        (state_dir / "run.json").write_text(json.dumps({"run_id": run_id, "accel": accel, "pid": os.getpid(),
+                                                        "guest": guest}))
+        return cls(specs, state_dir, run_id, accel, progress=progress, guest=guest)
 
     @classmethod
     def attach(cls, specs: list[HostSpec], state_dir: str, worker: str) -> "KvmRun":
         """An xdist worker's side: the controller's run, seen from another process."""
         meta = json.loads((Path(state_dir) / "run.json").read_text())
-        run = cls(specs, Path(state_dir), meta["run_id"], meta["accel"], worker=worker)
+        run = cls(specs, Path(state_dir), meta["run_id"], meta["accel"], worker=worker, guest=meta["guest"])
         run.owner_pid = meta["pid"]
         return run
 
@@ -119,20 +126,35 @@ class KvmRun:
             return prepared
 
     def _prepare(self, spec: HostSpec, transport: Host) -> dict:
-        host_run = None
+        run_dir = None
         try:
-            image = build_tiny(progress=self.progress)
-            host_run, notes = start_run(transport, self.run_id, image, self.owner_pid)
+            tiny = build_tiny(progress=self.progress)  # its kernel also serves the KVM probe
+            run_dir, notes = start_run(transport, self.run_id, self.owner_pid)
+            host_run = self._place_guest(transport, run_dir, tiny)
+            probe_kernel = place_files(transport, f"probe-{tiny.digest}", {"vmlinuz": str(tiny.directory / "vmlinuz")})
             probe_file = cache_dir() / "probes" / (hashlib.sha256(spec.url.encode()).hexdigest()[:16] + ".json")
             cache = load_probe_cache(probe_file)
-            caps = probe(transport, self.accel, host_run.kernel, f"{host_run.run_dir}/kvm-probe", cache)
+            caps = probe(transport, self.accel, probe_kernel["vmlinuz"], f"{run_dir}/kvm-probe", cache)
             probe_file.parent.mkdir(parents=True, exist_ok=True)
             probe_file.write_text(json.dumps(cache))
             return {"host_run": host_run.to_dict(), "caps": caps.to_dict(), "notes": notes}
         except KvmCheckError as exc:
-            if host_run is not None:  # an unusable host keeps nothing of this run
-                remove_run(transport, host_run.run_dir)
+            if run_dir is not None:  # an unusable host keeps nothing of this run
+                remove_run(transport, run_dir)
             return {"error": str(exc)}
+
+    def _place_guest(self, transport: Host, run_dir: str, tiny: TinyImage) -> HostRun:
+        """Put the guest's files on the host: the tiny kernel + initramfs, or the cloud image + seed."""
+        if self.guest == "tiny":
+            placed = place_files(transport, f"tiny-{tiny.digest}",
+                                 {"vmlinux": str(tiny.kernel), "initrd.img": str(tiny.initrd)})
+            return HostRun(run_dir, placed["vmlinux"], placed["initrd.img"], tiny.host_public_key)
+        cloud = CloudImage.open(self.guest)
+        placed = place_files(transport, f"cloud-{cloud.digest}", {"disk.qcow2": str(cloud.path)})
+        seed = f"{run_dir}/seed.iso"
+        transport.put_file(str(self.state_dir / "seed.iso"), seed)
+        host_key = (self.state_dir / "guest_host_key.pub").read_text().split()
+        return HostRun(run_dir, "", "", " ".join(host_key[:2]), boot_disk=placed["disk.qcow2"], seed=seed)
 
     def prepared_states(self) -> dict[str, dict]:
         out = {}

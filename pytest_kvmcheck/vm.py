@@ -27,6 +27,7 @@ from .transport import Host
 from .vmspec import RenderContext, VMSpec, render_argv
 
 DEFAULT_BOOT_TIMEOUT = 60.0
+DISK_IMAGE_BOOT_TIMEOUT = 300.0  # a distribution with systemd and cloud-init, under TCG: about 30 s
 _UNIX_PATH_MAX = 107
 
 _live: set["VM"] = set()
@@ -95,8 +96,9 @@ class VM:
         return self.path("qmp.sock")
 
     # ------------------------------------------------------------------ lifecycle
-    def render(self, disk_paths: tuple[str, ...] = ()) -> list[str]:
+    def render(self, disk_paths: tuple[str, ...] = (), boot_disk: str = "") -> list[str]:
         ctx = RenderContext(
+            boot_disk=boot_disk, seed_iso=self.host_run.seed,
             accel=self.accel, kernel=self.host_run.kernel, initrd=self.host_run.initrd, workdir=self.dir,
             qmp_socket=self.qmp_socket, console_log=self.console_log, pidfile=self.path(PIDFILE),
             ssh_public_key=self.run_key.public_line, disk_paths=disk_paths,
@@ -109,6 +111,11 @@ class VM:
             raise VMError(f"host {self.host.name}: work dir path too long for a unix socket "
                           f"({self.qmp_socket}); set a shorter workdir= for the host")
         self.host.makedirs(self.dir)
+        boot_disk = ""
+        if self.host_run.boot_disk:  # a disk-image guest writes to an overlay, never to the image
+            boot_disk = self.path("boot.qcow2")
+            self.host.run([self.host.spec.qemu_img, "create", "-q", "-f", "qcow2", "-b", self.host_run.boot_disk,
+                           "-F", "qcow2", boot_disk], timeout=30).check(f"qemu-img create on {self.host.name}")
         disk_paths = []
         for i, disk in enumerate(self.spec.disks):
             if disk.path:
@@ -118,7 +125,7 @@ class VM:
             self.host.run([self.host.spec.qemu_img, "create", "-q", "-f", disk.format, path,
                            f"{disk.size_mib}M"], timeout=30).check(f"qemu-img create on {self.host.name}")
             disk_paths.append(path)
-        self.argv = self.render(tuple(disk_paths))
+        self.argv = self.render(tuple(disk_paths), boot_disk)
         self.host.write_bytes(self.path("argv.json"), json.dumps(self.argv).encode())
         with _live_lock:
             _live.add(self)
@@ -151,8 +158,13 @@ class VM:
             return False
         return poll(seen, timeout, interval=0.1) is True
 
-    def wait_ready(self, timeout: float = DEFAULT_BOOT_TIMEOUT) -> "VM":
+    @property
+    def default_boot_timeout(self) -> float:
+        return DISK_IMAGE_BOOT_TIMEOUT if self.host_run.boot_disk else DEFAULT_BOOT_TIMEOUT
+
+    def wait_ready(self, timeout: float | None = None) -> "VM":
         """Wait for the guest's ready marker; on failure say why, with the console tail."""
+        timeout = timeout or self.default_boot_timeout
         if not self.wait_for_console(READY_MARKER, timeout):
             state = "QEMU exited" if not self.alive() else f"no ready marker within {timeout:.0f} s"
             tail = "\n".join(self.console().splitlines()[-25:]) or "(empty: the guest printed nothing)"
@@ -164,7 +176,7 @@ class VM:
         self.boot_seconds = time.monotonic() - self._started_at
         return self
 
-    def boot(self, timeout: float = DEFAULT_BOOT_TIMEOUT) -> "VM":
+    def boot(self, timeout: float | None = None) -> "VM":
         """Start and wait until the guest is ready, stopping QEMU if it is not."""
         try:
             return self.start().wait_ready(timeout)

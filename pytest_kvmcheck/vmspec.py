@@ -71,7 +71,7 @@ class RenderContext:
     """The host- and run-specific facts rendering needs."""
 
     accel: str  # "kvm" or "tcg"
-    kernel: str
+    kernel: str  # direct kernel boot (the tiny guest); unused when boot_disk is set
     initrd: str
     workdir: str
     qmp_socket: str
@@ -81,6 +81,8 @@ class RenderContext:
     disk_paths: tuple[str, ...] = ()
     qemu_version: tuple[int, int, int] = (7, 2, 0)
     mac_seed: int = 0
+    boot_disk: str = ""  # a disk-image guest boots from this (an overlay of the image) ...
+    seed_iso: str = ""  # ... with its cloud-init NoCloud seed as a CD-ROM
 
 
 MANAGEMENT_MAC_PREFIX = "52:54:00:6b:"
@@ -122,13 +124,23 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
         "-cpu", cpu,
         "-m", str(spec.memory_mib), "-smp", str(spec.smp),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", ctx.kernel, "-initrd", ctx.initrd, "-append", kernel_cmdline(spec, ctx),
         "-serial", f"file:{ctx.console_log}",
         "-qmp", f"unix:{ctx.qmp_socket},server=on,wait=off",
         "-pidfile", ctx.pidfile, "-daemonize",
     ]
+    if ctx.boot_disk:
+        argv += ["-blockdev", f"driver=file,filename={ctx.boot_disk},node-name=bootfile",
+                 "-blockdev", "driver=qcow2,file=bootfile,node-name=boot",
+                 "-device", "virtio-blk-pci,drive=boot,id=bootdisk,bootindex=0"]
+        if ctx.seed_iso:
+            argv += ["-blockdev", f"driver=file,filename={ctx.seed_iso},node-name=seedfile,read-only=on",
+                     "-blockdev", "driver=raw,file=seedfile,node-name=seed,read-only=on",
+                     "-device", "ide-cd,drive=seed,id=seed"]
+    else:
+        argv += ["-kernel", ctx.kernel, "-initrd", ctx.initrd, "-append", kernel_cmdline(spec, ctx)]
     for i, nic in enumerate(spec.nics):
-        netdev = f"user,id=net{i}"
+        # restrict=on: the guest reaches nothing outside; host forwards (its SSH) still work.
+        netdev = f"user,id=net{i},restrict=on"
         if nic.vhost:
             if i == 0:
                 raise ValueError("the first NIC carries the guest's SSH (user-mode); put vhost on a second NIC")

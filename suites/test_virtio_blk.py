@@ -6,37 +6,43 @@ by virtio_blk, of the configured size, and read back exactly what it wrote; QEMU
 block statistics must show the writes.
 """
 
+import pytest
+
 from pytest_kvmcheck import Disk, VMSpec, vm_fixture
-from pytest_kvmcheck.guestinfo import MIB, block_size_bytes, disk_round_trip, driver_of
+from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial, block_size_bytes, disk_round_trip, driver_of
 from pytest_kvmcheck.handbook import describe, form, try_options
 
 SIZE_MIB = 64
+SERIAL = "kvmcheck0"
 
 blk_guest = vm_fixture({
-    fmt: VMSpec(disks=(Disk(size_mib=SIZE_MIB, interface="virtio-blk-pci", format=fmt, serial="kvmcheck0"),))
+    fmt: VMSpec(disks=(Disk(size_mib=SIZE_MIB, interface="virtio-blk-pci", format=fmt, serial=SERIAL),))
     for fmt in ("qcow2", "raw")
 })
 
 
-def test_disk_shows_as_vd(blk_guest):
-    disks = blk_guest.run("ls /sys/block", check=True).stdout.split()
-    assert "vda" in disks, f"expected the virtio disk as vda, the guest's block devices are {disks}"
-    serial = blk_guest.run("cat /sys/block/vda/serial").stdout.strip()
-    assert serial == "kvmcheck0", f"expected vda's serial 'kvmcheck0' (from the VM spec), got {serial!r}"
+@pytest.fixture(scope="module")
+def data_disk(blk_guest) -> str:
+    """The disk under test, found by its serial (a disk-image guest's boot disk is vda)."""
+    return block_device_by_serial(blk_guest, SERIAL)
 
 
-def test_virtio_blk_driver_is_bound(blk_guest):
-    driver = driver_of(blk_guest, "/sys/block/vda/device")
-    assert driver == "virtio_blk", f"expected vda driven by virtio_blk, got {driver!r}"
+def test_disk_shows_as_vd(data_disk):
+    assert data_disk.startswith("vd"), f"expected the virtio disk with serial {SERIAL} as /dev/vd*, it is {data_disk}"
 
 
-def test_disk_has_the_configured_size(blk_guest):
-    size = block_size_bytes(blk_guest, "vda")
-    assert size == SIZE_MIB * MIB, f"expected vda of {SIZE_MIB} MiB, the guest sees {size / MIB:.1f} MiB"
+def test_virtio_blk_driver_is_bound(blk_guest, data_disk):
+    driver = driver_of(blk_guest, f"/sys/block/{data_disk}/device")
+    assert driver == "virtio_blk", f"expected {data_disk} driven by virtio_blk, got {driver!r}"
 
 
-def test_written_pattern_reads_back(blk_guest):
-    written, read = disk_round_trip(blk_guest, "/dev/vda", mib=4)
+def test_disk_has_the_configured_size(blk_guest, data_disk):
+    size = block_size_bytes(blk_guest, data_disk)
+    assert size == SIZE_MIB * MIB, f"expected {data_disk} of {SIZE_MIB} MiB, the guest sees {size / MIB:.1f} MiB"
+
+
+def test_written_pattern_reads_back(blk_guest, data_disk):
+    written, read = disk_round_trip(blk_guest, f"/dev/{data_disk}", mib=4)
     assert read == written, f"wrote 4 MiB with sha256 {written}, read back {read}"
     stats = {s["device"] or s.get("qdev", ""): s["stats"] for s in blk_guest.qmp.cmd("query-blockstats")}
     wr = max(s["wr_bytes"] for s in stats.values())
