@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static dropbear-bin pciutils iproute2 kmod procps
-          openssh-server openssh-client socat python3-venv ca-certificates)
+          openssh-server openssh-client socat python3-venv ca-certificates
+          mmdebstrap extlinux syslinux-common e2fsprogs mount)  # the last line: the cloud test image
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -21,7 +21,8 @@ ONE_TEST = f"{SUITES}/test_virtio_blk.py::test_disk_shows_as_vd"
     ("--kvm-hosts=ftp://x", "ERROR: --kvm-hosts: host 'ftp://x': unsupported scheme 'ftp'"),
     ("--kvm-hosts=ssh://h?colour=blue", "ERROR: --kvm-hosts: host 'ssh://h': unknown option 'colour'"),
     ("--kvm-accel=xen", "ERROR: --kvm-accel: 'xen' is not one of auto, kvm, tcg"),
-    ("--kvm-guest=windows", "ERROR: --kvm-guest: 'windows' is not a known guest"),
+    ("--kvm-guest=windows", "ERROR: --kvm-guest: windows: no such file (give 'tiny' or the path of a qcow2"),
+    (f"--kvm-guest={__file__}", "not a qcow2 image (convert it: qemu-img convert -O qcow2"),
 ])
 def test_bad_option_is_one_usage_line(pytester, option, message):
     result = run_pytest(pytester, ONE_TEST, option)

@@ -1,8 +1,11 @@
 """The conformance suites run for real (QEMU under TCG here) and leave nothing behind."""
 import json
+import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 from .conftest import SUITES, assert_nothing_left, qemu_processes, run_pytest
 
@@ -87,3 +90,20 @@ def test_failed_test_carries_dmesg_and_can_keep_its_vm(pytester, workdir):
                               f"--kvm-hosts=local?workdir={workdir}"], capture_output=True, text=True)
     assert cleanup.returncode == 0 and "killed QEMU" in cleanup.stdout, cleanup.stdout + cleanup.stderr
     assert_nothing_left(workdir)
+
+
+@pytest.fixture(scope="session")
+def cloud_image():
+    """A Debian qcow2 cloud image with cloud-init, built from packages (cached; root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("host local: building the cloud test image needs root (mmdebstrap, loop mount)")
+    from pytest_kvmcheck.cloudimage import build_cloud
+    return build_cloud().path
+
+
+def test_suites_pass_with_a_cloud_image_guest(pytester, workdir, cloud_image):
+    result = run_pytest(pytester, f"{SUITES}/test_virtio_blk.py", f"{SUITES}/test_virtio_balloon.py", "-n", "2",
+                        "--dist", "loadscope", f"--kvm-guest={cloud_image}", f"--kvm-hosts=local?workdir={workdir}")
+    outcomes = result.parseoutcomes()
+    assert result.ret == 0 and outcomes.get("passed") == 14, result.stdout.str()[-4000:]
+    assert_nothing_left(workdir, result.stdout.str())
