@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     host.close()
                 print(f"host {spec.name}: " + ("; ".join(notes) if notes else "nothing left behind"))
+            from .session import remove_dead_state_dirs
+            for path in remove_dead_state_dirs(including_kept=True):
+                print(f"removed the local state of a finished run: {path}")
     except KvmCheckError as exc:
         print(f"kvmcheck: {exc}", file=sys.stderr)
         return 2

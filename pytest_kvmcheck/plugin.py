@@ -63,7 +63,6 @@ def pytest_configure(config: pytest.Config) -> None:
         specs = parse_hosts(setting(config, "kvm_hosts"))
     except HostSpecError as exc:
         raise pytest.UsageError(f"--kvm-hosts: {exc}") from None
-    config._kvm_specs = specs  # read by pytest_generate_tests
     workerinput = getattr(config, "workerinput", None)
 
     def progress(msg: str) -> None:  # the terminal reporter registers after us: look it up late
@@ -89,7 +88,7 @@ def pytest_configure_node(node) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     run = config.stash[RUN_KEY]
-    return [f"kvmcheck: run {run.run_id}, accel {run.accel}"] + [
+    return [f"kvmcheck: run {run.run_id}, accel {run.accel}, guest {run.guest}"] + [
         f"kvmcheck host {spec.name}: {spec.url} (qemu {spec.qemu}"
         f"{', accel ' + spec.accel if spec.accel else ''}{', tags ' + '+'.join(spec.tags) if spec.tags else ''})"
         for spec in run.specs.values()]
@@ -97,7 +96,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "kvm_host" in metafunc.fixturenames:
-        names = [s.name for s in metafunc.config._kvm_specs]
+        names = list(metafunc.config.stash[RUN_KEY].specs)
         metafunc.parametrize("kvm_host", names, indirect=True, scope="session", ids=names)
 
 
@@ -183,6 +182,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         if "caps" in state:
             summary.append(f"host {name}: {Capabilities.from_dict(state['caps']).summary()}")
     config.stash[SUMMARY_KEY] = summary + run.finish()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Runs that end before a session (--help, usage errors) still leave nothing behind."""
+    run = config.stash.get(RUN_KEY, None)
+    if run is not None and not hasattr(config, "workerinput") and not run.finished:
+        run.finish()
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

@@ -29,9 +29,9 @@ from .guest import RunKey
 from .hostspec import HostSpec
 from .cloudimage import CloudImage, seed_iso
 from .image import TinyImage, build_tiny, cache_dir
-from .run import HostRun, place_files, remove_run, start_run
+from .run import KEEP_MARKER, HostRun, place_files, remove_run, start_run
 from .transport import Host, connect
-from .vm import VM
+from .vm import VM, stop_all_vms
 from .vmspec import VMSpec
 
 
@@ -62,13 +62,15 @@ class KvmRun:
         self._lock = threading.Lock()
         self._vm_counter = 0
         self.owner_pid = os.getpid()
+        self.finished = False
 
     # ------------------------------------------------------------------ creation
     @classmethod
     def create(cls, specs: list[HostSpec], accel: str = "auto", progress=None, guest: str = "tiny") -> "KvmRun":
         """The controller's side: a fresh run id, state dir and keys (cheap; nothing remote)."""
+        remove_dead_state_dirs()
         run_id = time.strftime("%m%d%H%M") + "-" + secrets.token_hex(3)
-        state_dir = Path(tempfile.mkdtemp(prefix=f"kvmcheck-run-{run_id}-"))
+        state_dir = Path(tempfile.mkdtemp(prefix=f"{STATE_PREFIX}{run_id}-"))
         run_key = RunKey.create(state_dir / "id_ed25519")
         if guest != "tiny":  # a disk-image guest gets this run's host key and key through a seed ISO
             host_key = RunKey.create(state_dir / "guest_host_key")
@@ -185,7 +187,7 @@ class KvmRun:
 
         Returns notes for the terminal (VMs killed or kept).
         """
-        from .vm import stop_all_vms
+        self.finished = True
         stop_all_vms()
         self.close()
         notes, kept = [], False
@@ -203,10 +205,37 @@ class KvmRun:
             except KvmCheckError as exc:
                 notes.append(f"host {name}: could not clean up ({exc}); the next run there will")
         if kept:
+            (self.state_dir / KEEP_MARKER).write_text("")
             notes.append(f"the run's SSH key for kept VMs stays in {self.state_dir}")
         else:
             shutil.rmtree(self.state_dir, ignore_errors=True)
         return notes
+
+
+def remove_dead_state_dirs(including_kept: bool = False) -> list[str]:
+    """Remove local state dirs of runs whose controller died (SIGKILL, crash) on this machine.
+
+    A dir holding the key of kept VMs stays until ``kvmcheck cleanup`` (``including_kept``).
+    """
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{STATE_PREFIX}*"):
+        try:
+            pid = json.loads((d / "run.json").read_text())["pid"]
+            os.kill(pid, 0)
+            continue  # its controller still runs
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError, KeyError):
+            try:
+                if time.time() - d.stat().st_mtime < 60:
+                    continue  # being made right now by another run
+            except OSError:
+                continue
+        if (d / KEEP_MARKER).exists() and not including_kept:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    return removed
 
 
 def worker_id() -> str:
@@ -214,3 +243,4 @@ def worker_id() -> str:
 
 
 RUN_KEY = pytest.StashKey[KvmRun]()
+STATE_PREFIX = "kvmcheck-run-"

@@ -112,7 +112,8 @@ def _wait_for_qemu(workdir, proc, timeout=90.0):
 def _inner_pytest(workdir, *args):
     return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"{SUITES}/test_virtio_blk.py",
                              f"--kvm-hosts=local?workdir={workdir}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def test_ctrl_c_leaves_nothing(workdir):
@@ -128,11 +129,11 @@ def test_next_run_removes_what_a_killed_run_left(workdir):
     proc = _inner_pytest(workdir)
     _wait_for_qemu(workdir, proc)
     proc.kill()  # SIGKILL: no cleanup at all; the daemonized QEMU survives it
-    proc.communicate()
+    killed_output, _ = proc.communicate()
     time.sleep(0.5)
     assert qemu_processes(str(workdir)), "the killed run should have left its QEMU behind"
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", ONE_TEST,
                              f"--kvm-hosts=local?workdir={workdir}"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:]
     assert "removed stale run" in result.stdout
-    assert_nothing_left(workdir)
+    assert_nothing_left(workdir, killed_output)  # its local state dir is gone too
