@@ -8,18 +8,16 @@ is done. ``kvmcheck image build --cloud`` makes such an image from Debian packag
 """
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ImageBuildError, KvmCheckError
-from .image import READY_MARKER, _run, cache_dir, fixtures_dir, load_recipe
+from .image import READY_MARKER, _run, cached_build, fixtures_dir, load_recipe
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -102,33 +100,20 @@ def build_cloud(force: bool = False, progress=None) -> CloudImage:
     Needs root (mmdebstrap, a loop mount for extlinux) and about 2-3 minutes once.
     """
     say = progress or (lambda msg: None)
-    recipe_dir = fixtures_dir() / "cloud"
     recipe = load_recipe("cloud")
-    h = hashlib.sha256((recipe_dir / "recipe.toml").read_bytes() + Path(__file__).read_bytes())
-    digest = h.hexdigest()[:16]
-    images = cache_dir() / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    final = images / f"cloud-{digest}.qcow2"
-    with open(images / ".lock-cloud", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if final.exists() and not force:
-            return CloudImage.open(final)
+    digest = hashlib.sha256((fixtures_dir() / "cloud" / "recipe.toml").read_bytes() +
+                            Path(__file__).read_bytes()).hexdigest()[:16]
+
+    def build(work: Path) -> Path:
         if os.geteuid() != 0:
             raise ImageBuildError("building the cloud image needs root (mmdebstrap, a loop mount for extlinux)")
         for tool in ("mmdebstrap", "extlinux", "mkfs.ext4", "losetup"):
             if shutil.which(tool) is None:
                 raise ImageBuildError(f"building the cloud image needs {tool}: apt-get install mmdebstrap "
                                       "extlinux e2fsprogs mount")
-        work = Path(tempfile.mkdtemp(prefix="cloud-", dir=images))
-        try:
-            _build_cloud_into(work, recipe, say)
-            os.rename(work / "disk.qcow2", final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        for old in images.glob("cloud-*.qcow2"):
-            if old != final:
-                old.unlink()
-        return CloudImage.open(final)
+        _build_cloud_into(work, recipe, say)
+        return work / "disk.qcow2"
+    return CloudImage.open(cached_build("cloud", f"cloud-{digest}.qcow2", build, force))
 
 
 def _build_cloud_into(work: Path, recipe: dict, say) -> None:

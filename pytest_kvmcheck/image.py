@@ -248,37 +248,47 @@ def _digest(recipe_dir: Path, kernel_pkg: str, recipe: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def build_tiny(force: bool = False, progress=None) -> TinyImage:
-    """Return the cached tiny image, building it first if its inputs changed.
+def cached_build(kind: str, final_name: str, build, force: bool = False) -> Path:
+    """The image cache's one protocol: build once under a lock, publish atomically, prune.
 
-    Safe to call from several processes at once (xdist workers): one builds under a
-    lock, the others wait and reuse the result.
+    ``build(work_dir)`` makes the image inside a fresh temporary dir and returns its path;
+    it is renamed to ``<cache>/images/final_name``. Several processes (xdist workers) may
+    ask at once: one builds, the others wait and reuse. Older images of ``kind`` are removed.
     """
+    images = cache_dir() / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    final = images / final_name
+    with open(images / f".lock-{kind}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.exists() and not force:
+            return final
+        work = Path(tempfile.mkdtemp(prefix=f".build-{kind}.", dir=images))
+        try:
+            result = build(work)
+            if final.is_dir():
+                shutil.rmtree(final)
+            os.replace(result, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for old in images.glob(f"{kind}-*"):  # images of older recipes: nothing uses them any more
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        return final
+
+
+def build_tiny(force: bool = False, progress=None) -> TinyImage:
+    """Return the cached tiny image, building it first if its inputs changed (about 6 s)."""
     say = progress or (lambda msg: None)
     recipe_dir = fixtures_dir() / "tiny"
     recipe = load_recipe("tiny")
     kernel_pkg = resolve_kernel_package(recipe["kernel_package"])
     digest = _digest(recipe_dir, kernel_pkg, recipe)
-    images = cache_dir() / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    final = images / f"tiny-{digest}"
-    with open(images / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if final.is_dir() and not force:
-            return TinyImage.load(final)
-        say(f"building the tiny guest image {digest} (kernel {kernel_pkg}) in {images}")
-        work = Path(tempfile.mkdtemp(prefix=f"tiny-{digest}.", dir=images))
-        try:
-            _build_into(work, recipe_dir, recipe, kernel_pkg, digest, say)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(work / "out", final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        for old in images.glob("tiny-*"):  # images of older recipes: nothing uses them any more
-            if old != final and (old / "manifest.json").exists():
-                shutil.rmtree(old, ignore_errors=True)
-        return TinyImage.load(final)
+
+    def build(work: Path) -> Path:
+        say(f"building the tiny guest image {digest} (kernel {kernel_pkg})")
+        _build_into(work, recipe_dir, recipe, kernel_pkg, digest, say)
+        return work / "out"
+    return TinyImage.load(cached_build("tiny", f"tiny-{digest}", build, force))
 
 
 def _build_into(work: Path, recipe_dir: Path, recipe: dict, kernel_pkg: str, digest: str, say) -> None:
