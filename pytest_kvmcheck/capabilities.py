@@ -4,7 +4,7 @@ Hosts advertise capabilities (probed once per run, shared with xdist workers as 
 tests declare needs with ``@pytest.mark.kvm_requires(...)``; :func:`unmet` matches them and
 explains every miss, naming the host and the capability, so a skip always says why.
 
-Need names: ``kvm``, ``vhost-net``, ``tap``, ``iommu``, ``sriov``, ``ksm``, ``nested``,
+Need names: ``kvm``, ``vhost-net``, ``tap``, ``iommu``, ``assignable``, ``sriov``, ``ksm``, ``nested``,
 ``device:NAME``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Capabilities:
     tap: bool = False
     iommu_groups: int = 0
     sriov_pfs: list[str] = field(default_factory=list)
+    assignable: list[str] = field(default_factory=list)  # from the host spec: devices tests may take
     ksm: bool = False
     nested: str = ""  # the kvm_amd/kvm_intel 'nested' parameter, "" if absent
     mem_available_mib: int = 0
@@ -64,6 +65,8 @@ class Capabilities:
             return self.vhost_net, self.reasons.get("vhost-net", "/dev/vhost-net is missing")
         if need == "tap":
             return self.tap, self.reasons.get("tap", "cannot create tap devices")
+        if need == "assignable":
+            return bool(self.assignable), "no assignable PCI device configured (assignable= in the host spec)"
         if need == "iommu":
             return self.iommu_groups > 0, "no IOMMU groups (/sys/kernel/iommu_groups is empty)"
         if need == "sriov":
@@ -212,7 +215,7 @@ def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tupl
 def probe(host: Host, requested_accel: str, kernel: str, workdir: str, cache: dict | None = None) -> Capabilities:
     """Probe one host. ``cache`` (a dict persisted by the caller) keeps the slow KVM
     verdict per host boot and QEMU version, so it is paid once per host boot."""
-    caps = Capabilities(host=host.name)
+    caps = Capabilities(host=host.name, assignable=list(host.spec.assignable))
     _probe_qemu(host, caps)
     _probe_kernel(host, caps)
     accel = host.spec.accel or requested_accel

@@ -193,14 +193,19 @@ class VM:
             self._qmp = Monitor(self.host.connect_unix(self.qmp_socket), self.name)
         return self._qmp
 
+    def hostfwd_port(self, guest_ip: str, guest_port: int) -> int:
+        """The host port QEMU chose (port 0) for a user-mode forward to ``guest_ip:guest_port``."""
+        table = self.qmp.hmp("info usernet")
+        match = re.search(rf"HOST_FORWARD\]?\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+{re.escape(guest_ip)}\s+{guest_port}\b",
+                          table)
+        if not match:
+            raise VMError(f"VM {self.name}: no forward to {guest_ip}:{guest_port} in 'info usernet':\n{table}")
+        return int(match.group(1))
+
     @property
     def ssh_port(self) -> int:
         if self._ssh_port is None:
-            table = self.qmp.hmp("info usernet")
-            match = re.search(r"HOST_FORWARD\]?\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+10\.0\.2\.15\s+22", table)
-            if not match:
-                raise VMError(f"VM {self.name}: no SSH port forward in 'info usernet':\n{table}")
-            self._ssh_port = int(match.group(1))
+            self._ssh_port = self.hostfwd_port("10.0.2.15", 22)
         return self._ssh_port
 
     @property

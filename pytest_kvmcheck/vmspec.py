@@ -53,6 +53,9 @@ class VMSpec:
 
     memory_mib: int = 512
     smp: int = 1
+    max_cpus: int | None = None  # > smp: room for vCPU hot-plug
+    max_memory_mib: int | None = None  # > memory_mib: room for DIMM hot-plug ...
+    memory_slots: int = 0  # ... in this many slots
     machine: str = "pc"
     cpu: str | None = None  # None: the accelerator's sensible default (host for kvm, max for tcg)
     nics: tuple[Nic, ...] = (Nic(),)
@@ -122,7 +125,9 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
         qemu, "-name", "kvmcheck,debug-threads=on",
         "-machine", f"{spec.machine},accel={ctx.accel}",
         "-cpu", cpu,
-        "-m", str(spec.memory_mib), "-smp", str(spec.smp),
+        "-m", str(spec.memory_mib) + (f",slots={spec.memory_slots},maxmem={spec.max_memory_mib}M"
+                                      if spec.max_memory_mib else ""),
+        "-smp", str(spec.smp) + (f",maxcpus={spec.max_cpus}" if spec.max_cpus else ""),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", f"file:{ctx.console_log}",
         "-qmp", f"unix:{ctx.qmp_socket},server=on,wait=off",

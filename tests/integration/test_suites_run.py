@@ -17,11 +17,11 @@ def skip_reasons(result) -> list[str]:
 def assert_suites_passed(result, host: str) -> None:
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
-    assert outcomes.get("passed", 0) >= 24, outcomes
+    assert outcomes.get("passed", 0) >= 30, outcomes
     for line in skip_reasons(result):
         assert f"host {host}: needs " in line, f"a skip without host and capability: {line}"
     verdicts = "\n".join(result.outlines)
-    for feature in ("test_emulated_io", "test_virtio_net", "test_virtio_blk", "test_virtio_balloon"):
+    for feature in ("test_emulated_io", "test_virtio_net", "test_virtio_blk", "test_virtio_balloon", "test_hotplug"):
         assert re.search(rf"^{re.escape(host)}\s+{feature}\s+PASS", verdicts, re.M), f"no PASS verdict for {feature}"
 
 
