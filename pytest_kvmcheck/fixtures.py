@@ -35,6 +35,17 @@ def kvm_caps(kvm_host: PreparedHost) -> Capabilities:
     return kvm_host.caps
 
 
+@pytest.fixture
+def kvm_note(request: pytest.FixtureRequest):
+    """``kvm_note(key, text)``: a note for every report (HTML/Allure attachment, JUnit property).
+
+    Unlike ``record_property`` it does not warn under the default JUnit family (xunit2).
+    """
+    def note(key: str, value) -> None:
+        request.node.user_properties.append((key, str(value)))
+    return note
+
+
 def boot(kvm_run: KvmRun, kvm_host: PreparedHost, spec: VMSpec, timeout: float | None = None) -> VM:
     """Boot ``spec`` on the host; a guest that does not boot fails the test with the reason."""
     vm = kvm_run.new_vm(kvm_host.name, spec)
@@ -60,6 +71,11 @@ class VMFactory:
 
     def __call__(self, spec: VMSpec = VMSpec(), timeout: float | None = None) -> VM:
         vm = boot(self.kvm_run, self.kvm_host, spec, timeout)
+        self.vms.append(vm)
+        return vm
+
+    def adopt(self, vm: VM) -> VM:
+        """Own a VM started some other way (a migration destination): released like the rest."""
         self.vms.append(vm)
         return vm
 

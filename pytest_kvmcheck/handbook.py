@@ -30,5 +30,25 @@ def try_options(host: PreparedHost, options: list[str]) -> CommandResult:
     return host.transport.run(argv, timeout=30, input=_QUIT)
 
 
+def qmp_answers(host: PreparedHost, *commands: str) -> list:
+    """Ask the host's QEMU (no guest) QMP ``commands``; their ``return`` values in order."""
+    script = "".join(json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", *commands, "quit"))
+    argv = [host.spec.qemu, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"]
+    out = host.transport.run(argv, timeout=30, input=script).check(f"QEMU on {host.name}").stdout
+    answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    returns = [a["return"] for a in answers if "return" in a]
+    return returns[1:1 + len(commands)]
+
+
+def command_arguments(host: PreparedHost, command: str) -> set[str]:
+    """The argument names the host's QEMU accepts for a QMP command (from its schema)."""
+    (schema,) = qmp_answers(host, "query-qmp-schema")
+    by_name = {entry["name"]: entry for entry in schema}
+    entry = by_name.get(command)
+    if entry is None:
+        return set()
+    return {m["name"] for m in by_name[entry["arg-type"]].get("members", [])}
+
+
 def describe(row: LegacyForm) -> str:
     return f"handbook: {row.legacy} -> today: {row.modern} ({row.status} since {row.since}; {row.note})"

@@ -38,6 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kvm-keep-failed", dest="kvm_keep_failed", action="store_true", default=None,
                     help="leave a failed test's VM running and print how to reach it")
     parser.addini("kvm_keep_failed", type="bool", default=False, help="as --kvm-keep-failed")
+    parser.addini("kvm_max_downtime_ms", default="2000", help="live migration downtime bound (ms), default 2000")
 
 
 def setting(config: pytest.Config, name: str):
@@ -138,8 +139,9 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     name = _host_of(item)
     if not vms and name is None:
         return
-    # What the handbook's 2016 command means today, recorded by the test (record_property).
-    texts: dict[str, str] = {key: value for key, value in item.user_properties if key == "handbook"}
+    # Notes the test recorded (kvm_note): what the handbook's command means today, migration numbers.
+    texts: dict[str, str] = {key: value for key, value in item.user_properties
+                             if key not in ("kvm_host", "qemu", "accel")}
     run = item.config.stash[RUN_KEY]
     if name is not None:
         try:

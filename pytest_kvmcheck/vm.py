@@ -69,6 +69,9 @@ class VM:
         self.dir = posixpath.join(host_run.run_dir, name)
         self.seed = secrets.randbits(24)
         self.argv: list[str] = []
+        self.disk_paths: tuple[str, ...] = ()  # the data disks' images on the host, in spec order
+        self.boot_disk = ""  # a disk-image guest's overlay on the host
+        self.reuse_boot_disk = ""  # set to take over another VM's overlay (migration)
         self.pid: int | None = None
         self.start_stderr = ""
         self.boot_seconds: float | None = None
@@ -111,8 +114,8 @@ class VM:
             raise VMError(f"host {self.host.name}: work dir path too long for a unix socket "
                           f"({self.qmp_socket}); set a shorter workdir= for the host")
         self.host.makedirs(self.dir)
-        boot_disk = ""
-        if self.host_run.boot_disk:  # a disk-image guest writes to an overlay, never to the image
+        boot_disk = self.reuse_boot_disk
+        if self.host_run.boot_disk and not boot_disk:  # a disk-image guest writes to an overlay, never the image
             boot_disk = self.path("boot.qcow2")
             self.host.run([self.host.spec.qemu_img, "create", "-q", "-f", "qcow2", "-b", self.host_run.boot_disk,
                            "-F", "qcow2", boot_disk], timeout=30).check(f"qemu-img create on {self.host.name}")
@@ -125,7 +128,9 @@ class VM:
             self.host.run([self.host.spec.qemu_img, "create", "-q", "-f", disk.format, path,
                            f"{disk.size_mib}M"], timeout=30).check(f"qemu-img create on {self.host.name}")
             disk_paths.append(path)
-        self.argv = self.render(tuple(disk_paths), boot_disk)
+        self.disk_paths = tuple(disk_paths)
+        self.boot_disk = boot_disk
+        self.argv = self.render(self.disk_paths, boot_disk)
         self.host.write_bytes(self.path("argv.json"), json.dumps(self.argv).encode())
         with _live_lock:
             _live.add(self)

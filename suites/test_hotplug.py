@@ -159,10 +159,10 @@ def test_memory_hotplug(hotplug_guest):
 
 
 @pytest.mark.kvm_requires("iommu", "assignable")
-def test_assigned_device_hotplug(hotplug_guest, kvm_host, record_property):
+def test_assigned_device_hotplug(hotplug_guest, kvm_host, kvm_note):
     """Handbook 3.1: ``device_add pci-assign,host=BDF`` is ``device_add vfio-pci,host=BDF`` today."""
     from pytest_kvmcheck.handbook import describe, form
-    record_property("handbook", describe(form("-device pci-assign,host=BDF")))
+    kvm_note("handbook", describe(form("-device pci-assign,host=BDF")))
     vm, bdf = hotplug_guest, kvm_host.caps.assignable[0]
     ids = kvm_host.transport.read_text(f"/sys/bus/pci/devices/{bdf}/vendor").strip()[2:] + ":" + \
         kvm_host.transport.read_text(f"/sys/bus/pci/devices/{bdf}/device").strip()[2:]

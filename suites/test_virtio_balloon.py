@@ -59,10 +59,10 @@ def test_shrink_and_grow_back(balloon_guest):
     assert grown, f"expected MemTotal back at {before} MiB, the guest shows {meminfo(vm)['MemTotal'] // 1024} MiB"
 
 
-def test_handbook_balloon_option(kvm_host, record_property):
+def test_handbook_balloon_option(kvm_host, kvm_note):
     """``-balloon virtio``: rejected since QEMU 3.1, the modern device is accepted."""
     row = form("-balloon virtio")
-    record_property("handbook", describe(row))
+    kvm_note("handbook", describe(row))
     legacy = try_options(kvm_host, ["-balloon", "virtio"])
     if row.removed_in(kvm_host.caps.qemu_version):
         assert not legacy.ok and "balloon" in legacy.stderr, \

@@ -49,10 +49,10 @@ def test_written_pattern_reads_back(blk_guest, data_disk):
     assert wr >= 4 * MIB, f"expected QEMU's block stats to count at least 4 MiB written, they show {wr} bytes"
 
 
-def test_handbook_drive_option(kvm_host, record_property, tmp_path_factory):
+def test_handbook_drive_option(kvm_host, kvm_note, tmp_path_factory):
     """``-drive file=IMG,if=virtio``: still accepted; -blockdev + -device is the explicit form."""
     row = form("-drive file=IMG,if=virtio")
-    record_property("handbook", describe(row))
+    kvm_note("handbook", describe(row))
     image = kvm_host.host_run.run_dir + "/handbook-drive.qcow2"
     kvm_host.transport.run([kvm_host.spec.qemu_img, "create", "-q", "-f", "qcow2", image, "16M"]).check()
     try:

@@ -90,10 +90,10 @@ def test_vhost_thread_matches_mode(net_guest, kvm_host):
         f"thread on host {kvm_host.name}, found {'one' if found else 'none'}"
 
 
-def test_handbook_net_option(kvm_host, record_property):
+def test_handbook_net_option(kvm_host, kvm_note):
     """``-net nic,model=virtio``: still accepted (hub-based); -netdev/-device is the form to use."""
     row = form("-net nic,model=virtio")
-    record_property("handbook", describe(row))
+    kvm_note("handbook", describe(row))
     legacy = try_options(kvm_host, ["-machine", "pc", "-net", "nic,model=virtio", "-net", "user"])
     assert legacy.ok, f"expected QEMU {kvm_host.caps.qemu_version_text} to accept -net nic,model=virtio: " \
                       f"{legacy.stderr.strip()}"

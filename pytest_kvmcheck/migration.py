@@ -1,0 +1,120 @@
+"""Migration: a destination rendered from the source's own spec, the move, and continuity.
+
+The destination QEMU is started from the same :class:`VMSpec` as the source (a device
+list in another order makes QEMU refuse the stream: "Unknown ramblock"), with
+``-incoming defer`` and ``migrate-incoming tcp:ADDR:0`` so QEMU picks a free port: no
+port allocation, no collisions between parallel runs. :class:`GuestState` records what
+the guest must still show afterwards.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from .errors import VMError
+from .session import KvmRun
+from .vm import VM
+
+MARKER_PATH = "/tmp/kvmcheck-migration-marker"  # tmpfs: it lives in guest RAM
+COUNTER_PATH = "/tmp/kvmcheck-counter"
+
+
+def destination_spec(source: VM):
+    """The source's spec with its disks pointing at the source's images (shared storage)."""
+    disks = tuple(replace(d, path=p) for d, p in zip(source.spec.disks, source.disk_paths, strict=True))
+    return source.spec.with_(disks=disks)
+
+
+def successor(run: KvmRun, host_name: str, source: VM, *extra_args: str) -> VM:
+    """A VM made to take over ``source``: same spec, same disk images (shared storage)."""
+    spec = destination_spec(source)
+    vm = run.new_vm(host_name, spec.with_(extra_args=spec.extra_args + tuple(extra_args)))
+    vm.reuse_boot_disk = source.boot_disk
+    return vm
+
+
+def start_destination(run: KvmRun, host_name: str, source: VM, listen: str = "127.0.0.1") -> tuple[VM, str]:
+    """Start the destination QEMU waiting for the stream; returns it and the URI to send to."""
+    dest = successor(run, host_name, source, "-incoming", "defer")
+    dest.start()
+    dest.qmp.cmd("migrate-incoming", uri=f"tcp:{listen}:0")
+    address = dest.qmp.cmd("query-migrate")["socket-address"][0]
+    return dest, f"tcp:{address['host']}:{address['port']}"
+
+
+def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int | None = None) -> dict:
+    """Run ``migrate`` to ``uri`` and wait for it to end; returns query-migrate's final answer.
+
+    Raises :class:`VMError` naming QEMU's error if it fails or does not end in time.
+    """
+    q = source.qmp
+    q.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    if max_downtime_ms is not None:
+        q.cmd("migrate-set-parameters", **{"downtime-limit": max_downtime_ms})
+    q.clear_events()
+    q.cmd("migrate", uri=uri)
+    deadline = time.monotonic() + timeout
+    while True:
+        info = q.cmd("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            raise VMError(f"migration of {source.name} to {uri} {status}: {info.get('error-desc', 'no reason given')}")
+        if time.monotonic() > deadline:
+            q.cmd("migrate_cancel")
+            raise VMError(f"migration of {source.name} to {uri} did not complete within {timeout:.0f} s "
+                          f"(status {status}; remaining {info.get('ram', {}).get('remaining')} bytes): "
+                          "it did not converge")
+        time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class GuestState:
+    """What a guest shows that must survive a migration unchanged (or keep moving)."""
+
+    uptime: float
+    marker: str
+    counter: int
+    counter_pid: str
+    lspci: str
+    balloon_bytes: int | None
+
+    @classmethod
+    def prepare(cls, vm: VM) -> None:
+        """Put a marker in guest RAM and start a counting process."""
+        vm.run(f"head -c 32 /dev/urandom | sha256sum > {MARKER_PATH}", check=True)
+        vm.run(f"(i=0; while :; do i=$((i+1)); echo $i > {COUNTER_PATH}.new; mv {COUNTER_PATH}.new {COUNTER_PATH}; "
+               f"sleep 0.1; done) >/dev/null 2>&1 </dev/null & echo $! > {COUNTER_PATH}.pid", check=True)
+
+    @classmethod
+    def read(cls, vm: VM) -> "GuestState":
+        out = vm.run(f"cut -d' ' -f1 /proc/uptime; cat {MARKER_PATH}; cat {COUNTER_PATH}; cat {COUNTER_PATH}.pid",
+                     check=True).stdout.split("\n")
+        balloon = vm.qmp.cmd("query-balloon")["actual"] if vm.spec.balloon else None
+        return cls(float(out[0]), out[1], int(out[2]), out[3].strip(), vm.run("lspci -n", check=True).stdout, balloon)
+
+    def differences(self, after: "GuestState") -> list[str]:
+        """What the guest shows differently after; empty means continuity held."""
+        problems = []
+        if after.uptime <= self.uptime:
+            problems.append(f"uptime went from {self.uptime} s to {after.uptime} s: the guest rebooted")
+        if after.marker != self.marker:
+            problems.append(f"the RAM marker changed from {self.marker!r} to {after.marker!r}")
+        if after.counter_pid != self.counter_pid:
+            problems.append(f"the counting process changed pid ({self.counter_pid} -> {after.counter_pid})")
+        if after.counter <= self.counter:
+            problems.append(f"the counting process stopped at {after.counter} (was {self.counter})")
+        if after.lspci != self.lspci:
+            problems.append(f"lspci changed:\n{self.lspci}\n->\n{after.lspci}")
+        if after.balloon_bytes != self.balloon_bytes:
+            problems.append(f"the balloon target changed from {self.balloon_bytes} to {after.balloon_bytes}")
+        return problems
+
+
+def stats(info: dict) -> dict:
+    """The numbers reports carry: total time, downtime, bytes moved."""
+    ram = info.get("ram", {})
+    return {"total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+            "setup_time_ms": info.get("setup-time"), "transferred_bytes": ram.get("transferred"),
+            "mbps": ram.get("mbps"), "dirty_sync_count": ram.get("dirty-sync-count")}

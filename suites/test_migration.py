@@ -1,0 +1,111 @@
+"""Handbook ch. 4, migration: moving a running guest without the guest noticing.
+
+Live migration with shared storage (4.3.3): the destination is started from the source's
+own spec with ``-incoming`` and sees the same disk images; ``migrate tcp:DEST:PORT`` moves
+the guest. Static migration (4.1): ``savevm TAG``, stop, ``loadvm TAG`` in a new QEMU; and
+migrate-to-file with a restore from it. After each, the guest must show continuity: uptime
+kept rising, a RAM marker unchanged, a counting process still counting, the same PCI
+devices and balloon target, disk data intact. The handbook's ``migrate -b`` (block
+migration) was removed in QEMU 9.1; its replacement is a block mirror to an NBD export.
+"""
+import pytest
+
+from pytest_kvmcheck import Disk, VMSpec
+from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial
+from pytest_kvmcheck.handbook import command_arguments, describe, form
+from pytest_kvmcheck.migration import GuestState, migrate, start_destination, stats, successor
+from pytest_kvmcheck.vm import poll
+
+SPEC = VMSpec(memory_mib=512, balloon=True, disks=(Disk(size_mib=32, serial="migrate0"),))
+BALLOON_MIB = 384  # a non-default target, so "unchanged" means something
+
+
+def max_downtime_ms(config) -> int:
+    return int(config.getini("kvm_max_downtime_ms"))
+
+
+@pytest.fixture
+def running_source(boot_vm):
+    """A guest with disk data, a RAM marker, a counting process and a ballooned target."""
+    vm = boot_vm(SPEC)
+    disk = block_device_by_serial(vm, "migrate0")
+    vm.run(f"head -c {2 * MIB} /dev/urandom > /tmp/d && dd if=/tmp/d of=/dev/{disk} bs=1M conv=fsync "
+           f"2>/dev/null && sha256sum < /tmp/d > /tmp/disk.sha && rm /tmp/d", check=True)
+    vm.qmp.cmd("balloon", value=BALLOON_MIB * MIB)
+    assert poll(lambda: vm.qmp.cmd("query-balloon")["actual"] == BALLOON_MIB * MIB, 20, 0.2), "balloon did not settle"
+    GuestState.prepare(vm)
+    return vm
+
+
+def assert_continuity(before: GuestState, after_vm) -> None:
+    # Let the counter tick on the new side before reading it.
+    poll(lambda: GuestState.read(after_vm).counter > before.counter, 5, 0.2)
+    after = GuestState.read(after_vm)
+    problems = before.differences(after)
+    disk = block_device_by_serial(after_vm, "migrate0")
+    written = after_vm.run("cat /tmp/disk.sha", check=True).stdout.split()[0]
+    read = after_vm.run(f"dd if=/dev/{disk} bs=1M count=2 2>/dev/null | sha256sum", check=True).stdout.split()[0]
+    if read != written:
+        problems.append(f"disk data changed: wrote sha256 {written}, read {read}")
+    assert not problems, "continuity broken:\n" + "\n".join(problems)
+
+
+def test_live_migration_shared_storage(running_source, boot_vm, kvm_run, kvm_host, kvm_note, request):
+    source = running_source
+    before = GuestState.read(source)
+    dest, uri = start_destination(kvm_run, kvm_host.name, source)
+    boot_vm.adopt(dest)
+    info = migrate(source, uri, timeout=120)
+    numbers = stats(info)
+    kvm_note("migration", str(numbers))
+    assert source.qmp.cmd("query-status")["status"] == "postmigrate"
+    assert dest.qmp.cmd("query-status")["status"] == "running"
+    assert_continuity(before, dest)
+    bound = max_downtime_ms(request.config)
+    assert numbers["downtime_ms"] <= bound, f"downtime {numbers['downtime_ms']} ms exceeds {bound} ms ({numbers})"
+
+
+def test_static_migration_savevm_loadvm(running_source, boot_vm, kvm_run, kvm_host):
+    source = running_source
+    before = GuestState.read(source)
+    out = source.qmp.hmp("savevm kvmcheck-static")
+    assert "Error" not in out, f"savevm failed: {out}"
+    snapshots = source.qmp.hmp("info snapshots")
+    assert "kvmcheck-static" in snapshots, f"savevm left no snapshot:\n{snapshots}"
+    source.stop()
+    restored = boot_vm.adopt(successor(kvm_run, kvm_host.name, source, "-loadvm", "kvmcheck-static"))
+    restored.start()
+    assert restored.qmp.cmd("query-status")["status"] == "running"
+    assert_continuity(before, restored)
+
+
+def test_static_migration_to_file(running_source, boot_vm, kvm_run, kvm_host):
+    source = running_source
+    state_file = source.path("state.bin")
+    before = GuestState.read(source)
+    migrate(source, f"exec:cat > {state_file}", timeout=120)
+    assert source.qmp.cmd("query-status")["status"] == "postmigrate"
+    source.stop()
+    restored = boot_vm.adopt(successor(kvm_run, kvm_host.name, source, "-incoming", f"exec:cat {state_file}"))
+    restored.start()
+    assert poll(lambda: restored.qmp.cmd("query-status")["status"] == "running", 30, 0.1), \
+        f"the restored guest did not run: {restored.qmp.cmd('query-status')}"
+    assert_continuity(before, restored)
+
+
+def test_handbook_block_migration(kvm_host, kvm_note):
+    """``migrate -b``: deprecated in 8.2, removed in 9.1; blockdev-mirror + NBD replaces it.
+
+    The host's QEMU schema must agree with the table: a ``blk`` argument to ``migrate``
+    exactly when the table says block migration is not yet removed.
+    """
+    row = form("migrate -b tcp:HOST:PORT")
+    kvm_note("handbook", describe(row))
+    arguments = command_arguments(kvm_host, "migrate")
+    assert "uri" in arguments, f"QMP migrate without a uri argument? {sorted(arguments)}"
+    removed = row.removed_in(kvm_host.caps.qemu_version)
+    assert ("blk" not in arguments) == removed, \
+        f"QEMU {kvm_host.caps.qemu_version_text}: migrate arguments {sorted(arguments)}; the table says block " \
+        f"migration is {'removed' if removed else 'still there'}"
+    mirror = command_arguments(kvm_host, "blockdev-mirror")
+    assert {"device", "target", "sync"} <= mirror, f"blockdev-mirror lacks what replaces migrate -b: {sorted(mirror)}"
