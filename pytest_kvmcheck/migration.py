@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from .errors import VMError
 from .session import KvmRun
-from .vm import VM
+from .vm import VM, poll
 
 MARKER_PATH = "/tmp/kvmcheck-migration-marker"  # tmpfs: it lives in guest RAM
 COUNTER_PATH = "/tmp/kvmcheck-counter"
@@ -42,15 +42,50 @@ def start_destination(run: KvmRun, host_name: str, source: VM, listen: str = "12
     return dest, f"tcp:{address['host']}:{address['port']}"
 
 
-def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int | None = None) -> dict:
+def device_layout(vm: VM) -> list[str]:
+    """The VM's devices as QEMU was told them (driver and id), in order."""
+    out = []
+    for opt, value in zip(vm.argv, vm.argv[1:], strict=False):
+        if opt == "-device":
+            fields = dict(f.split("=", 1) if "=" in f else ("driver", f) for f in value.split(","))
+            out.append(f"{fields.get('driver')}#{fields.get('id', '')}")
+    return out
+
+
+def layout_mismatch(source: VM, dest: VM) -> str:
+    """Pre-flight: '' if the device layouts match, else what differs (QEMU would refuse the stream)."""
+    a, b = device_layout(source), device_layout(dest)
+    if a == b:
+        return ""
+    missing = [d for d in a if d not in b]
+    extra = [d for d in b if d not in a]
+    parts = [f"the destination lacks {', '.join(missing)}"] if missing else []
+    parts += [f"the destination has extra {', '.join(extra)}"] if extra else []
+    return "; ".join(parts) or f"the device order differs: {a} vs {b}"
+
+
+def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int | None = None,
+            bandwidth_bytes: int | None = None, auto_converge: bool = False,
+            destination: VM | None = None) -> dict:
     """Run ``migrate`` to ``uri`` and wait for it to end; returns query-migrate's final answer.
 
-    Raises :class:`VMError` naming QEMU's error if it fails or does not end in time.
+    Over a socket the return path is on, so a destination that rejects the stream (another
+    device layout, say) fails the migration on the source too, and QEMU resumes the source
+    guest. Given the ``destination`` VM, wait until it runs as well. Raises
+    :class:`VMError` naming QEMU's error if it fails or does not end in time.
     """
     q = source.qmp
-    q.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    return_path = uri.startswith(("tcp:", "unix:"))
+    q.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True},
+                                                    {"capability": "return-path", "state": return_path},
+                                                    {"capability": "auto-converge", "state": auto_converge}])
+    parameters = {}
     if max_downtime_ms is not None:
-        q.cmd("migrate-set-parameters", **{"downtime-limit": max_downtime_ms})
+        parameters["downtime-limit"] = max_downtime_ms
+    if bandwidth_bytes is not None:
+        parameters["max-bandwidth"] = bandwidth_bytes
+    if parameters:
+        q.cmd("migrate-set-parameters", **parameters)
     q.clear_events()
     q.cmd("migrate", uri=uri)
     deadline = time.monotonic() + timeout
@@ -58,15 +93,23 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
         info = q.cmd("query-migrate")
         status = info.get("status")
         if status == "completed":
-            return info
+            break
         if status in ("failed", "cancelled"):
             raise VMError(f"migration of {source.name} to {uri} {status}: {info.get('error-desc', 'no reason given')}")
         if time.monotonic() > deadline:
             q.cmd("migrate_cancel")
+            poll(lambda: q.cmd("query-migrate").get("status") == "cancelled", 10)
             raise VMError(f"migration of {source.name} to {uri} did not complete within {timeout:.0f} s "
                           f"(status {status}; remaining {info.get('ram', {}).get('remaining')} bytes): "
                           "it did not converge")
         time.sleep(0.05)
+    if destination is not None:
+        running = poll(lambda: destination.qmp.cmd("query-status")["status"] == "running",
+                       max(deadline - time.monotonic(), 10))
+        if not running:
+            raise VMError(f"migration of {source.name} completed but the destination {destination.name} does not "
+                          f"run: {destination.qmp.cmd('query-status')['status']}")
+    return info
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,10 @@ class KvmRun:
             if run_dir is not None:  # an unusable host keeps nothing of this run
                 remove_run(transport, run_dir)
             return {"error": str(exc)}
+        except BaseException:  # Ctrl-C mid-probe: the state file is not written yet, so clean up here
+            if run_dir is not None:
+                remove_run(transport, run_dir)
+            raise
 
     def _place_guest(self, transport: Host, run_dir: str, tiny: TinyImage) -> HostRun:
         """Put the guest's files on the host: the tiny kernel + initramfs, or the cloud image + seed."""

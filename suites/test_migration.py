@@ -8,12 +8,15 @@ kept rising, a RAM marker unchanged, a counting process still counting, the same
 devices and balloon target, disk data intact. The handbook's ``migrate -b`` (block
 migration) was removed in QEMU 9.1; its replacement is a block mirror to an NBD export.
 """
+import time
+
 import pytest
 
 from pytest_kvmcheck import Disk, VMSpec
 from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial
 from pytest_kvmcheck.handbook import command_arguments, describe, form
-from pytest_kvmcheck.migration import GuestState, migrate, start_destination, stats, successor
+from pytest_kvmcheck.errors import VMError
+from pytest_kvmcheck.migration import GuestState, layout_mismatch, migrate, start_destination, stats, successor
 from pytest_kvmcheck.vm import poll
 
 SPEC = VMSpec(memory_mib=512, balloon=True, disks=(Disk(size_mib=32, serial="migrate0"),))
@@ -55,7 +58,7 @@ def test_live_migration_shared_storage(running_source, boot_vm, kvm_run, kvm_hos
     before = GuestState.read(source)
     dest, uri = start_destination(kvm_run, kvm_host.name, source)
     boot_vm.adopt(dest)
-    info = migrate(source, uri, timeout=120)
+    info = migrate(source, uri, timeout=120, destination=dest)
     numbers = stats(info)
     kvm_note("migration", str(numbers))
     assert source.qmp.cmd("query-status")["status"] == "postmigrate"
@@ -109,3 +112,61 @@ def test_handbook_block_migration(kvm_host, kvm_note):
         f"migration is {'removed' if removed else 'still there'}"
     mirror = command_arguments(kvm_host, "blockdev-mirror")
     assert {"device", "target", "sync"} <= mirror, f"blockdev-mirror lacks what replaces migrate -b: {sorted(mirror)}"
+
+
+# --------------------------------------------------------------------------- what must fail, and how
+
+def test_mismatched_destination_is_refused_and_the_source_survives(running_source, boot_vm, kvm_run, kvm_host):
+    """A destination with another device layout: the pre-flight names it, QEMU refuses the stream."""
+    source = running_source
+    before = GuestState.read(source)
+    other = successor(kvm_run, kvm_host.name, source, "-incoming", "defer")
+    other.spec = other.spec.with_(balloon=False)
+    boot_vm.adopt(other).start()
+    mismatch = layout_mismatch(source, other)
+    assert "lacks virtio-balloon-pci#balloon0" in mismatch, f"the pre-flight did not name the balloon: {mismatch!r}"
+    other.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    address = other.qmp.cmd("query-migrate")["socket-address"][0]
+    with pytest.raises(VMError, match="failed"):
+        migrate(source, f"tcp:{address['host']}:{address['port']}", timeout=60)
+    assert poll(lambda: source.qmp.cmd("query-status")["status"] == "running", 10, 0.1), \
+        f"the source must resume: {source.qmp.cmd('query-status')}"
+    after = GuestState.read(source)
+    assert after.marker == before.marker and after.counter > before.counter, "the source guest did not carry on"
+
+
+def test_unreachable_destination_fails_in_bounded_time(running_source):
+    source = running_source
+    started = time.monotonic()
+    with pytest.raises(VMError, match="failed"):
+        migrate(source, "tcp:127.0.0.1:9", timeout=30)  # the discard port: nothing listens there
+    assert time.monotonic() - started < 30
+    assert source.qmp.cmd("query-status")["status"] == "running"
+    assert source.run("true").ok, "the source guest must stay reachable"
+
+
+@pytest.mark.parametrize("auto_converge", [False, True], ids=["plain", "auto-converge"])
+def test_guest_dirtying_faster_than_the_link(running_source, boot_vm, kvm_run, kvm_host, auto_converge, kvm_note):
+    """Handbook: migration cannot finish while pages are dirtied faster than they are sent."""
+    source = running_source
+    # Dirty 64 MiB of guest RAM as fast as the vCPU can, for ever.
+    source.run("(while :; do dd if=/dev/zero of=/tmp/dirty bs=1M count=64 2>/dev/null; done) "
+               ">/dev/null 2>&1 </dev/null &", check=True)
+    dest, uri = start_destination(kvm_run, kvm_host.name, source)
+    boot_vm.adopt(dest)
+    try:
+        info = migrate(source, uri, timeout=25, bandwidth_bytes=4 * MIB, max_downtime_ms=50,
+                       auto_converge=auto_converge, destination=dest)
+        kvm_note("migration", stats(info))
+        outcome = "converged"
+    except VMError as exc:
+        assert "did not converge" in str(exc), str(exc)
+        outcome = "did not converge"
+    kvm_note("outcome", outcome)
+    if outcome == "did not converge":
+        assert source.qmp.cmd("query-status")["status"] == "running", "a cancelled migration leaves the source running"
+        assert source.run("true").ok
+    else:
+        assert dest.qmp.cmd("query-status")["status"] == "running"
+    if not auto_converge:
+        assert outcome == "did not converge", "64 MiB dirtied per loop over a 4 MiB/s link should not converge"
