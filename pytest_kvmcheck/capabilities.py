@@ -46,6 +46,7 @@ class Capabilities:
     mem_available_mib: int = 0
     kernel: str = ""
     boot_id: str = ""
+    cpu_flags: list[str] = field(default_factory=list)  # the host CPU's, from /proc/cpuinfo
     reasons: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -153,6 +154,8 @@ def _probe_qemu(host: Host, caps: Capabilities) -> None:
 
 def _probe_kernel(host: Host, caps: Capabilities) -> None:
     caps.kernel = host.run(["uname", "-r"], timeout=10).stdout.strip()
+    m = re.search(r"^flags\s*:(.*)$", host.read_text("/proc/cpuinfo", default=""), re.M)
+    caps.cpu_flags = sorted(set(m.group(1).split())) if m else []
     caps.boot_id = host.read_text("/proc/sys/kernel/random/boot_id", default="").strip()
     meminfo = host.read_text("/proc/meminfo", default="")
     m = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)

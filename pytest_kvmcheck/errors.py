@@ -50,6 +50,18 @@ class GuestBootError(VMError):
     """
 
 
+class MigrationFailed(VMError):
+    """A migration failed or was cancelled; ``info`` is query-migrate's last answer."""
+
+    def __init__(self, message: str, info: dict):
+        super().__init__(message)
+        self.info = info
+
+
+class MigrationDidNotConverge(MigrationFailed):
+    """The guest dirtied memory faster than it was sent: cancelled at the deadline."""
+
+
 class QMPLost(VMError):
     """The QMP connection to a running VM broke (QEMU died or was killed)."""
 

@@ -31,6 +31,15 @@ def kvm_host(request: pytest.FixtureRequest, kvm_run: KvmRun) -> PreparedHost:
 
 
 @pytest.fixture(scope="session")
+def kvm_peer(kvm_host: PreparedHost, kvm_run: KvmRun) -> PreparedHost:
+    """Where ``kvm_host``'s guests migrate to: the next host given, or the same host if alone."""
+    try:
+        return kvm_run.peer(kvm_host.name)
+    except KvmCheckError as exc:
+        pytest.fail(f"host {kvm_host.name}: its migration peer is unusable: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
 def kvm_caps(kvm_host: PreparedHost) -> Capabilities:
     return kvm_host.caps
 

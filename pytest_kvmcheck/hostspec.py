@@ -28,7 +28,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 ACCELS = ("auto", "kvm", "tcg")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
-               "known_hosts", "memory_budget_mib", "tags", "assignable"}
+               "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
 
@@ -51,6 +51,12 @@ class HostSpec:
     memory_budget_mib: int | None = None
     assignable: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    migrate_address: str | None = None  # where other hosts reach this one's migration listener
+
+    @property
+    def migration_address(self) -> str:
+        """The address a destination QEMU listens on: never 0.0.0.0, only where peers reach it."""
+        return self.migrate_address or self.hostname or "127.0.0.1"
 
     @property
     def url(self) -> str:

@@ -9,12 +9,15 @@ the guest must still show afterwards.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .errors import VMError
-from .session import KvmRun
+from .capabilities import Capabilities
+from .errors import MigrationDidNotConverge, MigrationFailed, VMError
+from .session import KvmRun, PreparedHost
 from .vm import VM, poll
 
+OPTIONAL_CAPABILITIES = ("auto-converge", "multifd", "postcopy-ram")
 MARKER_PATH = "/tmp/kvmcheck-migration-marker"  # tmpfs: it lives in guest RAM
 COUNTER_PATH = "/tmp/kvmcheck-counter"
 
@@ -33,13 +36,53 @@ def successor(run: KvmRun, host_name: str, source: VM, *extra_args: str) -> VM:
     return vm
 
 
-def start_destination(run: KvmRun, host_name: str, source: VM, listen: str = "127.0.0.1") -> tuple[VM, str]:
-    """Start the destination QEMU waiting for the stream; returns it and the URI to send to."""
-    dest = successor(run, host_name, source, "-incoming", "defer")
+def start_destination(run: KvmRun, dest_host: PreparedHost, source: VM,
+                      capabilities: tuple[str, ...] = ()) -> tuple[VM, str]:
+    """Start the destination QEMU on ``dest_host`` waiting for the stream; returns it and the URI.
+
+    It listens on the host's migration address (loopback for the local host), never on
+    every interface. ``capabilities`` that both sides must enable (multifd, postcopy-ram)
+    are set before it listens; a QEMU or host without them raises :class:`VMError`.
+    """
+    dest = successor(run, dest_host.name, source, "-incoming", "defer")
     dest.start()
-    dest.qmp.cmd("migrate-incoming", uri=f"tcp:{listen}:0")
-    address = dest.qmp.cmd("query-migrate")["socket-address"][0]
+    try:
+        if capabilities:
+            dest.qmp.cmd("migrate-set-capabilities",
+                         capabilities=[{"capability": c, "state": True} for c in capabilities])
+        dest.qmp.cmd("migrate-incoming", uri=f"tcp:{dest_host.spec.migration_address}:0")
+        address = dest.qmp.cmd("query-migrate")["socket-address"][0]
+    except BaseException:
+        dest.destroy()
+        raise
     return dest, f"tcp:{address['host']}:{address['port']}"
+
+
+def preflight(source: VM, source_caps: Capabilities, dest_caps: Capabilities,
+              visible: Callable[[str], bool]) -> dict[str, str]:
+    """Seed 4.3.2, before anything moves: {capability: why it is missing} on the destination.
+
+    ``visible(path)`` tells whether the destination sees a file (shared storage). An empty
+    answer means the pair can migrate this guest.
+    """
+    problems = {}
+    if dest_caps.qemu_version < source_caps.qemu_version:
+        problems["qemu-version"] = (f"QEMU {dest_caps.qemu_version_text} is older than the source's "
+                                    f"{source_caps.qemu_version_text}: streams only go to the same or newer QEMU")
+    if dest_caps.machines and source.spec.machine not in dest_caps.machines:
+        problems["machine-type"] = f"QEMU there lacks machine type {source.spec.machine!r}"
+    if source_caps.cpu_flags and dest_caps.cpu_flags:
+        for flag, what in (("nx", "NX (no-execute)"), ("lm", "64-bit long mode")):
+            if (flag in source_caps.cpu_flags) != (flag in dest_caps.cpu_flags):
+                problems[f"cpu-{flag}"] = f"the hosts differ in {what}"
+        if source_caps.accel == "kvm":  # the guest sees the host's CPU: the destination needs every flag
+            lacking = sorted(set(source_caps.cpu_flags) - set(dest_caps.cpu_flags))
+            if lacking:
+                problems["cpu-flags"] = f"the CPU lacks flags the source's has: {' '.join(lacking[:12])}"
+    hidden = [p for p in [source.boot_disk, *source.disk_paths] if p and not visible(p)]
+    if hidden:
+        problems["shared-storage"] = f"it does not see the guest's images at the same path: {', '.join(hidden)}"
+    return problems
 
 
 def device_layout(vm: VM) -> list[str]:
@@ -65,20 +108,22 @@ def layout_mismatch(source: VM, dest: VM) -> str:
 
 
 def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int | None = None,
-            bandwidth_bytes: int | None = None, auto_converge: bool = False,
+            bandwidth_bytes: int | None = None, capabilities: tuple[str, ...] = (),
             destination: VM | None = None) -> dict:
     """Run ``migrate`` to ``uri`` and wait for it to end; returns query-migrate's final answer.
 
     Over a socket the return path is on, so a destination that rejects the stream (another
     device layout, say) fails the migration on the source too, and QEMU resumes the source
-    guest. Given the ``destination`` VM, wait until it runs as well. Raises
+    guest. ``capabilities`` are turned on for this migration (auto-converge, multifd,
+    postcopy-ram: with the latter the guest switches to postcopy once the first pass is
+    under way). Given the ``destination`` VM, wait until it runs as well. Raises
     :class:`VMError` naming QEMU's error if it fails or does not end in time.
     """
     q = source.qmp
     return_path = uri.startswith(("tcp:", "unix:"))
-    q.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True},
-                                                    {"capability": "return-path", "state": return_path},
-                                                    {"capability": "auto-converge", "state": auto_converge}])
+    q.cmd("migrate-set-capabilities", capabilities=[
+        {"capability": "events", "state": True}, {"capability": "return-path", "state": return_path},
+        *({"capability": c, "state": c in capabilities} for c in OPTIONAL_CAPABILITIES)])
     parameters = {}
     if max_downtime_ms is not None:
         parameters["downtime-limit"] = max_downtime_ms
@@ -89,20 +134,32 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
     q.clear_events()
     q.cmd("migrate", uri=uri)
     deadline = time.monotonic() + timeout
+    switch_to_postcopy = "postcopy-ram" in capabilities
+    throttle = 0  # the highest CPU throttle auto-converge applied, in percent
     while True:
         info = q.cmd("query-migrate")
         status = info.get("status")
+        throttle = max(throttle, info.get("cpu-throttle-percentage", 0))
+        info["max-cpu-throttle-percentage"] = throttle
+        if switch_to_postcopy and status == "active" and info.get("ram", {}).get("transferred", 0) > 0:
+            q.cmd("migrate-start-postcopy")
+            switch_to_postcopy = False
         if status == "completed":
             break
         if status in ("failed", "cancelled"):
-            raise VMError(f"migration of {source.name} to {uri} {status}: {info.get('error-desc', 'no reason given')}")
+            why = info.get("error-desc", "no reason given")
+            mismatch = layout_mismatch(source, destination) if destination is not None else ""
+            raise MigrationFailed(f"migration of {source.name} to {uri} {status}: {why}"
+                                  + (f"; the device layouts differ: {mismatch}" if mismatch else ""), info)
         if time.monotonic() > deadline:
             q.cmd("migrate_cancel")
             poll(lambda: q.cmd("query-migrate").get("status") == "cancelled", 10)
-            raise VMError(f"migration of {source.name} to {uri} did not complete within {timeout:.0f} s "
-                          f"(status {status}; remaining {info.get('ram', {}).get('remaining')} bytes): "
-                          "it did not converge")
+            raise MigrationDidNotConverge(
+                f"migration of {source.name} to {uri} did not complete within {timeout:.0f} s "
+                f"(status {status}; {info.get('ram', {}).get('remaining')} bytes remaining; CPU throttled up to "
+                f"{throttle}%): it did not converge", info)
         time.sleep(0.05)
+    info["statuses"] = [e["data"]["status"] for e in q.events("MIGRATION")]  # what the move went through
     if destination is not None:
         running = poll(lambda: destination.qmp.cmd("query-status")["status"] == "running",
                        max(deadline - time.monotonic(), 10))
@@ -160,4 +217,5 @@ def stats(info: dict) -> dict:
     ram = info.get("ram", {})
     return {"total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
             "setup_time_ms": info.get("setup-time"), "transferred_bytes": ram.get("transferred"),
-            "mbps": ram.get("mbps"), "dirty_sync_count": ram.get("dirty-sync-count")}
+            "mbps": ram.get("mbps"), "dirty_sync_count": ram.get("dirty-sync-count"),
+            "multifd_bytes": ram.get("multifd-bytes"), "postcopy_requests": ram.get("postcopy-requests"), "statuses": info.get("statuses")}

@@ -162,6 +162,11 @@ class KvmRun:
         host_key = (self.state_dir / "guest_host_key.pub").read_text().split()
         return HostRun(run_dir, "", "", " ".join(host_key[:2]), boot_disk=placed["disk.qcow2"], seed=seed)
 
+    def peer(self, name: str) -> PreparedHost:
+        """The host ``name`` migrates to: the next one in --kvm-hosts order, or itself if alone."""
+        names = list(self.specs)
+        return self.host(names[(names.index(name) + 1) % len(names)])
+
     def prepared_states(self) -> dict[str, dict]:
         out = {}
         for name in self.specs:

@@ -6,6 +6,7 @@ import secrets
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -61,51 +62,81 @@ def _sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory):
-    """A real OpenSSH server in a network namespace this session creates (and removes).
+@dataclass(frozen=True)
+class SshHost:
+    """One test host: a network namespace with its own address and a real OpenSSH server."""
 
-    Yields (address, client key path, known_hosts path). Traffic stays on this machine:
-    the namespace and its veth link exist only for this session.
+    name: str
+    address: str
+    key: str
+    known_hosts: str
+
+    def url(self, workdir: Path) -> str:
+        return f"ssh://root@{self.address}?key={self.key}&known_hosts={self.known_hosts}&workdir={workdir}"
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts(tmp_path_factory):
+    """Two SSH hosts on this machine: namespaces on a bridge this session creates (and removes).
+
+    Migration between them crosses a real network path (veth, bridge, veth) between two
+    network stacks. Traffic stays on this machine: the bridge and namespaces exist only for
+    this session, and each sshd listens only on its namespace's address.
     """
-    if os.geteuid() != 0 or not shutil.which("/usr/sbin/sshd") and not Path("/usr/sbin/sshd").exists():
-        pytest.skip("host local: the SSH transport test needs root (network namespaces) and /usr/sbin/sshd")
+    if os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists():
+        pytest.skip("host local: the SSH transport tests need root (network namespaces) and /usr/sbin/sshd")
     tag = secrets.token_hex(2)
-    ns, veth_host, veth_ns = f"kcssh{tag}", f"kch{tag}", f"kcg{tag}"
-    octet = int(tag, 16) % 250 + 1
-    host_ip, ns_ip = f"10.202.{octet}.1", f"10.202.{octet}.2"
+    bridge, subnet = f"kcbr{tag}", f"10.202.{int(tag, 16) % 250 + 1}"
     d = tmp_path_factory.mktemp("sshd")
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
+    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key"))
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    (d / "sshd_config").write_text(
-        f"ListenAddress {ns_ip}\nPort 22\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-        f"StrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\nAllowTcpForwarding yes\nAllowStreamLocalForwarding yes\n"
-        "MaxSessions 100\nMaxStartups 100\nSubsystem sftp /usr/lib/openssh/sftp-server\n")
-    pub = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"{ns_ip} {pub[0]} {pub[1]}\n")
     Path("/run/sshd").mkdir(exist_ok=True)
-    proc = None
+    hosts, procs, namespaces = [], [], []
     try:
-        _sh("ip", "netns", "add", ns)
-        _sh("ip", "link", "add", veth_host, "type", "veth", "peer", "name", veth_ns, "netns", ns)
-        _sh("ip", "addr", "add", f"{host_ip}/30", "dev", veth_host)
-        _sh("ip", "link", "set", veth_host, "up")
-        _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", veth_ns)
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", veth_ns, "up")
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, "/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                                stderr=open(d / "sshd.log", "w"))
-        deadline = time.monotonic() + 10
-        while subprocess.run(["ip", "netns", "exec", ns, "ss", "-ltn", "sport = :22"],
-                             capture_output=True, text=True).stdout.count("LISTEN") == 0:
-            assert time.monotonic() < deadline, "sshd did not listen: " + (d / "sshd.log").read_text()
-            time.sleep(0.05)
-        yield ns_ip, str(d / "client_key"), str(d / "known_hosts")
+        _sh("ip", "link", "add", bridge, "type", "bridge")
+        _sh("ip", "addr", "add", f"{subnet}.1/24", "dev", bridge)
+        _sh("ip", "link", "set", bridge, "up")
+        for index, name in enumerate(("a", "b"), start=2):
+            ns, address = f"kcssh{tag}{name}", f"{subnet}.{index}"
+            namespaces.append(ns)
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "link", "add", f"kch{tag}{name}", "master", bridge, "type", "veth", "peer", "name", f"kcg{tag}{name}",
+                "netns", ns)
+            _sh("ip", "link", "set", f"kch{tag}{name}", "up")
+            _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/24", "dev", f"kcg{tag}{name}")
+            _sh("ip", "netns", "exec", ns, "ip", "link", "set", f"kcg{tag}{name}", "up")
+            _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / f"host_key_{name}"))
+            config = d / f"sshd_config_{name}"
+            config.write_text(
+                f"ListenAddress {address}\nPort 22\nHostKey {d}/host_key_{name}\n"
+                f"AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n"
+                "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+                f"StrictModes no\nUsePAM no\nPidFile {d}/sshd_{name}.pid\nAllowTcpForwarding yes\n"
+                "AllowStreamLocalForwarding yes\nMaxSessions 100\nMaxStartups 100\n"
+                "Subsystem sftp /usr/lib/openssh/sftp-server\n")
+            pub = (d / f"host_key_{name}.pub").read_text().split()
+            with open(d / "known_hosts", "a") as known:
+                known.write(f"{address} {pub[0]} {pub[1]}\n")
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                                          stderr=open(d / f"sshd_{name}.log", "w")))
+            deadline = time.monotonic() + 10
+            while "LISTEN" not in subprocess.run(["ip", "netns", "exec", ns, "ss", "-ltn", "sport = :22"],
+                                                 capture_output=True, text=True).stdout:
+                assert time.monotonic() < deadline, "sshd did not listen: " + (d / f"sshd_{name}.log").read_text()
+                time.sleep(0.05)
+            hosts.append(SshHost(name, address, str(d / "client_key"), str(d / "known_hosts")))
+        yield hosts
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
             proc.wait(10)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", veth_host], capture_output=True)
+        for ns in namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def sshd(ssh_hosts) -> SshHost:
+    """One SSH host, for tests that need just one."""
+    return ssh_hosts[0]

@@ -44,7 +44,7 @@ def test_unreachable_host(pytester):
 
 
 def test_unknown_host_key_says_how_to_accept_it(pytester, sshd, tmp_path):
-    address, key, _ = sshd
+    address, key = sshd.address, sshd.key
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     result = run_pytest(pytester, ONE_TEST, f"--kvm-hosts=ssh://root@{address}?key={key}&known_hosts={empty}")

@@ -75,3 +75,9 @@ def test_example_inventory_parses():
     from pytest_kvmcheck.image import fixtures_dir
     specs = load_inventory(fixtures_dir() / "inventory.example.toml")
     assert [s.name for s in specs] == ["this-machine", "rack12-node3"]
+
+
+def test_migration_address_defaults_to_where_the_host_is_reached():
+    assert parse_host("local").migration_address == "127.0.0.1"
+    assert parse_host("ssh://qa@node3").migration_address == "node3"
+    assert parse_host("ssh://qa@node3?migrate_address=10.20.0.3").migration_address == "10.20.0.3"
