@@ -8,13 +8,18 @@ the guest must still show afterwards.
 """
 from __future__ import annotations
 
+import hashlib
+import posixpath
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .capabilities import Capabilities
 from .errors import MigrationDidNotConverge, MigrationFailed, VMError
+from .monitor import QMPCommandError
 from .session import KvmRun, PreparedHost
+from .transport import Host
 from .vm import VM, poll
 
 OPTIONAL_CAPABILITIES = ("auto-converge", "multifd", "postcopy-ram")
@@ -28,23 +33,28 @@ def destination_spec(source: VM):
     return source.spec.with_(disks=disks)
 
 
-def successor(run: KvmRun, host_name: str, source: VM, *extra_args: str) -> VM:
-    """A VM made to take over ``source``: same spec, same disk images (shared storage)."""
+def successor(run: KvmRun, host_name: str, source: VM, *extra_args: str,
+              disk_paths: tuple[str, ...] | None = None) -> VM:
+    """A VM made to take over ``source``: same spec, the same disk images (shared storage)
+    unless ``disk_paths`` gives it images of its own (a block mirror fills them)."""
     spec = destination_spec(source)
+    if disk_paths is not None:
+        spec = spec.with_(disks=tuple(replace(d, path=p) for d, p in zip(spec.disks, disk_paths, strict=True)))
     vm = run.new_vm(host_name, spec.with_(extra_args=spec.extra_args + tuple(extra_args)))
     vm.reuse_boot_disk = source.boot_disk
     return vm
 
 
-def start_destination(run: KvmRun, dest_host: PreparedHost, source: VM,
-                      capabilities: tuple[str, ...] = ()) -> tuple[VM, str]:
+def start_destination(run: KvmRun, dest_host: PreparedHost, source: VM, capabilities: tuple[str, ...] = (),
+                      disk_paths: tuple[str, ...] | None = None) -> tuple[VM, str]:
     """Start the destination QEMU on ``dest_host`` waiting for the stream; returns it and the URI.
 
     It listens on the host's migration address (loopback for the local host), never on
     every interface. ``capabilities`` that both sides must enable (multifd, postcopy-ram)
     are set before it listens; a QEMU or host without them raises :class:`VMError`.
+    ``disk_paths``: the destination's own images (same backing image) instead of the source's.
     """
-    dest = successor(run, dest_host.name, source, "-incoming", "defer")
+    dest = successor(run, dest_host.name, source, "-incoming", "defer", disk_paths=disk_paths)
     dest.start()
     try:
         if capabilities:
@@ -109,21 +119,24 @@ def layout_mismatch(source: VM, dest: VM) -> str:
 
 def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int | None = None,
             bandwidth_bytes: int | None = None, capabilities: tuple[str, ...] = (),
-            destination: VM | None = None) -> dict:
+            destination: VM | None = None, before_switchover: Callable[[], None] | None = None) -> dict:
     """Run ``migrate`` to ``uri`` and wait for it to end; returns query-migrate's final answer.
 
     Over a socket the return path is on, so a destination that rejects the stream (another
     device layout, say) fails the migration on the source too, and QEMU resumes the source
     guest. ``capabilities`` are turned on for this migration (auto-converge, multifd,
     postcopy-ram: with the latter the guest switches to postcopy once the first pass is
-    under way). Given the ``destination`` VM, wait until it runs as well. Raises
+    under way). ``before_switchover`` runs once the source has stopped and before the
+    destination takes over (finishing block mirrors). Given the ``destination`` VM, wait
+    until it runs as well. Raises
     :class:`VMError` naming QEMU's error if it fails or does not end in time.
     """
     q = source.qmp
     return_path = uri.startswith(("tcp:", "unix:"))
     q.cmd("migrate-set-capabilities", capabilities=[
         {"capability": "events", "state": True}, {"capability": "return-path", "state": return_path},
-        *({"capability": c, "state": c in capabilities} for c in OPTIONAL_CAPABILITIES)])
+        *({"capability": c, "state": c in capabilities} for c in OPTIONAL_CAPABILITIES),
+        {"capability": "pause-before-switchover", "state": before_switchover is not None}])
     parameters = {}
     if max_downtime_ms is not None:
         parameters["downtime-limit"] = max_downtime_ms
@@ -144,6 +157,9 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
         if switch_to_postcopy and status == "active" and info.get("ram", {}).get("transferred", 0) > 0:
             q.cmd("migrate-start-postcopy")
             switch_to_postcopy = False
+        if status == "pre-switchover" and before_switchover is not None:
+            before_switchover()
+            q.cmd("migrate-continue", state="pre-switchover")
         if status == "completed":
             break
         if status in ("failed", "cancelled"):
@@ -167,6 +183,70 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
             raise VMError(f"migration of {source.name} completed but the destination {destination.name} does not "
                           f"run: {destination.qmp.cmd('query-status')['status']}")
     return info
+
+
+def place_base_image(host: Host, run_dir: str, data: bytes, size_mib: int) -> str:
+    """The same base image on every host: ``data`` at offset 0 of a raw image of ``size_mib``."""
+    path = posixpath.join(run_dir, "shared", f"base-{hashlib.sha256(data).hexdigest()[:12]}.raw")
+    if not host.exists(path):
+        host.makedirs(posixpath.dirname(path))
+        host.write_bytes(path, data)
+        host.run([host.spec.qemu_img, "resize", "-q", "-f", "raw", path, f"{size_mib}M"],
+                 timeout=30).check(f"qemu-img resize on {host.name}")
+    return path
+
+
+def create_overlay(host: Host, path: str, base: str) -> str:
+    """A qcow2 overlay on ``base``: the guest writes here, the base stays as it was."""
+    host.run([host.spec.qemu_img, "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", path],
+             timeout=30).check(f"qemu-img create on {host.name}")
+    return path
+
+
+def export_disks(dest: VM, address: str, attempts: int = 20) -> int:
+    """Serve the destination's data disks over NBD, writable, on ``address``; returns the port.
+
+    QEMU cannot be asked which port it picked for NBD, so free ones are tried in turn.
+    """
+    for _ in range(attempts):
+        port = random.randrange(20000, 60000)
+        try:
+            dest.qmp.cmd("nbd-server-start", addr={"type": "inet", "data": {"host": address, "port": str(port)}})
+            break
+        except QMPCommandError as exc:
+            if "in use" not in str(exc):
+                raise
+    else:
+        raise VMError(f"VM {dest.name}: no free port for the NBD server on {address} after {attempts} tries")
+    for i in range(len(dest.spec.disks)):
+        dest.qmp.cmd("block-export-add", type="nbd", id=f"mirror-export{i}", name=f"disk{i}",
+                     writable=True, **{"node-name": f"disk{i}"})
+    return port
+
+
+def mirror_disks(source: VM, address: str, port: int, timeout: float = 60.0) -> None:
+    """Mirror the top layer of each data disk to the destination's export; wait until in sync.
+
+    ``write-blocking``: from then on a guest write completes only once it reached the
+    destination too, so data written during the migration is there as well.
+    """
+    for i in range(len(source.spec.disks)):
+        source.qmp.cmd("blockdev-add", driver="nbd", export=f"disk{i}", **{"node-name": f"mirror-target{i}"},
+                       server={"type": "inet", "host": address, "port": str(port)})
+        source.qmp.cmd("blockdev-mirror", sync="top", target=f"mirror-target{i}", device=f"disk{i}",
+                       **{"job-id": f"mirror{i}", "copy-mode": "write-blocking"})
+    ready = poll(lambda: all(j["ready"] for j in source.qmp.cmd("query-block-jobs")), timeout, 0.1)
+    if not ready:
+        raise VMError(f"VM {source.name}: block mirrors not in sync within {timeout:.0f} s: "
+                      f"{source.qmp.cmd('query-block-jobs')}")
+
+
+def finish_mirrors(source: VM, timeout: float = 60.0) -> None:
+    """Complete the mirrors without pivoting (the source stops using them) and wait for the end."""
+    for job in source.qmp.cmd("query-block-jobs"):
+        source.qmp.cmd("block-job-cancel", device=job["device"])
+    if not poll(lambda: not source.qmp.cmd("query-block-jobs"), timeout, 0.05):
+        raise VMError(f"VM {source.name}: block mirrors did not finish within {timeout:.0f} s")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class Monitor:
         stamp = time.strftime("%H:%M:%S")
         self.transcript.append(f"{stamp} {direction} {json.dumps(message, default=str)}")
 
-    def cmd(self, name: str, **args: Any) -> Any:
+    def cmd(self, name: str, /, **args: Any) -> Any:
         """Run a QMP command and return its ``return`` value."""
         self._log("->", {"execute": name, "arguments": args} if args else {"execute": name})
         try:

@@ -12,6 +12,10 @@ The destination is ``kvm_peer``: the next host given in --kvm-hosts, or the same
 only one is given. Before anything moves, the seed's checks (4.3.2) run: QEMU version,
 machine type, CPU (NX, long mode, and every flag under KVM), the images at the same path.
 """
+import hashlib
+import json
+import os
+import secrets
 import time
 
 import pytest
@@ -21,7 +25,8 @@ from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial
 from pytest_kvmcheck.handbook import command_arguments, describe, form
 from pytest_kvmcheck.errors import MigrationDidNotConverge, MigrationFailed
 from pytest_kvmcheck.monitor import QMPCommandError
-from pytest_kvmcheck.migration import (GuestState, layout_mismatch, migrate, preflight, start_destination, stats,
+from pytest_kvmcheck.migration import (GuestState, create_overlay, export_disks, finish_mirrors, layout_mismatch,
+                                       migrate, mirror_disks, place_base_image, preflight, start_destination, stats,
                                        successor)
 from pytest_kvmcheck.vm import poll
 
@@ -99,6 +104,60 @@ def test_live_migration_shared_storage(running_source, peer, boot_vm, kvm_run, k
     assert_continuity(before, dest)
     bound = max_downtime_ms(request.config)
     assert numbers["downtime_ms"] <= bound, f"downtime {numbers['downtime_ms']} ms exceeds {bound} ms ({numbers})"
+
+
+def test_live_migration_same_backing_image(boot_vm, kvm_run, kvm_host, kvm_peer, kvm_note):
+    """Seed 4.3.4: both hosts hold the same base image and the guest runs on an overlay.
+
+    No shared storage: the destination gets an empty overlay of its own and the source's
+    overlay travels by a block mirror to an NBD export there (what replaced ``migrate -b``),
+    in write-blocking mode, so data written while the guest moves arrives too.
+    """
+    base_data = os.urandom(MIB)
+    bases = [place_base_image(h.transport, h.host_run.run_dir, base_data, 32) for h in (kvm_host, kvm_peer)]
+    tag = secrets.token_hex(3)
+    overlay = create_overlay(kvm_host.transport, f"{kvm_host.host_run.run_dir}/shared/src-{tag}.qcow2", bases[0])
+    source = boot_vm(VMSpec(memory_mib=512, disks=(Disk(path=overlay, serial="mirror0"),)))
+    disk = f"/dev/{block_device_by_serial(source, 'mirror0')}"
+    sha_base = source.run(f"dd if={disk} bs=1M count=1 2>/dev/null | sha256sum", check=True).stdout.split()[0]
+    assert sha_base == hashlib.sha256(base_data).hexdigest(), "the guest does not see the base image through its overlay"
+    source.run(f"head -c {2 * MIB} /dev/urandom > /tmp/d && dd if=/tmp/d of={disk} bs=1M seek=4 conv=fsync 2>/dev/null"
+               f" && sha256sum < /tmp/d > /tmp/overlay.sha && rm /tmp/d", check=True)
+    # A writer that keeps going while the guest moves: block at 8 MiB, then the count it wrote.
+    source.run(f"(i=0; while :; do i=$((i+1)); printf '%-511s\\n' $i | dd of={disk} bs=512 seek=16384 conv=fsync "
+               f"2>/dev/null && echo $i > /tmp/written; sleep 0.05; done) >/dev/null 2>&1 </dev/null &", check=True)
+    GuestState.prepare(source)
+    before = GuestState.read(source)
+
+    dest_overlay = create_overlay(kvm_peer.transport, f"{kvm_peer.host_run.run_dir}/shared/dst-{tag}.qcow2", bases[1])
+    dest, uri = start_destination(kvm_run, kvm_peer, source, disk_paths=(dest_overlay,))
+    boot_vm.adopt(dest)
+    address = kvm_peer.spec.migration_address
+    port = export_disks(dest, address)
+    mirror_disks(source, address, port)
+    written_before = int(source.run("cat /tmp/written", check=True).stdout)
+    info = migrate(source, uri, timeout=120, destination=dest, before_switchover=lambda: finish_mirrors(source))
+    dest.qmp.cmd("nbd-server-stop")
+    kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name} (same backing image, mirror to nbd:{address}:{port})"
+                          f": {stats(info)}")
+    assert source.qmp.cmd("query-status")["status"] == "postmigrate"
+    problems = before.differences(poll(lambda: (a := GuestState.read(dest)).counter > before.counter and a, 5, 0.2)
+                                  or GuestState.read(dest))
+    assert not problems, "continuity broken:\n" + "\n".join(problems)
+
+    dest.run("kill %1 2>/dev/null; true")
+    reads = dest.run(f"dd if={disk} bs=1M count=1 2>/dev/null | sha256sum; dd if={disk} bs=1M skip=4 count=2 "
+                     f"2>/dev/null | sha256sum; cat /tmp/overlay.sha", check=True).stdout.split()
+    assert reads[0] == sha_base, "the base image's data changed on the destination"
+    assert reads[2] == reads[4], "data written to the overlay before the migration is not on the destination"
+    written = int(dest.run("sleep 0.2; cat /tmp/written", check=True).stdout)
+    on_disk = int(dest.run(f"dd if={disk} bs=512 skip=16384 count=1 2>/dev/null", check=True).stdout.split()[0])
+    assert written > written_before, "the writer did not write while the guest moved"
+    assert on_disk >= written, f"the disk holds write {on_disk}, the guest last completed {written}: writes were lost"
+    allocated = sum(e["length"] for e in json.loads(kvm_peer.transport.run(
+        [kvm_peer.spec.qemu_img, "map", "-U", "--output=json", dest_overlay], timeout=30).check().stdout)
+        if e["depth"] == 0 and e["data"])
+    assert allocated >= 2 * MIB, f"the destination's own overlay holds only {allocated} bytes: nothing was copied"
 
 
 def test_static_migration_savevm_loadvm(running_source, peer, boot_vm, kvm_run):
