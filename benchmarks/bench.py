@@ -3,7 +3,8 @@
     python benchmarks/bench.py [--boots 3] [--commands 200] [--json reports/bench.json] [--no-suite]
 
 Measures the tiny guest's boot-to-ready and boot-to-first-command times, the median guest
-command round trip over the persistent connection, and the wall time of one run of the
+command round trip over the persistent connection, live migration total time and downtime
+(precopy, multifd, postcopy; 512 MiB guest, loopback), and the wall time of one run of the
 suites; prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from pytest_kvmcheck.hostspec import parse_host
+from pytest_kvmcheck.migration import migrate, start_destination, stats
 from pytest_kvmcheck.session import KvmRun
 from pytest_kvmcheck.vmspec import VMSpec
 
@@ -46,6 +48,33 @@ def measure_boots(run: KvmRun, boots: int, commands: int) -> dict:
             "boots": boots, "commands_per_boot": commands, "accel": run.host("local").caps.accel}
 
 
+def measure_migrations(run: KvmRun, hops: int) -> dict:
+    """A 512 MiB tiny guest moved ``hops`` times along a chain per mode (one boot per mode)."""
+    host = run.host("local")
+    out = {}
+    for mode, caps in (("precopy", ()), ("multifd", ("multifd",)), ("postcopy", ("postcopy-ram",))):
+        vm = run.new_vm("local", VMSpec(memory_mib=512, balloon=True))
+        vms, totals, downtimes = [vm], [], []
+        try:
+            vm.boot()
+            for _ in range(hops):
+                dest, uri = start_destination(run, host, vm, capabilities=caps)
+                vms.append(dest)
+                numbers = stats(migrate(vm, uri, capabilities=caps, destination=dest))
+                totals.append(numbers["total_time_ms"])
+                downtimes.append(numbers["downtime_ms"])
+                vm.destroy()
+                vm = dest
+        finally:
+            for v in vms:
+                v.destroy()
+        out[f"migration_{mode}_total_ms_median"] = statistics.median(totals)
+        out[f"migration_{mode}_downtime_ms_median"] = statistics.median(downtimes)
+        out[f"migration_{mode}_downtime_ms_max"] = max(downtimes)
+    out["migration_hops_per_mode"] = hops
+    return out
+
+
 def measure_suite(extra: list[str]) -> dict:
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "suites"),
@@ -60,11 +89,13 @@ def main() -> int:
     ap.add_argument("--boots", type=int, default=3)
     ap.add_argument("--commands", type=int, default=200)
     ap.add_argument("--json", default=str(ROOT / "reports" / "bench.json"))
+    ap.add_argument("--hops", type=int, default=5, help="migrations per mode (512 MiB guest)")
     ap.add_argument("--no-suite", action="store_true")
     args = ap.parse_args()
     run = KvmRun.create([parse_host("local")], accel="auto")
     try:
         results = measure_boots(run, args.boots, args.commands)
+        results.update(measure_migrations(run, args.hops))
     finally:
         run.finish()
     if not args.no_suite:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -52,6 +53,22 @@ def workdir(tmp_path_factory) -> Path:
     for pid in qemu_processes(str(path)):
         os.kill(pid, 9)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def skip_reasons(result) -> list[str]:
+    return [line for line in result.outlines if line.startswith("SKIPPED")]
+
+
+def assert_suites_passed(result, host: str) -> None:
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
+    assert outcomes.get("passed", 0) >= 30, outcomes
+    for line in skip_reasons(result):
+        assert f"host {host}: needs " in line, f"a skip without host and capability: {line}"
+    verdicts = "\n".join(result.outlines)
+    for feature in ("test_emulated_io", "test_virtio_net", "test_virtio_blk", "test_virtio_balloon", "test_hotplug",
+                    "test_migration"):
+        assert re.search(rf"^{re.escape(host)}\s+{feature}\s+PASS", verdicts, re.M), f"no PASS verdict for {feature}"
 
 
 def run_pytest(pytester: pytest.Pytester, *args: str, timeout: float = 900) -> pytest.RunResult:

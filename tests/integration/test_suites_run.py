@@ -1,29 +1,12 @@
 """The conformance suites run for real (QEMU under TCG here) and leave nothing behind."""
 import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import SUITES, assert_nothing_left, qemu_processes, run_pytest
-
-
-def skip_reasons(result) -> list[str]:
-    return [line for line in result.outlines if line.startswith("SKIPPED")]
-
-
-def assert_suites_passed(result, host: str) -> None:
-    outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
-    assert outcomes.get("passed", 0) >= 30, outcomes
-    for line in skip_reasons(result):
-        assert f"host {host}: needs " in line, f"a skip without host and capability: {line}"
-    verdicts = "\n".join(result.outlines)
-    for feature in ("test_emulated_io", "test_virtio_net", "test_virtio_blk", "test_virtio_balloon", "test_hotplug",
-                    "test_migration"):
-        assert re.search(rf"^{re.escape(host)}\s+{feature}\s+PASS", verdicts, re.M), f"no PASS verdict for {feature}"
+from .conftest import SUITES, assert_nothing_left, assert_suites_passed, qemu_processes, run_pytest, skip_reasons
 
 
 def test_suites_pass_on_the_local_host(pytester, workdir):
@@ -33,32 +16,6 @@ def test_suites_pass_on_the_local_host(pytester, workdir):
     if "accel tcg" in caps:
         assert any("needs kvm" in line for line in skip_reasons(result)), "kvm-clock must skip under TCG"
     assert_nothing_left(workdir, result.stdout.str())
-
-
-def test_suites_pass_over_ssh(pytester, sshd, workdir):
-    result = run_pytest(pytester, SUITES, f"--kvm-hosts={sshd.url(workdir)}")
-    assert_suites_passed(result, sshd.address)
-    assert_nothing_left(workdir, result.stdout.str())
-
-
-def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
-    """Each host migrates its guests to the other: the stream crosses veth, bridge, veth."""
-    a, b = ssh_hosts
-    hosts = ",".join(h.url(workdir / h.name) for h in ssh_hosts)
-    result = run_pytest(pytester, f"{SUITES}/test_migration.py", f"--kvm-hosts={hosts}", "--junitxml=junit.xml")
-    outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
-    for line in skip_reasons(result):
-        assert re.search(r"host \S+: needs ", line), f"a skip without host and capability: {line}"
-    verdicts = "\n".join(result.outlines)
-    for host in (a, b):
-        assert re.search(rf"^{re.escape(host.address)}\s+test_migration\s+PASS", verdicts, re.M), verdicts[-2000:]
-    junit = (pytester.path / "junit.xml").read_text()
-    for source, dest in ((a, b), (b, a)):  # the reports say who moved where, and the stream went to the peer
-        assert f"{source.address} -&gt; {dest.address} (precopy)" in junit, "no cross-host migration note"
-        assert f"tcp:{dest.address}:" in junit, f"the stream to {dest.address} did not go to its own address"
-    for host in ssh_hosts:
-        assert_nothing_left(workdir / host.name, result.stdout.str())
 
 
 def test_xdist_and_all_reports_together(pytester, workdir):

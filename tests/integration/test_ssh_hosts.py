@@ -1,0 +1,30 @@
+"""The suites against SSH hosts: real sshd in network namespaces, and migration between two of them."""
+import re
+
+from .conftest import SUITES, assert_nothing_left, assert_suites_passed, run_pytest, skip_reasons
+
+
+def test_suites_pass_over_ssh(pytester, sshd, workdir):
+    result = run_pytest(pytester, SUITES, f"--kvm-hosts={sshd.url(workdir)}")
+    assert_suites_passed(result, sshd.address)
+    assert_nothing_left(workdir, result.stdout.str())
+
+
+def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
+    """Each host migrates its guests to the other: the stream crosses veth, bridge, veth."""
+    a, b = ssh_hosts
+    hosts = ",".join(h.url(workdir / h.name) for h in ssh_hosts)
+    result = run_pytest(pytester, f"{SUITES}/test_migration.py", f"--kvm-hosts={hosts}", "--junitxml=junit.xml")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
+    for line in skip_reasons(result):
+        assert re.search(r"host \S+: needs ", line), f"a skip without host and capability: {line}"
+    verdicts = "\n".join(result.outlines)
+    for host in (a, b):
+        assert re.search(rf"^{re.escape(host.address)}\s+test_migration\s+PASS", verdicts, re.M), verdicts[-2000:]
+    junit = (pytester.path / "junit.xml").read_text()
+    for source, dest in ((a, b), (b, a)):  # the reports say who moved where, and the stream went to the peer
+        assert f"{source.address} -&gt; {dest.address} (precopy)" in junit, "no cross-host migration note"
+        assert f"tcp:{dest.address}:" in junit, f"the stream to {dest.address} did not go to its own address"
+    for host in ssh_hosts:
+        assert_nothing_left(workdir / host.name, result.stdout.str())
