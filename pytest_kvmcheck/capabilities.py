@@ -47,6 +47,7 @@ class Capabilities:
     kernel: str = ""
     boot_id: str = ""
     cpu_flags: list[str] = field(default_factory=list)  # the host CPU's, from /proc/cpuinfo
+    bridge_cidr: str = ""  # the address/prefix of the host's bridge= (guests' bridged NICs join it)
     reasons: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -66,6 +67,8 @@ class Capabilities:
             return self.vhost_net, self.reasons.get("vhost-net", "/dev/vhost-net is missing")
         if need == "tap":
             return self.tap, self.reasons.get("tap", "cannot create tap devices")
+        if need == "bridge":
+            return bool(self.bridge_cidr), self.reasons.get("bridge", "no bridge= given for the host")
         if need == "assignable":
             return bool(self.assignable), "no assignable PCI device configured (assignable= in the host spec)"
         if need == "iommu":
@@ -167,6 +170,7 @@ def _probe_kernel(host: Host, caps: Capabilities) -> None:
     caps.tap = host.exists("/dev/net/tun") and is_root
     if not caps.tap:
         caps.reasons["tap"] = "/dev/net/tun is missing" if is_root else "tap devices need root (CAP_NET_ADMIN)"
+    _probe_bridge(host, caps)
     caps.iommu_groups = len(host.listdir("/sys/kernel/iommu_groups"))
     pfs = []
     for bdf in host.listdir("/sys/bus/pci/devices"):
@@ -180,6 +184,24 @@ def _probe_kernel(host: Host, caps: Capabilities) -> None:
         if value:
             caps.nested = value
             break
+
+
+def _probe_bridge(host: Host, caps: Capabilities) -> None:
+    """A bridge= the guests can join: it exists, has an IPv4 address, and taps can be made."""
+    bridge = host.spec.bridge
+    if not bridge:
+        caps.reasons["bridge"] = "no bridge= given for the host (a Linux bridge on the guests' test network)"
+    elif not host.exists(f"/sys/class/net/{bridge}/bridge"):
+        caps.reasons["bridge"] = f"bridge={bridge}, but the host has no bridge of that name"
+    elif not caps.tap:
+        caps.reasons["bridge"] = f"bridge={bridge}, but {caps.reasons.get('tap', 'no tap devices')}"
+    else:
+        m = re.search(r"inet (\d+\.\d+\.\d+\.\d+/\d+)", host.run(["ip", "-4", "-o", "addr", "show", "dev", bridge],
+                                                              timeout=10).stdout)
+        if m:
+            caps.bridge_cidr = m.group(1)
+        else:
+            caps.reasons["bridge"] = f"bridge {bridge} has no IPv4 address"
 
 
 def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tuple[bool, str]:

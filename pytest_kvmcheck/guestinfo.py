@@ -11,6 +11,7 @@ import os
 import re
 
 from .vm import VM
+from .vmspec import nic_mac
 
 MIB = 1024 * 1024
 
@@ -44,6 +45,15 @@ def iface_by_mac(vm: VM, mac: str) -> str:
             return name
     raise AssertionError(f"guest {vm.name}: no interface with MAC {mac}; it has: "
                          f"{vm.run('ip -o link').stdout.strip()}")
+
+
+def bring_up_bridged_nic(vm: VM, index: int, cidr: str) -> str:
+    """Give bridged NIC ``index`` its address on the bridge's subnet; returns the bare address."""
+    address = vm.bridged_address(index, cidr)
+    iface = iface_by_mac(vm, nic_mac(vm.spec, index, vm.seed))
+    vm.run(["ip", "addr", "add", address, "dev", iface], check=True)
+    vm.run(["ip", "link", "set", iface, "up"], check=True)
+    return address.split("/")[0]
 
 
 def nic_counters(vm: VM, iface: str) -> tuple[int, int]:

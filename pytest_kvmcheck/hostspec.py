@@ -28,7 +28,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 ACCELS = ("auto", "kvm", "tcg")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
-               "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address"}
+               "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address",
+               "bridge"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
 
@@ -52,6 +53,7 @@ class HostSpec:
     assignable: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     migrate_address: str | None = None  # where other hosts reach this one's migration listener
+    bridge: str | None = None  # a Linux bridge guests' bridged NICs join (it must have an IPv4 address)
 
     @property
     def migration_address(self) -> str:

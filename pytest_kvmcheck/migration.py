@@ -21,6 +21,7 @@ from .monitor import QMPCommandError
 from .session import KvmRun, PreparedHost
 from .transport import Host
 from .vm import VM, poll
+from .vmspec import nic_mac
 
 OPTIONAL_CAPABILITIES = ("auto-converge", "multifd", "postcopy-ram")
 MARKER_PATH = "/tmp/kvmcheck-migration-marker"  # tmpfs: it lives in guest RAM
@@ -28,9 +29,11 @@ COUNTER_PATH = "/tmp/kvmcheck-counter"
 
 
 def destination_spec(source: VM):
-    """The source's spec with its disks pointing at the source's images (shared storage)."""
+    """The source's spec with its disks pointing at the source's images (shared storage) and
+    its NICs keeping the source's MACs (the guest's network identity moves with it)."""
     disks = tuple(replace(d, path=p) for d, p in zip(source.spec.disks, source.disk_paths, strict=True))
-    return source.spec.with_(disks=disks)
+    nics = tuple(replace(n, mac=nic_mac(source.spec, i, source.seed)) for i, n in enumerate(source.spec.nics))
+    return source.spec.with_(disks=disks, nics=nics)
 
 
 def successor(run: KvmRun, host_name: str, source: VM, *extra_args: str,

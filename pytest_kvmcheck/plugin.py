@@ -48,7 +48,7 @@ def setting(config: pytest.Config, name: str):
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "kvm_requires(*needs): the test needs these host capabilities (kvm, vhost-net, tap, iommu, "
+        "markers", "kvm_requires(*needs): the test needs these host capabilities (kvm, vhost-net, tap, bridge, iommu, "
         "sriov, ksm, nested, device:NAME, machine:NAME, memory:MIB, qemu>=X.Y); unmet needs skip the test "
         "with a reason naming the host and the capability")
     accel = setting(config, "kvm_accel")

@@ -9,6 +9,7 @@ SIGTERM, then SIGKILL. Every VM of the process is also stopped at exit, whatever
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import json
 import posixpath
 import re
@@ -24,7 +25,7 @@ from .image import READY_MARKER
 from .monitor import Monitor
 from .run import KEEP_MARKER, PIDFILE, HostRun
 from .transport import Host
-from .vmspec import RenderContext, VMSpec, render_argv
+from .vmspec import RenderContext, VMSpec, render_argv, tap_name
 
 DEFAULT_BOOT_TIMEOUT = 60.0
 DISK_IMAGE_BOOT_TIMEOUT = 300.0  # a distribution with systemd and cloud-init, under TCG: about 30 s
@@ -145,7 +146,34 @@ class VM:
         pid = self.host.read_text(self.path(PIDFILE), default="").strip()
         self.pid = int(pid) if pid.isdigit() else None
         self._started_at = time.monotonic()
+        self._join_bridge()
         return self
+
+    def _join_bridge(self) -> None:
+        """Put the taps of bridged NICs into the host's bridge= (they vanish with QEMU)."""
+        for i, nic in enumerate(self.spec.nics):
+            if not nic.bridged:
+                continue
+            if not self.host.spec.bridge:
+                raise VMError(f"VM {self.name}: a bridged NIC, but host {self.host.name} has no bridge= option")
+            self.host.run(["ip", "link", "set", tap_name(self.seed, i), "master", self.host.spec.bridge, "up"],
+                          timeout=10).check(f"joining the bridge {self.host.spec.bridge} on {self.host.name}")
+
+    def session_to(self, address: str, port: int = 22) -> GuestSession:
+        """A second SSH session to the guest at ``address`` (a bridged NIC), from its host.
+
+        It does not go through QEMU's user-mode network, so it can outlive this QEMU.
+        """
+        return GuestSession(self.host.connect_tcp(address, port), self.run_key, self.host_run.host_public_key,
+                            f"{self.name}@{address}")
+
+    def bridged_address(self, index: int, cidr: str) -> str:
+        """The guest's address for bridged NIC ``index`` on the bridge's subnet ``cidr``.
+
+        Guests take host numbers from .200 up (by VM seed), leaving the low ones to hosts.
+        """
+        net = ipaddress.ip_interface(cidr).network
+        return f"{net[200 + (self.seed + index) % 50]}/{net.prefixlen}"
 
     def console(self) -> str:
         return self.host.read_text(self.console_log, default="")

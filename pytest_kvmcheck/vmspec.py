@@ -24,6 +24,7 @@ class Nic:
     model: str = "virtio-net-pci"
     vhost: bool = False
     mac: str | None = None
+    bridged: bool = False  # a tap joined to the host's bridge=, instead of user-mode networking
 
     def __post_init__(self):
         if self.model not in NIC_MODELS:
@@ -146,11 +147,12 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
     for i, nic in enumerate(spec.nics):
         # restrict=on: the guest reaches nothing outside; host forwards (its SSH) still work.
         netdev = f"user,id=net{i},restrict=on"
-        if nic.vhost:
+        if nic.vhost or nic.bridged:
             if i == 0:
-                raise ValueError("the first NIC carries the guest's SSH (user-mode); put vhost on a second NIC")
+                raise ValueError("the first NIC carries the guest's SSH (user-mode); put taps on a second NIC")
             # A non-persistent tap: it disappears with the QEMU process, nothing to leak.
-            netdev = f"tap,id=net{i},ifname={tap_name(ctx.mac_seed, i)},script=no,downscript=no,vhost=on"
+            netdev = f"tap,id=net{i},ifname={tap_name(ctx.mac_seed, i)},script=no,downscript=no"
+            netdev += ",vhost=on" if nic.vhost else ""
         elif i == 0:
             # Guest SSH: port 0 lets the host pick a free port (read back via 'info usernet'),
             # so parallel workers never collide; loopback only.

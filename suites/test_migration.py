@@ -20,12 +20,12 @@ import time
 
 import pytest
 
-from pytest_kvmcheck import Disk, VMSpec
-from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial
+from pytest_kvmcheck import Disk, Nic, VMSpec
+from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial, bring_up_bridged_nic
 from pytest_kvmcheck.handbook import command_arguments, describe, form
 from pytest_kvmcheck.errors import MigrationDidNotConverge, MigrationFailed
 from pytest_kvmcheck.monitor import QMPCommandError
-from pytest_kvmcheck.migration import (GuestState, create_overlay, export_disks, finish_mirrors, layout_mismatch,
+from pytest_kvmcheck.migration import (MARKER_PATH, GuestState, create_overlay, export_disks, finish_mirrors, layout_mismatch,
                                        migrate, mirror_disks, place_base_image, preflight, start_destination, stats,
                                        successor)
 from pytest_kvmcheck.vm import poll
@@ -104,6 +104,42 @@ def test_live_migration_shared_storage(running_source, peer, boot_vm, kvm_run, k
     assert_continuity(before, dest)
     bound = max_downtime_ms(request.config)
     assert numbers["downtime_ms"] <= bound, f"downtime {numbers['downtime_ms']} ms exceeds {bound} ms ({numbers})"
+
+
+@pytest.mark.kvm_requires("bridge")
+@pytest.mark.parametrize("mode", MODES)
+def test_guest_session_survives_live_migration(boot_vm, kvm_run, kvm_host, kvm_peer, mode, kvm_note):
+    """An SSH session opened to the guest's bridged address before the move works after it.
+
+    The session goes from the source host to the guest over the bridge, not through QEMU,
+    so only the guest moving with its network identity (same MAC, QEMU's announcement
+    after the switch-over) keeps it alive. The source QEMU is stopped before the check.
+    """
+    has_bridge, why = kvm_peer.caps.has("bridge")
+    if not has_bridge:
+        pytest.skip(f"host {kvm_peer.name}: needs bridge: {why}")
+    source = boot_vm(VMSpec(memory_mib=512, nics=(Nic(), Nic(bridged=True))))
+    address = bring_up_bridged_nic(source, 1, kvm_host.caps.bridge_cidr)
+    session = source.session_to(address)
+    try:
+        shell_pid = session.run("echo $$", check=True).stdout.strip()
+        GuestState.prepare(source)
+        before = GuestState.read(source)
+        try:
+            dest, uri = start_destination(kvm_run, kvm_peer, source, capabilities=MODES[mode])
+        except QMPCommandError as exc:
+            pytest.skip(f"host {kvm_peer.name}: needs {mode} migration: {exc}")
+        boot_vm.adopt(dest)
+        info = migrate(source, uri, timeout=120, capabilities=MODES[mode], destination=dest)
+        source.stop()
+        kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name} ({mode}), session to {address}: {stats(info)}")
+        after = session.run(f"echo $$; cat {MARKER_PATH}", timeout=30)
+        assert after.ok, f"the session opened before the migration broke: {after}"
+        pid, marker = after.stdout.split("\n")[:2]
+        assert pid == shell_pid, f"not the same shell: pid {shell_pid} before, {pid} after"
+        assert marker == before.marker, "the session sees another guest's RAM marker"
+    finally:
+        session.close()
 
 
 def test_live_migration_same_backing_image(boot_vm, kvm_run, kvm_host, kvm_peer, kvm_note):

@@ -89,7 +89,8 @@ class SshHost:
     known_hosts: str
 
     def url(self, workdir: Path) -> str:
-        return f"ssh://root@{self.address}?key={self.key}&known_hosts={self.known_hosts}&workdir={workdir}"
+        return (f"ssh://root@{self.address}?key={self.key}&known_hosts={self.known_hosts}&workdir={workdir}"
+                "&bridge=br0")
 
 
 @pytest.fixture(scope="session")
@@ -120,8 +121,11 @@ def ssh_hosts(tmp_path_factory):
             _sh("ip", "link", "add", f"kch{tag}{name}", "master", bridge, "type", "veth", "peer", "name", f"kcg{tag}{name}",
                 "netns", ns)
             _sh("ip", "link", "set", f"kch{tag}{name}", "up")
-            _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/24", "dev", f"kcg{tag}{name}")
-            _sh("ip", "netns", "exec", ns, "ip", "link", "set", f"kcg{tag}{name}", "up")
+            # Inside, a bridge holds the uplink and the address; guests' bridged NICs join it.
+            for argv in (["link", "add", "br0", "type", "bridge"], ["link", "set", f"kcg{tag}{name}", "master", "br0"],
+                         ["addr", "add", f"{address}/24", "dev", "br0"], ["link", "set", f"kcg{tag}{name}", "up"],
+                         ["link", "set", "br0", "up"]):
+                _sh("ip", "netns", "exec", ns, "ip", *argv)
             _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
             _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / f"host_key_{name}"))
             config = d / f"sshd_config_{name}"

@@ -26,5 +26,7 @@ def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
     for source, dest in ((a, b), (b, a)):  # the reports say who moved where, and the stream went to the peer
         assert f"{source.address} -&gt; {dest.address} (precopy)" in junit, "no cross-host migration note"
         assert f"tcp:{dest.address}:" in junit, f"the stream to {dest.address} did not go to its own address"
+        assert re.search(rf"{re.escape(source.address)} -&gt; {re.escape(dest.address)} \(postcopy\), session to ",
+                         junit), "the guest-session test did not run across the hosts"
     for host in ssh_hosts:
         assert_nothing_left(workdir / host.name, result.stdout.str())
