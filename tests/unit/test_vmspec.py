@@ -94,3 +94,11 @@ def test_legacy_table_dates():
     assert by_legacy["-device pci-assign,host=BDF"].removed_in((2, 12, 0))
     assert not by_legacy["migrate -b tcp:HOST:PORT"].removed_in((9, 0, 0))
     assert by_legacy["migrate -b tcp:HOST:PORT"].removed_in((10, 0, 0))
+
+
+def test_bridged_nic_is_a_plain_tap_and_never_the_first():
+    argv = render_argv("q", VMSpec(nics=(Nic(), Nic(bridged=True))), CTX)
+    tap = next(v for o, v in zip(argv, argv[1:], strict=False) if o == "-netdev" and v.startswith("tap,"))
+    assert "script=no" in tap and "vhost" not in tap
+    with pytest.raises(ValueError, match="first NIC"):
+        render_argv("q", VMSpec(nics=(Nic(bridged=True),)), CTX)
