@@ -3,8 +3,11 @@
 The destination QEMU is started from the same :class:`VMSpec` as the source (a device
 list in another order makes QEMU refuse the stream: "Unknown ramblock"), with
 ``-incoming defer`` and ``migrate-incoming tcp:ADDR:0`` so QEMU picks a free port: no
-port allocation, no collisions between parallel runs. :class:`GuestState` records what
-the guest must still show afterwards.
+port allocation, no collisions between parallel runs; it listens on the destination
+host's migration address only. :func:`preflight` holds the seed's checks for a host pair;
+the same-backing-image mode mirrors a guest's overlay to an NBD export on the destination
+(:func:`export_disks`, :func:`mirror_disks`, :func:`finish_mirrors`), which replaced
+``migrate -b``. :class:`GuestState` records what the guest must still show afterwards.
 """
 from __future__ import annotations
 
@@ -131,8 +134,8 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
     postcopy-ram: with the latter the guest switches to postcopy once the first pass is
     under way). ``before_switchover`` runs once the source has stopped and before the
     destination takes over (finishing block mirrors). Given the ``destination`` VM, wait
-    until it runs as well. Raises
-    :class:`VMError` naming QEMU's error if it fails or does not end in time.
+    until it runs as well. Raises :class:`MigrationFailed` naming QEMU's error (and a
+    device-layout mismatch, if any), :class:`MigrationDidNotConverge` at the deadline.
     """
     q = source.qmp
     return_path = uri.startswith(("tcp:", "unix:"))

@@ -72,11 +72,24 @@ def peer(running_source, kvm_host, kvm_peer):
     return kvm_peer
 
 
-def assert_continuity(before: GuestState, after_vm) -> None:
-    # Let the counter tick on the new side before reading it.
+def destination(boot_vm, kvm_run, peer, source, mode: str = "precopy", **options):
+    """The destination QEMU for ``mode``, owned by the test; skips where its QEMU lacks the mode."""
+    try:
+        dest, uri = start_destination(kvm_run, peer, source, capabilities=MODES[mode], **options)
+    except QMPCommandError as exc:
+        pytest.skip(f"host {peer.name}: needs {mode} migration: {exc}")
+    boot_vm.adopt(dest)
+    return dest, uri
+
+
+def continuity_problems(before: GuestState, after_vm) -> list[str]:
+    """What the guest on ``after_vm`` shows differently, once its counter ticked there."""
     poll(lambda: GuestState.read(after_vm).counter > before.counter, 5, 0.2)
-    after = GuestState.read(after_vm)
-    problems = before.differences(after)
+    return before.differences(GuestState.read(after_vm))
+
+
+def assert_continuity(before: GuestState, after_vm) -> None:
+    problems = continuity_problems(before, after_vm)
     disk = block_device_by_serial(after_vm, "migrate0")
     written = after_vm.run("cat /tmp/disk.sha", check=True).stdout.split()[0]
     read = after_vm.run(f"dd if=/dev/{disk} bs=1M count=2 2>/dev/null | sha256sum", check=True).stdout.split()[0]
@@ -89,11 +102,7 @@ def assert_continuity(before: GuestState, after_vm) -> None:
 def test_live_migration_shared_storage(running_source, peer, boot_vm, kvm_run, kvm_host, kvm_note, request, mode):
     source = running_source
     before = GuestState.read(source)
-    try:
-        dest, uri = start_destination(kvm_run, peer, source, capabilities=MODES[mode])
-    except QMPCommandError as exc:
-        pytest.skip(f"host {peer.name}: needs {mode} migration: {exc}")
-    boot_vm.adopt(dest)
+    dest, uri = destination(boot_vm, kvm_run, peer, source, mode)
     info = migrate(source, uri, timeout=120, capabilities=MODES[mode], destination=dest)
     numbers = stats(info)
     kvm_note("migration", f"{kvm_host.name} -> {peer.name} ({mode}) over {uri}: {numbers}")
@@ -125,11 +134,7 @@ def test_guest_session_survives_live_migration(boot_vm, kvm_run, kvm_host, kvm_p
         shell_pid = session.run("echo $$", check=True).stdout.strip()
         GuestState.prepare(source)
         before = GuestState.read(source)
-        try:
-            dest, uri = start_destination(kvm_run, kvm_peer, source, capabilities=MODES[mode])
-        except QMPCommandError as exc:
-            pytest.skip(f"host {kvm_peer.name}: needs {mode} migration: {exc}")
-        boot_vm.adopt(dest)
+        dest, uri = destination(boot_vm, kvm_run, kvm_peer, source, mode)
         info = migrate(source, uri, timeout=120, capabilities=MODES[mode], destination=dest)
         source.stop()
         kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name} ({mode}), session to {address}: {stats(info)}")
@@ -138,6 +143,8 @@ def test_guest_session_survives_live_migration(boot_vm, kvm_run, kvm_host, kvm_p
         pid, marker = after.stdout.split("\n")[:2]
         assert pid == shell_pid, f"not the same shell: pid {shell_pid} before, {pid} after"
         assert marker == before.marker, "the session sees another guest's RAM marker"
+        problems = continuity_problems(before, dest)
+        assert not problems, "continuity broken:\n" + "\n".join(problems)
     finally:
         session.close()
 
@@ -166,8 +173,7 @@ def test_live_migration_same_backing_image(boot_vm, kvm_run, kvm_host, kvm_peer,
     before = GuestState.read(source)
 
     dest_overlay = create_overlay(kvm_peer.transport, f"{kvm_peer.host_run.run_dir}/shared/dst-{tag}.qcow2", bases[1])
-    dest, uri = start_destination(kvm_run, kvm_peer, source, disk_paths=(dest_overlay,))
-    boot_vm.adopt(dest)
+    dest, uri = destination(boot_vm, kvm_run, kvm_peer, source, disk_paths=(dest_overlay,))
     address = kvm_peer.spec.migration_address
     port = export_disks(dest, address)
     mirror_disks(source, address, port)
@@ -177,8 +183,7 @@ def test_live_migration_same_backing_image(boot_vm, kvm_run, kvm_host, kvm_peer,
     kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name} (same backing image, mirror to nbd:{address}:{port})"
                           f": {stats(info)}")
     assert source.qmp.cmd("query-status")["status"] == "postmigrate"
-    problems = before.differences(poll(lambda: (a := GuestState.read(dest)).counter > before.counter and a, 5, 0.2)
-                                  or GuestState.read(dest))
+    problems = continuity_problems(before, dest)
     assert not problems, "continuity broken:\n" + "\n".join(problems)
 
     dest.run("kill %1 2>/dev/null; true")
@@ -284,8 +289,7 @@ def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_
     # Rewrite 32 MiB of guest RAM with random data (zero pages would travel as flags) for ever.
     source.run("dd if=/dev/urandom of=/tmp/random bs=1M count=32 2>/dev/null && "
                "(while :; do cat /tmp/random > /tmp/dirty; done) >/dev/null 2>&1 </dev/null &", check=True)
-    dest, uri = start_destination(kvm_run, peer, source)
-    boot_vm.adopt(dest)
+    dest, uri = destination(boot_vm, kvm_run, peer, source)
     started = time.monotonic()
     try:
         info = migrate(source, uri, timeout=DIRTY_DEADLINE_S, bandwidth_bytes=32 * MIB, max_downtime_ms=50,
