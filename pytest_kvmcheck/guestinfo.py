@@ -21,6 +21,11 @@ def lspci(vm: VM) -> list[str]:
     return vm.run("lspci", check=True).stdout.splitlines()
 
 
+def pci_ids(vm: VM) -> list[str]:
+    """vendor:device of every PCI function the guest sees (``lspci -n``), in bus order."""
+    return [line.split()[2] for line in vm.run("lspci -n", check=True).stdout.splitlines()]
+
+
 def lspci_line(vm: VM, name: str) -> str | None:
     return next((line for line in lspci(vm) if name in line), None)
 

@@ -249,6 +249,13 @@ class VM:
                                        self.host_run.host_public_key, self.name)
         return self._guest
 
+    def reconnect_guest(self) -> GuestSession:
+        """Drop the guest session and open a new one (after loadvm the old one is stale)."""
+        if self._guest is not None:
+            self._guest.close()
+            self._guest = None
+        return self.guest
+
     def run(self, command, timeout: float = 30.0, check: bool = False):
         """Shortcut: run a command in the guest."""
         return self.guest.run(command, timeout=timeout, check=check)
