@@ -15,6 +15,7 @@ import posixpath
 import re
 import secrets
 import shlex
+import signal
 import threading
 import time
 from typing import Callable
@@ -141,8 +142,10 @@ class VM:
             raise QemuNotFound(f"host {self.host.name}: {self.argv[0]} not found: install QEMU "
                                "(Debian: apt-get install qemu-system-x86) or set qemu= for the host")
         if not result.ok:
+            how = (f"killed by {signal.Signals(-result.exit_status).name}" if result.exit_status < 0
+                   else f"exit {result.exit_status}")
             raise VMError(f"VM {self.name} on host {self.host.name}: QEMU refused to start "
-                          f"(exit {result.exit_status}): {result.stderr.strip()[-800:]}")
+                          f"({how}): {result.stderr.strip()[-800:]}")
         pid = self.host.read_text(self.path(PIDFILE), default="").strip()
         self.pid = int(pid) if pid.isdigit() else None
         self._started_at = time.monotonic()

@@ -67,7 +67,8 @@ def assert_suites_passed(result, host: str) -> None:
         assert f"host {host}: needs " in line, f"a skip without host and capability: {line}"
     verdicts = "\n".join(result.outlines)
     for feature in ("test_emulated_io", "test_virtio_net", "test_virtio_blk", "test_virtio_balloon", "test_hotplug",
-                    "test_migration", "test_monitor", "test_v2v", "test_cmdline"):
+                    "test_migration", "test_monitor", "test_v2v", "test_cmdline",
+                    "test_security"):
         assert re.search(rf"^{re.escape(host)}\s+{feature}\s+PASS", verdicts, re.M), f"no PASS verdict for {feature}"
 
 
