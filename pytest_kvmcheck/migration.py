@@ -31,10 +31,12 @@ MARKER_PATH = "/tmp/kvmcheck-migration-marker"  # tmpfs: it lives in guest RAM
 COUNTER_PATH = "/tmp/kvmcheck-counter"
 
 
-def destination_spec(source: VM):
-    """The source's spec with its disks pointing at the source's images (shared storage) and
-    its NICs keeping the source's MACs (the guest's network identity moves with it)."""
-    disks = tuple(replace(d, path=p) for d, p in zip(source.spec.disks, source.disk_paths, strict=True))
+def destination_spec(source: VM, disk_paths: tuple[str, ...] | None = None):
+    """The source's spec with its disks pointing at the source's images (shared storage), or
+    at ``disk_paths``, and its NICs keeping the source's MACs (the guest's network identity
+    moves with it)."""
+    paths = source.disk_paths if disk_paths is None else disk_paths
+    disks = tuple(replace(d, path=p) for d, p in zip(source.spec.disks, paths, strict=True))
     nics = tuple(replace(n, mac=nic_mac(source.spec, i, source.seed)) for i, n in enumerate(source.spec.nics))
     return source.spec.with_(disks=disks, nics=nics)
 
@@ -43,9 +45,7 @@ def successor(run: KvmRun, host_name: str, source: VM, *extra_args: str,
               disk_paths: tuple[str, ...] | None = None) -> VM:
     """A VM made to take over ``source``: same spec, the same disk images (shared storage)
     unless ``disk_paths`` gives it images of its own (a block mirror fills them)."""
-    spec = destination_spec(source)
-    if disk_paths is not None:
-        spec = spec.with_(disks=tuple(replace(d, path=p) for d, p in zip(spec.disks, disk_paths, strict=True)))
+    spec = destination_spec(source, disk_paths)
     vm = run.new_vm(host_name, spec.with_(extra_args=spec.extra_args + tuple(extra_args)))
     vm.reuse_boot_disk = source.boot_disk
     return vm
@@ -191,9 +191,10 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
     return info
 
 
-def place_base_image(host: Host, run_dir: str, data: bytes, size_mib: int) -> str:
-    """The same base image on every host: ``data`` at offset 0 of a raw image of ``size_mib``."""
-    path = posixpath.join(run_dir, "shared", f"base-{hashlib.sha256(data).hexdigest()[:12]}.raw")
+def place_base_image(host: Host, directory: str, data: bytes, size_mib: int) -> str:
+    """A raw image of ``size_mib`` in ``directory`` with ``data`` at offset 0; named by the
+    data's hash, so every host given the same data holds the same base image."""
+    path = posixpath.join(directory, f"base-{hashlib.sha256(data).hexdigest()[:12]}.raw")
     if not host.exists(path):
         host.makedirs(posixpath.dirname(path))
         host.write_bytes(path, data)

@@ -157,7 +157,7 @@ def test_live_migration_same_backing_image(boot_vm, kvm_run, kvm_host, kvm_peer,
     in write-blocking mode, so data written while the guest moves arrives too.
     """
     base_data = os.urandom(MIB)
-    bases = [place_base_image(h.transport, h.host_run.run_dir, base_data, 32) for h in (kvm_host, kvm_peer)]
+    bases = [place_base_image(h.transport, f"{h.host_run.run_dir}/shared", base_data, 32) for h in (kvm_host, kvm_peer)]
     tag = secrets.token_hex(3)
     overlay = create_overlay(kvm_host.transport, f"{kvm_host.host_run.run_dir}/shared/src-{tag}.qcow2", bases[0])
     source = boot_vm(VMSpec(memory_mib=512, disks=(Disk(path=overlay, serial="mirror0"),)))

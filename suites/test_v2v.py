@@ -16,6 +16,7 @@ import pytest
 
 from pytest_kvmcheck import Disk, VMSpec
 from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial, driver_of
+from pytest_kvmcheck.migration import place_base_image
 
 # name -> qemu-img output format and options: what VMware (OVA exports are streamOptimized),
 # VirtualBox and Hyper-V write.
@@ -46,9 +47,7 @@ def qemu_img(kvm_host, *args: str) -> str:
 
 def foreign_disk(kvm_host, workspace: str, fmt: str, options: str, data: bytes) -> str:
     """Another hypervisor's disk holding ``data`` at offset 0 (made here from raw)."""
-    raw = posixpath.join(workspace, "source.raw")
-    kvm_host.transport.write_bytes(raw, data)
-    qemu_img(kvm_host, "resize", "-q", "-f", "raw", raw, "64M")
+    raw = place_base_image(kvm_host.transport, workspace, data, 64)
     if fmt == "raw":
         return raw
     path = posixpath.join(workspace, f"source.{fmt}")
