@@ -68,3 +68,7 @@ class QMPLost(VMError):
 
 class GuestCommandError(VMError):
     """A command in the guest failed where success was required."""
+
+
+class LabError(KvmCheckError):
+    """The virtual KVM lab could not be brought up (or down); the message says why."""

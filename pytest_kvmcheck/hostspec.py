@@ -201,6 +201,9 @@ def parse_hosts(value: str | None, lab_inventory: Path | None = None) -> list[Ho
         if entry.startswith("@"):
             specs.extend(load_inventory(entry[1:]))
         elif entry == "lab":
+            if lab_inventory is None:
+                from .lab import inventory_path
+                lab_inventory = inventory_path()
             if lab_inventory is None or not Path(lab_inventory).is_file():
                 raise HostSpecError("host 'lab': the virtual KVM lab is not up; run 'kvmcheck lab up' first")
             specs.extend(load_inventory(lab_inventory))

@@ -136,7 +136,7 @@ class KvmRun:
             probe_kernel = place_files(transport, f"probe-{tiny.digest}", {"vmlinuz": str(tiny.directory / "vmlinuz")})
             probe_file = cache_dir() / "probes" / (hashlib.sha256(spec.url.encode()).hexdigest()[:16] + ".json")
             cache = load_probe_cache(probe_file)
-            caps = probe(transport, self.accel, probe_kernel["vmlinuz"], f"{run_dir}/kvm-probe", cache)
+            caps = probe(transport, self.accel, probe_kernel["vmlinuz"], f"{run_dir}/kvm-probe-{spec.name}", cache)
             probe_file.parent.mkdir(parents=True, exist_ok=True)
             probe_file.write_text(json.dumps(cache))
             return {"host_run": host_run.to_dict(), "caps": caps.to_dict(), "notes": notes}

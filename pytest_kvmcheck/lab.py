@@ -1,0 +1,346 @@
+"""The virtual KVM lab: KVM hosts made of TCG guests, for machines without VT-x/AMD-V.
+
+QEMU's TCG emulates AMD SVM: a guest started with ``-accel tcg -cpu max`` loads kvm_amd and
+runs its own guests under real KVM. ``kvmcheck lab up`` boots N such hosts from the lab image
+(:mod:`.labimage`) and writes an inventory, so ``pytest suites --kvm-hosts=lab`` runs every
+suite against real KVM hosts over SSH. Each lab host has:
+
+- q35 with an emulated Intel IOMMU (``intel_iommu=on``), an e1000e kept for passthrough and an
+  NVMe controller with SR-IOV virtual functions;
+- kvm_amd with nested virtualization, vhost-net and KSM;
+- SSH on a loopback port of this machine (user-mode hostfwd, ``restrict=on``: the lab reaches
+  nothing outside), verified against the image's host key, with a key the lab generates;
+- a port on a private network: a bridge inside a network namespace the lab creates, which
+  never leaves this machine. The first host exports shared storage over NFS on it, mounted
+  at the same path on every host, and the hosts' work dirs live there.
+
+``kvmcheck lab down`` kills the hosts, deletes the namespace (their taps go with QEMU) and
+removes the lab's state dir; ``up`` on a running lab changes nothing.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import KvmCheckError, LabError
+from .image import cache_dir
+from .labimage import READY_MARKER, SHARED_MARKER, LabImage, build_lab_image
+
+PRIVATE_NET = ipaddress.ip_interface("10.77.0.10/24")  # host i gets .10+i
+SHARED_PATH = "/srv/kvmcheck"
+PASSTHROUGH_NIC = "8086:10d3"  # the e1000e each lab host keeps for device assignment
+BOOT_TIMEOUT = 180.0
+
+
+def lab_dir() -> Path:
+    """The lab's state: its key, known_hosts, inventory and each host's QEMU files."""
+    return Path(os.environ.get("KVMCHECK_LAB_DIR") or cache_dir() / "lab")
+
+
+def inventory_path() -> Path:
+    """What ``--kvm-hosts=lab`` reads."""
+    return lab_dir() / "inventory.toml"
+
+
+@dataclass
+class LabHost:
+    """One lab host as started: where its QEMU keeps its files and how to reach it."""
+
+    name: str
+    index: int
+    directory: str
+    ssh_port: int
+    private_ip: str
+    tap: str
+    pid: int = 0
+    assignable: tuple[str, ...] = ()
+    sriov_pf: str = ""
+
+    @property
+    def pidfile(self) -> str:
+        return f"{self.directory}/qemu.pid"
+
+    @property
+    def console(self) -> str:
+        return f"{self.directory}/console.log"
+
+    def alive(self) -> bool:
+        """Our QEMU (its argv names our pidfile: a recycled pid does not count)."""
+        try:
+            return self.pidfile in Path(f"/proc/{self.pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+
+
+def _sh(argv: list[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise LabError(f"the lab needs {argv[0]!r}: run the README's setup command") from None
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mac(kind: int, index: int) -> str:
+    return f"52:54:00:6c:{kind:02x}:{index:02x}"
+
+
+class Lab:
+    """The lab whose state lives in ``directory`` (one per machine by default)."""
+
+    def __init__(self, directory: Path | None = None, progress=None):
+        self.dir = Path(directory or lab_dir())
+        self.say = progress or (lambda msg: None)
+        tag = hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:6]
+        self.netns = f"kvmcheck-lab-{tag}"
+        self.tap_prefix = f"kcl{tag}-"
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "lab.json"
+
+    def hosts(self) -> list[LabHost]:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return []
+        return [LabHost(**{**h, "assignable": tuple(h.get("assignable", ()))}) for h in state["hosts"]]
+
+    def _save(self, hosts: list[LabHost], image: LabImage) -> None:
+        self.state_file.write_text(json.dumps({"image": image.digest, "netns": self.netns,
+                                               "hosts": [asdict(h) for h in hosts]}, indent=2))
+
+    def is_up(self) -> bool:
+        hosts = self.hosts()
+        return bool(hosts) and all(h.alive() for h in hosts) and (self.dir / "inventory.toml").is_file()
+
+    # ------------------------------------------------------------------ up
+    def up(self, count: int = 2, memory_mib: int = 4096, cpus: int = 1) -> list[LabHost]:
+        """Boot ``count`` lab hosts and write the inventory; a lab already up is left as it is."""
+        if count < 1 or count > 40:
+            raise LabError(f"--hosts must be between 1 and 40, got {count}")
+        if self.is_up():
+            hosts = self.hosts()
+            self.say(f"the lab is already up ({len(hosts)} hosts); 'kvmcheck lab down' first to change it")
+            return hosts
+        if self.hosts() or self.dir.exists():
+            self.say("removing what an earlier lab left")
+            self.down()
+        started = time.monotonic()
+        image = build_lab_image(progress=self.say)
+        self.say(f"lab image {image.digest} ready after {time.monotonic() - started:.0f} s")
+        try:
+            return self._boot(image, count, memory_mib, cpus, started)
+        except BaseException:  # a failure or Ctrl-C part way: nothing of the lab stays
+            self.down()
+            raise
+
+    def _boot(self, image: LabImage, count: int, memory_mib: int, cpus: int, started: float) -> list[LabHost]:
+        from .guest import RunKey
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key = RunKey.create(self.dir / "id_ed25519")
+        _sh(["ip", "netns", "add", self.netns])
+        _sh(["ip", "-n", self.netns, "link", "add", "br0", "type", "bridge"])
+        _sh(["ip", "-n", self.netns, "link", "set", "br0", "up"])
+        storage_ip = str(PRIVATE_NET.ip + 1)
+        hosts = []
+        for i in range(1, count + 1):
+            host = LabHost(name=f"lab-{i}", index=i, directory=str(self.dir / f"lab-{i}"), ssh_port=0,
+                           private_ip=f"{PRIVATE_NET.ip + i}/{PRIVATE_NET.network.prefixlen}",
+                           tap=f"{self.tap_prefix}{i}")
+            self._start(host, image, key.public_line, storage_ip, memory_mib, cpus)
+            hosts.append(host)
+            self._save(hosts, image)
+            self.say(f"{host.name}: QEMU {host.pid} started, SSH on 127.0.0.1:{host.ssh_port}")
+        (self.dir / "known_hosts").write_text(
+            "".join(f"[127.0.0.1]:{h.ssh_port} {image.host_public_key}\n" for h in hosts))
+        for host in hosts:
+            self._wait_ready(host)
+            self.say(f"{host.name}: ready after {time.monotonic() - started:.0f} s")
+        for host in hosts:
+            self._describe_devices(host)
+            self._wait_shared(host)
+        self._save(hosts, image)
+        self._write_inventory(hosts)
+        self.say(f"the lab is up: {count} hosts in {time.monotonic() - started:.0f} s; "
+                 f"use --kvm-hosts=lab")
+        return hosts
+
+    def _argv(self, host: LabHost, image: LabImage, public_key: str, storage_ip: str,
+              memory_mib: int, cpus: int) -> list[str]:
+        d = host.directory
+        args = " ".join([
+            image.kernel_args,
+            "kvmcheck.key=" + base64.b64encode(public_key.encode()).decode(),
+            f"kvmcheck.name={host.name}", f"kvmcheck.mgmt={_mac(0, host.index)}",
+            f"kvmcheck.lan={_mac(1, host.index)}", f"kvmcheck.ip={host.private_ip}",
+            f"kvmcheck.nfs={storage_ip}", f"kvmcheck.shared={SHARED_PATH}",
+        ])
+        return [
+            "qemu-system-x86_64", "-name", f"{host.name},process=kvmcheck-{host.name}",
+            "-machine", "q35,kernel-irqchip=split", "-accel", "tcg,thread=multi", "-cpu", "max",
+            "-smp", str(cpus), "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-display", "none",
+            "-device", "intel-iommu,intremap=on",
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", args,
+            # SSH from this machine only: loopback, and restrict=on keeps the host from reaching out.
+            "-netdev", f"user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{host.ssh_port}-:22",
+            "-device", f"virtio-net-pci,netdev=mgmt,mac={_mac(0, host.index)}",
+            "-netdev", f"tap,id=lan,ifname={host.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=lan,mac={_mac(1, host.index)}",
+            # Kept for passthrough: an e1000e with no network behind it, and an SR-IOV NVMe.
+            "-device", "e1000e,id=passthrough0,mac=" + _mac(2, host.index),
+            "-drive", f"file={d}/nvme.img,if=none,id=nvm0,format=raw",
+            "-device", "nvme-subsys,id=subsys0",
+            "-device", f"nvme,id=sriov0,serial=kvmcheck-{host.name},subsys=subsys0,sriov_max_vfs=2,"
+                       "sriov_vq_flexible=4,sriov_vi_flexible=2,max_ioqpairs=6,msix_qsize=4",
+            "-device", "nvme-ns,drive=nvm0,nsid=1",
+            "-device", "virtio-rng-pci",
+            "-serial", f"file:{host.console}", "-qmp", f"unix:{d}/qmp.sock,server=on,wait=off",
+            "-pidfile", host.pidfile, "-daemonize",
+        ]
+
+    def _start(self, host: LabHost, image: LabImage, public_key: str, storage_ip: str,
+               memory_mib: int, cpus: int) -> None:
+        os.makedirs(host.directory, exist_ok=True)
+        _sh(["qemu-img", "create", "-q", "-f", "raw", f"{host.directory}/nvme.img", "256M"])
+        for attempt in range(5):  # a free port can be taken between asking and binding
+            host.ssh_port = _free_port()
+            proc = _sh(self._argv(host, image, public_key, storage_ip, memory_mib, cpus), timeout=60, check=False)
+            if proc.returncode == 0:
+                break
+            if "host forwarding rule" not in proc.stderr or attempt == 4:
+                raise LabError(f"{host.name}: QEMU did not start: {proc.stderr.strip()[-500:]}")
+        host.pid = int(Path(host.pidfile).read_text().strip())
+        # The tap moves into the lab's namespace, onto its bridge: the private network stays there.
+        _sh(["ip", "link", "set", host.tap, "netns", self.netns])
+        _sh(["ip", "-n", self.netns, "link", "set", host.tap, "master", "br0", "up"])
+
+    def _console(self, host: LabHost) -> str:
+        try:
+            return Path(host.console).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _wait_for(self, host: LabHost, marker: str, what: str) -> None:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while marker not in self._console(host):
+            if not host.alive():
+                raise LabError(f"{host.name}: QEMU exited before {what}; console:\n{self._console(host)[-1500:]}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{host.name}: not {what} within {BOOT_TIMEOUT:.0f} s; "
+                               f"console:\n{self._console(host)[-1500:]}")
+            time.sleep(0.2)
+
+    def _wait_ready(self, host: LabHost) -> None:
+        self._wait_for(host, READY_MARKER, "ready")
+
+    def _wait_shared(self, host: LabHost) -> None:
+        self._wait_for(host, SHARED_MARKER, "mounted the shared storage")
+
+    def _describe_devices(self, host: LabHost) -> None:
+        """Find the passthrough NIC and the SR-IOV PF's addresses: the inventory lists them."""
+        transport = self.connect(host)
+        try:
+            out = transport.run(["lspci", "-D", "-n", "-d", PASSTHROUGH_NIC], timeout=30).check().stdout
+            host.assignable = tuple(line.split()[0] for line in out.splitlines() if line.strip())
+            for bdf in transport.listdir("/sys/bus/pci/devices"):
+                if transport.read_text(f"/sys/bus/pci/devices/{bdf}/sriov_totalvfs", default="0").strip() not in ("", "0"):
+                    host.sriov_pf = bdf
+        finally:
+            transport.close()
+
+    def spec(self, host: LabHost):
+        from .hostspec import parse_host
+        return parse_host(f"ssh://root@127.0.0.1:{host.ssh_port}?key={self.dir / 'id_ed25519'}"
+                          f"&known_hosts={self.dir / 'known_hosts'}&name={host.name}")
+
+    def connect(self, host: LabHost):
+        from .transport import connect
+        return connect(self.spec(host))
+
+    def _write_inventory(self, hosts: list[LabHost]) -> None:
+        lines = ["# Written by 'kvmcheck lab up'; removed by 'kvmcheck lab down'. Use: --kvm-hosts=lab", ""]
+        for h in hosts:
+            assignable = [*h.assignable, *([h.sriov_pf] if h.sriov_pf else [])]
+            lines += [
+                f"[hosts.{h.name}]",
+                f'url = "ssh://root@127.0.0.1:{h.ssh_port}"',
+                f'key = "{self.dir / "id_ed25519"}"',
+                f'known_hosts = "{self.dir / "known_hosts"}"',
+                f'workdir = "{SHARED_PATH}"  # on the shared storage: every host sees the same paths',
+                f'migrate_address = "{h.private_ip.split("/")[0]}"  # the private network',
+                'bridge = "br0"',
+                f"assignable = {json.dumps(assignable)}",
+                'tags = ["lab"]',
+                "",
+            ]
+        (self.dir / "inventory.toml").write_text("\n".join(lines))
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> list[dict]:
+        """Each host: alive, reachable, its kernel, KVM, nested, shared storage."""
+        out = []
+        for host in self.hosts():
+            row = {"name": host.name, "pid": host.pid, "ssh": f"127.0.0.1:{host.ssh_port}",
+                   "private_ip": host.private_ip, "alive": host.alive()}
+            if row["alive"]:
+                try:
+                    t = self.connect(host)
+                    try:
+                        row["kernel"] = t.run(["uname", "-r"], timeout=20).stdout.strip()
+                        row["kvm"] = t.exists("/dev/kvm")
+                        row["nested"] = t.read_text("/sys/module/kvm_amd/parameters/nested", default="-").strip()
+                        row["shared"] = t.run(["mountpoint", "-q", SHARED_PATH], timeout=20).ok
+                    finally:
+                        t.close()
+                except KvmCheckError as exc:
+                    row["error"] = str(exc)
+            out.append(row)
+        return out
+
+    # ------------------------------------------------------------------ down
+    def down(self) -> list[str]:
+        """Kill every lab host, delete the namespace and the state dir. Safe to repeat."""
+        notes = []
+        hosts = self.hosts()
+        for host in hosts:
+            if host.alive():
+                os.kill(host.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for host in hosts:
+            while host.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if host.alive():
+                os.kill(host.pid, signal.SIGKILL)
+                while host.alive():
+                    time.sleep(0.05)
+            notes.append(f"{host.name}: stopped (QEMU {host.pid})")
+        if _sh(["ip", "netns", "list"], check=False).stdout.split().count(self.netns):
+            _sh(["ip", "netns", "del", self.netns])
+            notes.append(f"deleted network namespace {self.netns}")
+        for link in _sh(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
+            name = link.split(":")[1].strip().split("@")[0] if ":" in link else ""
+            if name.startswith(self.tap_prefix):  # a tap whose move into the namespace never happened
+                _sh(["ip", "link", "del", name], check=False)
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+            notes.append(f"removed {self.dir}")
+        return notes
