@@ -83,6 +83,18 @@ class VMFactory:
         self.vms.append(vm)
         return vm
 
+    def many(self, spec: VMSpec, count: int, timeout: float | None = None) -> list[VM]:
+        """``count`` guests of one spec, started together and then awaited: their boots overlap."""
+        vms = [self.adopt(self.kvm_run.new_vm(self.kvm_host.name, spec)) for _ in range(count)]
+        try:
+            for vm in vms:
+                vm.start()
+            for vm in vms:
+                vm.wait_ready(timeout)
+        except KvmCheckError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        return vms
+
     def adopt(self, vm: VM) -> VM:
         """Own a VM started some other way (a migration destination): released like the rest."""
         self.vms.append(vm)

@@ -65,6 +65,7 @@ class LabHost:
     pid: int = 0
     assignable: tuple[str, ...] = ()
     sriov_pf: str = ""
+    ready_s: float = 0.0  # QEMU start to sshd up (the ready marker on the console)
 
     @property
     def pidfile(self) -> str:
@@ -166,6 +167,7 @@ class Lab:
             host = LabHost(name=f"lab-{i}", index=i, directory=str(self.dir / f"lab-{i}"), ssh_port=0,
                            private_ip=f"{PRIVATE_NET.ip + i}/{PRIVATE_NET.network.prefixlen}",
                            tap=f"{self.tap_prefix}{i}")
+            host.ready_s = time.monotonic()  # made a duration once the host is ready
             self._start(host, image, key.public_line, storage_ip, memory_mib, cpus)
             hosts.append(host)
             self._save(hosts, image)
@@ -174,7 +176,8 @@ class Lab:
             "".join(f"[127.0.0.1]:{h.ssh_port} {image.host_public_key}\n" for h in hosts))
         for host in hosts:
             self._wait_ready(host)
-            self.say(f"{host.name}: ready after {time.monotonic() - started:.0f} s")
+            host.ready_s = time.monotonic() - host.ready_s
+            self.say(f"{host.name}: ready, {host.ready_s:.1f} s after its QEMU started")
         for host in hosts:
             self._describe_devices(host)
             self._wait_shared(host)

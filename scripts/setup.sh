@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static dropbear-bin pciutils iproute2 kmod procps
           openssh-server openssh-client socat python3-venv ca-certificates
-          mmdebstrap extlinux syslinux-common e2fsprogs mount)  # the last line: the cloud test image
+          gcc libc6-dev \
+          mmdebstrap extlinux syslinux-common e2fsprogs mount)  # gcc: the guest's KVM probe; the last line: images
 
 missing=()
 for p in "${PACKAGES[@]}"; do
