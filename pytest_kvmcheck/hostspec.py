@@ -3,7 +3,7 @@
 Accepted forms, comma separated::
 
     local                                   this machine, via subprocesses
-    ssh://user@host[:port][?key=..&qemu=..&qemu_img=..&workdir=..&accel=..&name=..
+    ssh://user@host[:port][?key=..&qemu=..&qemu_img=..&workdir=..&accel=..&name=..&boot_timeout=..
                                             &accept_new_host_key=1&known_hosts=..]
     @inventory.toml                         a TOML inventory (see fixtures/inventory.example.toml)
     lab                                     the virtual KVM lab's inventory, once it is up
@@ -29,7 +29,7 @@ ACCELS = ("auto", "kvm", "tcg")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
                "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address",
-               "bridge"}
+               "bridge", "boot_timeout"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
 
@@ -54,6 +54,7 @@ class HostSpec:
     tags: tuple[str, ...] = ()
     migrate_address: str | None = None  # where other hosts reach this one's migration listener
     bridge: str | None = None  # a Linux bridge guests' bridged NICs join (it must have an IPv4 address)
+    boot_timeout: int | None = None  # seconds a guest may take to boot there (slow hosts: nested, emulated)
 
     @property
     def migration_address(self) -> str:
@@ -106,7 +107,7 @@ def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:
             changes["accel"] = None if value == "auto" else value
         elif key == "accept_new_host_key":
             changes[key] = value if isinstance(value, bool) else _bool(value, what)
-        elif key == "memory_budget_mib":
+        elif key in ("memory_budget_mib", "boot_timeout"):
             changes[key] = _int(value, what)
         elif key in ("tags", "assignable"):
             changes[key] = _list(value)

@@ -40,6 +40,7 @@ PRIVATE_NET = ipaddress.ip_interface("10.77.0.10/24")  # host i gets .10+i
 SHARED_PATH = "/srv/kvmcheck"
 PASSTHROUGH_NIC = "8086:10d3"  # the e1000e each lab host keeps for device assignment
 BOOT_TIMEOUT = 180.0
+GUEST_BOOT_TIMEOUT = 300
 
 
 def lab_dir() -> Path:
@@ -291,6 +292,7 @@ class Lab:
                 f'workdir = "{SHARED_PATH}"  # on the shared storage: every host sees the same paths',
                 f'migrate_address = "{h.private_ip.split("/")[0]}"  # the private network',
                 'bridge = "br0"',
+                f"boot_timeout = {GUEST_BOOT_TIMEOUT}  # guests under nested KVM on an emulated CPU: ~20 s idle, more when busy",
                 f"assignable = {json.dumps(assignable)}",
                 'tags = ["lab"]',
                 "",

@@ -196,6 +196,8 @@ class VM:
 
     @property
     def default_boot_timeout(self) -> float:
+        if self.host.spec.boot_timeout:
+            return float(self.host.spec.boot_timeout)
         return DISK_IMAGE_BOOT_TIMEOUT if self.host_run.boot_disk else DEFAULT_BOOT_TIMEOUT
 
     def wait_ready(self, timeout: float | None = None) -> "VM":

@@ -1,0 +1,75 @@
+"""The virtual KVM lab, as CI runs it: up, the KVM-only suites pass there (not skip), down leaves nothing.
+
+The smoke set is the issue's: kvm-clock, nested virtualization, and a live migration each way
+between the two lab hosts over the private network with the shared storage.
+"""
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import SUITES, qemu_processes, run_pytest
+
+KVMCHECK = str(Path(sys.executable).parent / "kvmcheck")
+SMOKE = "kvmclock or nested or (shared_storage and precopy)"
+
+
+def kvmcheck(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([KVMCHECK, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def lab_dir(monkeypatch):
+    path = Path(f"/tmp/kc-lab-{secrets.token_hex(3)}")
+    monkeypatch.setenv("KVMCHECK_LAB_DIR", str(path))  # the test's own lab, beside any lab of the user's
+    yield path
+    kvmcheck("lab", "down", timeout=120)
+
+
+def lab_leftovers(lab_dir: Path) -> list[str]:
+    from pytest_kvmcheck.lab import Lab
+    lab = Lab(lab_dir)
+    left = [f"QEMU {pid}" for pid in qemu_processes(str(lab_dir))]
+    if lab.netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
+        left.append(f"namespace {lab.netns}")
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    left += [f"link {m}" for m in re.findall(rf"\d+: ({re.escape(lab.tap_prefix)}\S*?)[:@]", links)]
+    if lab_dir.exists():
+        left.append(f"dir {lab_dir}")
+    return left
+
+
+def test_lab_up_smoke_down(pytester, lab_dir):
+    up = kvmcheck("lab", "up", "--hosts", "2")
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert "the lab is up: 2 hosts" in up.stderr, up.stderr
+    status = kvmcheck("lab", "status", timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    for name in ("lab-1", "lab-2"):
+        assert re.search(rf"name={name} .*alive=True .*kvm=True .*nested=1 .*shared=True", status.stdout), status.stdout
+    again = kvmcheck("lab", "up", "--hosts", "2", timeout=120)
+    assert again.returncode == 0 and "already up" in again.stderr, again.stderr
+    assert lab_leftovers(lab_dir)  # (sanity: the leak check sees a running lab)
+
+    result = run_pytest(pytester, f"{SUITES}/test_kvmclock.py", f"{SUITES}/test_nested.py",
+                        f"{SUITES}/test_migration.py", "-k", SMOKE, "--kvm-hosts=lab", "--junitxml=junit.xml",
+                        timeout=1800)
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-5000:]
+    assert outcomes.get("skipped", 0) == 0, "in the lab these must run, not skip:\n" + result.stdout.str()[-3000:]
+    verdicts = "\n".join(result.outlines)
+    for host in ("lab-1", "lab-2"):
+        for feature in ("test_kvmclock", "test_nested", "test_migration"):
+            assert re.search(rf"^{host}\s+{feature}\s+PASS", verdicts, re.M), verdicts[-2000:]
+        assert re.search(rf"host {host}: QEMU [\d.]+, accel kvm,", verdicts), verdicts[-2000:]
+    junit = (pytester.path / "junit.xml").read_text()
+    for source, dest, address in (("lab-1", "lab-2", "10.77.0.12"), ("lab-2", "lab-1", "10.77.0.11")):
+        assert re.search(rf"{source} -&gt; {dest} \(precopy\) over tcp:{re.escape(address)}:", junit), \
+            f"no {source} -> {dest} migration over the private network in the report"
+
+    down = kvmcheck("lab", "down", timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not lab_leftovers(lab_dir), lab_leftovers(lab_dir)
