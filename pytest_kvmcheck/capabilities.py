@@ -220,18 +220,20 @@ def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tupl
             "-display", "none", "-no-reboot", "-kernel", kernel, "-append", "console=ttyS0 panic=-1",
             "-serial", f"file:{console}", "-pidfile", pidfile, "-daemonize"]
     started = time.monotonic()
+    # A slow host (boot_timeout= in its spec: nested, emulated) gets a deadline in proportion.
+    deadline = max(KVM_PROBE_TIMEOUT, (host.spec.boot_timeout or 0) / 5)
     try:
         result = host.run(argv, timeout=30)
         if not result.ok:
             return False, f"QEMU refused -accel kvm: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'exit ' + str(result.exit_status)}"
-        seen = poll(lambda: "Linux version" in host.read_text(console, default=""), KVM_PROBE_TIMEOUT, 0.1)
+        seen = poll(lambda: "Linux version" in host.read_text(console, default=""), deadline, 0.1)
         if seen:
             return True, f"a guest reached its kernel under KVM in {time.monotonic() - started:.1f} s"
         pid = host.read_text(pidfile, default="").strip()
         if pid.isdigit() and not host.pid_alive(int(pid)):
             return False, "QEMU died under -accel kvm before the guest kernel started"
         return False, (f"/dev/kvm exists but a guest under -accel kvm printed nothing within "
-                       f"{KVM_PROBE_TIMEOUT:.0f} s (it hangs before reaching guest code)")
+                       f"{deadline:.0f} s (it hangs before reaching guest code)")
     finally:
         kill_vm_dir(host, workdir, grace=1.0)
         host.remove_tree(workdir)

@@ -1,9 +1,11 @@
-"""Host settings a test changes and must give back: sysfs knobs (KSM now; device bindings next).
+"""Host settings a test changes and must give back: sysfs knobs and device bindings.
 
 A test that turns a host-wide knob takes a :class:`SysfsSettings` first: it records the
 values, writes new ones through the host's transport (``tee``, an argv: no shell), and
-:meth:`SysfsSettings.restore` writes the recorded values back and checks they took, so a
-run leaves every host as it found it and says so when it cannot.
+:meth:`SysfsSettings.restore` writes the recorded values back and checks they took. A test
+that assigns a PCI device takes a :class:`VfioBinding`: only devices the host's inventory
+lists as assignable, handed to vfio-pci and back to the driver they had. A run leaves every
+host as it found it, and says so when it cannot.
 """
 from __future__ import annotations
 
@@ -11,6 +13,20 @@ import posixpath
 
 from .errors import HostError
 from .transport import Host
+
+
+def write_sysfs(host: Host, path: str, value) -> None:
+    result = host.run(["tee", path], input=f"{value}\n", timeout=60)
+    if not result.ok:
+        raise HostError(f"host {host.name}: cannot write {str(value)!r} to {path}: "
+                        f"{result.stderr.strip() or 'exit ' + str(result.exit_status)} "
+                        f"(the test needs root on the host and a writable /sys)")
+
+
+def link_name(host: Host, path: str) -> str:
+    """The last part of a sysfs symlink's target (a driver, an IOMMU group), "" if there is none."""
+    result = host.run(["readlink", path], timeout=30)
+    return posixpath.basename(result.stdout.strip()) if result.ok else ""
 
 
 class SysfsSettings:
@@ -29,11 +45,7 @@ class SysfsSettings:
         return int(self.read(name))
 
     def write(self, name: str, value) -> None:
-        result = self.host.run(["tee", self.path(name)], input=f"{value}\n", timeout=60)
-        if not result.ok:
-            raise HostError(f"host {self.host.name}: cannot write {value} to {self.path(name)}: "
-                            f"{result.stderr.strip() or 'exit ' + str(result.exit_status)} "
-                            f"(the test needs root on the host and a writable /sys)")
+        write_sysfs(self.host, self.path(name), value)
         self.changed = True
 
     def restore(self, before: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
@@ -48,3 +60,78 @@ class SysfsSettings:
         self.changed = False
         return {name: (self.original[name], now) for name in self.names
                 if (now := self.read(name)) != self.original[name]}
+
+
+class NotAssignable(HostError):
+    """A test asked for a device the host's inventory does not list as assignable."""
+
+
+class VfioBinding:
+    """One assignable PCI device, handed to vfio-pci for a guest and given back afterwards.
+
+    The modern form of the handbook's pci-stub steps: ``driver_override`` names vfio-pci,
+    the device is unbound from its driver and ``drivers_probe`` binds it; :meth:`restore`
+    clears the override and probes again, so the original driver takes it back.
+    """
+
+    def __init__(self, host: Host, bdf: str, assignable: tuple[str, ...] | list[str]):
+        if bdf not in assignable:
+            raise NotAssignable(f"host {host.name}: {bdf} is not listed as assignable (assignable= in the "
+                                f"host spec lists {', '.join(assignable) or 'nothing'}); refusing to touch it")
+        self.host, self.bdf = host, bdf
+        self.dev = f"/sys/bus/pci/devices/{bdf}"
+        if not host.exists(self.dev):
+            raise HostError(f"host {host.name}: the assignable device {bdf} does not exist ({self.dev})")
+        self.original_driver = self.driver()
+        self.bound = False
+
+    def driver(self) -> str:
+        return link_name(self.host, f"{self.dev}/driver")
+
+    @property
+    def ids(self) -> str:
+        """``vendor:device`` as lspci -n shows it."""
+        read = lambda name: self.host.read_text(f"{self.dev}/{name}").strip().removeprefix("0x")  # noqa: E731
+        return f"{read('vendor')}:{read('device')}"
+
+    @property
+    def iommu_group(self) -> str:
+        return link_name(self.host, f"{self.dev}/iommu_group")
+
+    def group_members(self) -> dict[str, str]:
+        """Every device in the IOMMU group, with its driver ("" for none)."""
+        group = f"/sys/kernel/iommu_groups/{self.iommu_group}/devices"
+        return {bdf: link_name(self.host, f"{group}/{bdf}/driver") for bdf in self.host.listdir(group)}
+
+    def bind(self) -> "VfioBinding":
+        self.bound = True
+        write_sysfs(self.host, f"{self.dev}/driver_override", "vfio-pci")
+        if self.original_driver and self.original_driver != "vfio-pci":
+            write_sysfs(self.host, f"{self.dev}/driver/unbind", self.bdf)
+        if self.driver() != "vfio-pci":
+            write_sysfs(self.host, "/sys/bus/pci/drivers_probe", self.bdf)
+        if self.driver() != "vfio-pci":
+            raise HostError(f"host {self.host.name}: {self.bdf} did not bind to vfio-pci (driver now "
+                            f"{self.driver() or 'none'}): is the vfio-pci module loaded?")
+        return self
+
+    def restore(self) -> str:
+        """Give the device back to its original driver; return the driver it has now."""
+        if not self.bound:
+            return self.driver()
+        if self.driver() == "vfio-pci" and self.original_driver != "vfio-pci":
+            write_sysfs(self.host, f"{self.dev}/driver/unbind", self.bdf)
+        write_sysfs(self.host, f"{self.dev}/driver_override", "")
+        if self.original_driver and self.driver() != self.original_driver:
+            write_sysfs(self.host, "/sys/bus/pci/drivers_probe", self.bdf)
+        self.bound = False
+        return self.driver()
+
+    def __enter__(self) -> "VfioBinding":
+        return self.bind()
+
+    def __exit__(self, *exc) -> None:
+        now = self.restore()
+        if exc[0] is None and now != self.original_driver:
+            raise HostError(f"host {self.host.name}: {self.bdf} should be back on {self.original_driver or 'no driver'}, "
+                            f"it is on {now or 'no driver'}")

@@ -62,6 +62,7 @@ class VMSpec:
     nics: tuple[Nic, ...] = (Nic(),)
     disks: tuple[Disk, ...] = ()
     balloon: bool = False
+    host_devices: tuple[str, ...] = ()  # PCI addresses on the host, assigned with vfio-pci (bind them first)
     extra_args: tuple[str, ...] = ()
     kernel_args: tuple[str, ...] = ()
 
@@ -172,6 +173,8 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
         argv += ["-device", f"{disk.interface},drive=disk{i},id=disk{i}{serial}"]
     if spec.balloon:
         argv += ["-device", "virtio-balloon-pci,id=balloon0"]
+    for i, bdf in enumerate(spec.host_devices):
+        argv += ["-device", f"vfio-pci,host={bdf},id=hostdev{i}"]
     argv += list(spec.extra_args)
     return argv
 

@@ -163,12 +163,14 @@ def test_assigned_device_hotplug(hotplug_guest, kvm_host, kvm_note):
     """Handbook 3.1: ``device_add pci-assign,host=BDF`` is ``device_add vfio-pci,host=BDF`` today."""
     from pytest_kvmcheck.handbook import describe, form
     kvm_note("handbook", describe(form("-device pci-assign,host=BDF")))
-    vm, bdf = hotplug_guest, kvm_host.caps.assignable[0]
-    ids = kvm_host.transport.read_text(f"/sys/bus/pci/devices/{bdf}/vendor").strip()[2:] + ":" + \
-        kvm_host.transport.read_text(f"/sys/bus/pci/devices/{bdf}/device").strip()[2:]
-    vm.qmp.cmd("device_add", driver="vfio-pci", host=bdf, id="hpvfio")
-    try:
-        seen = poll(lambda: vm.run(f"lspci -n -d {ids}").stdout.strip(), APPEAR_S, 0.2)
-        assert seen, f"the assigned device {bdf} ({ids}) did not appear in the guest's lspci"
-    finally:
-        unplug(vm, "hpvfio")
+    from pytest_kvmcheck.hostsettings import VfioBinding
+    devices = [d for d in kvm_host.caps.assignable if d not in kvm_host.caps.sriov_pfs] or kvm_host.caps.assignable
+    vm, binding = hotplug_guest, VfioBinding(kvm_host.transport, devices[0], kvm_host.caps.assignable)
+    ids = binding.ids
+    with binding:  # the device goes to vfio-pci and, after the unplug, back to its own driver
+        vm.qmp.cmd("device_add", driver="vfio-pci", host=binding.bdf, id="hpvfio")
+        try:
+            seen = poll(lambda: vm.run(f"lspci -n -d {ids}").stdout.strip(), APPEAR_S, 0.2)
+            assert seen, f"the assigned device {binding.bdf} ({ids}) did not appear in the guest's lspci"
+        finally:
+            unplug(vm, "hpvfio")

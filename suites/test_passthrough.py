@@ -1,0 +1,91 @@
+"""Handbook 2.1, PCI device assignment (VT-d / AMD-Vi).
+
+The handbook binds the device to pci-stub and starts QEMU with ``-device pci-assign``. Both
+are gone as a way to assign: pci-assign was removed in QEMU 2.12, and today the host gives
+the device to vfio-pci (``driver_override`` + ``drivers_probe``, per device rather than by
+vendor:device ID as pci-stub's ``new_id`` did) and QEMU takes it with ``-device vfio-pci``.
+The host must have its IOMMU on, and every device in the device's IOMMU group must be bound
+to vfio-pci or to nothing. Only devices the host's inventory lists as ``assignable`` are
+ever touched, and each goes back to its own driver afterwards (the handbook's "let the host
+use the device again").
+"""
+import re
+
+import pytest
+
+from pytest_kvmcheck import VMSpec
+from pytest_kvmcheck.guestinfo import pci_driver
+from pytest_kvmcheck.handbook import describe, form
+from pytest_kvmcheck.hostsettings import NotAssignable, VfioBinding
+from pytest_kvmcheck.vm import poll
+
+pytestmark = pytest.mark.kvm_requires("kvm", "iommu", "assignable")
+
+IOMMU_ON = re.compile(r"DMAR: IOMMU enabled|AMD-Vi: .*(Interrupt remapping|IOMMU performance counters)|"
+                      r"iommu: Default domain type", re.I)
+GUEST_DRIVER_S = 30.0
+
+
+def assignable_device(kvm_host) -> str:
+    """The first assignable device that is not an SR-IOV physical function (the SR-IOV suite's)."""
+    devices = [d for d in kvm_host.caps.assignable if d not in kvm_host.caps.sriov_pfs]
+    if not devices:
+        pytest.skip(f"host {kvm_host.name}: needs assignable: every assignable device is an SR-IOV PF")
+    return devices[0]
+
+
+@pytest.fixture
+def binding(kvm_host):
+    device = VfioBinding(kvm_host.transport, assignable_device(kvm_host), kvm_host.caps.assignable)
+    yield device
+    now = device.restore()
+    assert now == device.original_driver, \
+        f"host {kvm_host.name}: {device.bdf} should be back on {device.original_driver or 'no driver'}, it is on {now or 'none'}"
+
+
+def test_host_iommu_is_on(kvm_host):
+    dmesg = kvm_host.transport.run(["dmesg"], timeout=60).check("dmesg").stdout
+    lines = [line for line in dmesg.splitlines() if re.search(r"DMAR|AMD-Vi|iommu", line, re.I)]
+    assert any(IOMMU_ON.search(line) for line in lines), \
+        f"host {kvm_host.name}: dmesg shows no enabled IOMMU; its IOMMU lines:\n" + "\n".join(lines[:20])
+    assert kvm_host.transport.listdir("/sys/kernel/iommu_groups"), "/sys/kernel/iommu_groups is empty"
+
+
+def test_iommu_group_is_viable_once_bound(binding, kvm_host):
+    assert binding.iommu_group, f"{binding.bdf} has no IOMMU group"
+    with binding:
+        members = binding.group_members()
+        blocking = {bdf: drv for bdf, drv in members.items() if drv not in ("", "vfio-pci", "pcieport")}
+        assert not blocking, f"IOMMU group {binding.iommu_group} of {binding.bdf} is not viable: members bound to " \
+                             f"host drivers: {blocking}"
+        assert kvm_host.transport.exists(f"/dev/vfio/{binding.iommu_group}"), \
+            f"vfio-pci holds {binding.bdf} but /dev/vfio/{binding.iommu_group} is missing"
+
+
+def test_guest_sees_assigned_device_and_binds_its_driver(binding, boot_vm, kvm_host, kvm_note):
+    kvm_note("handbook", describe(form("-device pci-assign,host=BDF")))
+    ids = binding.ids
+    with binding:
+        vm = boot_vm(VMSpec(host_devices=(binding.bdf,)))
+        listed = vm.run(f"lspci -n -d {ids}", check=True).stdout.strip()
+        assert listed, f"the guest's lspci does not show the assigned {ids} ({binding.bdf} on the host)"
+        driver = poll(lambda: pci_driver(vm, ids), GUEST_DRIVER_S, 0.5)
+        kvm_note("passthrough", f"{binding.bdf} ({ids}) from host driver {binding.original_driver} -> guest: "
+                                f"{listed}, driver {driver or 'none'}")
+        assert driver, f"no guest driver bound the assigned {ids} within {GUEST_DRIVER_S:.0f} s"
+        assert binding.driver() == "vfio-pci", "the device left vfio-pci while the guest held it"
+        vm.destroy()
+    assert binding.driver() == binding.original_driver, \
+        f"after the guest, {binding.bdf} should be back on {binding.original_driver}, it is on {binding.driver() or 'none'}"
+
+
+def test_unlisted_devices_are_never_touched(kvm_host):
+    """Safety: a device missing from assignable= is refused before anything is written."""
+    unlisted = [d for d in kvm_host.transport.listdir("/sys/bus/pci/devices") if d not in kvm_host.caps.assignable]
+    assert unlisted, "every PCI device of the host is assignable: nothing to check"
+    from pytest_kvmcheck.hostsettings import link_name
+    driver = f"/sys/bus/pci/devices/{unlisted[0]}/driver"
+    before = link_name(kvm_host.transport, driver)
+    with pytest.raises(NotAssignable, match="not listed as assignable"):
+        VfioBinding(kvm_host.transport, unlisted[0], kvm_host.caps.assignable).bind()
+    assert link_name(kvm_host.transport, driver) == before

@@ -1,0 +1,47 @@
+"""The lab's QEMU command line and inventory: pure logic, no QEMU started."""
+from pathlib import Path
+
+from pytest_kvmcheck.hostspec import load_inventory
+from pytest_kvmcheck.lab import Lab, LabHost
+from pytest_kvmcheck.labimage import LabImage
+
+
+def lab_and_host(tmp_path):
+    lab = Lab(tmp_path / "lab")
+    host = LabHost(name="lab-2", index=2, directory=str(tmp_path / "lab/lab-2"), ssh_port=40022,
+                   private_ip="10.77.0.12/24", tap=f"{lab.tap_prefix}2", assignable=("0000:00:03.0",),
+                   sriov_pf="0000:00:04.0")
+    image = LabImage(Path("/img"), "d1g3st", "6.1.0-1-amd64", "console=ttyS0 intel_iommu=on")
+    return lab, host, image
+
+
+def test_lab_host_argv_keeps_everything_on_this_machine(tmp_path):
+    lab, host, image = lab_and_host(tmp_path)
+    argv = lab._argv(host, image, "ssh-ed25519 AAAA lab", "10.77.0.11", 4096, 1)
+    joined = " ".join(argv)
+    assert "user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22" in joined  # SSH on loopback only
+    assert f"tap,id=lan,ifname={lab.tap_prefix}2,script=no,downscript=no" in joined
+    assert argv[argv.index("-cpu") + 1] == "max" and "tcg,thread=multi" in argv
+    assert "intel-iommu,intremap=on" in argv and "q35,kernel-irqchip=split" in argv
+    assert any(a.startswith("nvme,") and "sriov_max_vfs=2" in a for a in argv)
+    assert any(a.startswith("e1000e,") for a in argv)
+    append = argv[argv.index("-append") + 1]
+    assert "kvmcheck.ip=10.77.0.12/24" in append and "kvmcheck.nfs=10.77.0.11" in append
+    assert "intel_iommu=on" in append
+    assert len(lab.tap_prefix) + 2 <= 15  # IFNAMSIZ
+
+
+def test_inventory_lists_private_address_shared_workdir_and_assignable(tmp_path):
+    lab, host, _ = lab_and_host(tmp_path)
+    lab.dir.mkdir(parents=True)
+    lab._write_inventory([host])
+    (spec,) = load_inventory(lab.dir / "inventory.toml")
+    assert spec.name == "lab-2" and spec.port == 40022 and spec.hostname == "127.0.0.1"
+    assert spec.migrate_address == "10.77.0.12" and spec.bridge == "br0"
+    assert spec.workdir == "/srv/kvmcheck" and spec.boot_timeout == 300
+    assert spec.assignable == ("0000:00:03.0", "0000:00:04.0")
+    assert spec.known_hosts == str(lab.dir / "known_hosts") and not spec.accept_new_host_key
+
+
+def test_two_lab_dirs_get_separate_namespaces(tmp_path):
+    assert Lab(tmp_path / "a").netns != Lab(tmp_path / "b").netns
