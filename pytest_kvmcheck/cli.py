@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except KvmCheckError as exc:
         print(f"kvmcheck: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kvmcheck: interrupted; nothing it started is left running", file=sys.stderr)
+        return 130
     return 0
 
 

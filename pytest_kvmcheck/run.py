@@ -76,8 +76,12 @@ def kill_vm_dir(host: Host, vm_dir: str, grace: float = 3.0) -> bool:
     return True
 
 
-def remove_run(host: Host, run_dir: str, keep_kept: bool = False) -> list[str]:
-    """Kill every QEMU of a run and remove its dir. Returns what was killed or kept."""
+def remove_run(host: Host, run_dir: str, keep_kept: bool = False, remove: bool = True) -> list[str]:
+    """Kill every QEMU of a run and remove its dir (``remove``). Returns what was killed or kept.
+
+    Hosts sharing a work dir (shared storage) share the run dir: kill on every host first,
+    then remove, or the first removal hides the other hosts' VM dirs from the kill.
+    """
     notes = []
     kept = False
     for name in host.listdir(run_dir):
@@ -88,7 +92,7 @@ def remove_run(host: Host, run_dir: str, keep_kept: bool = False) -> list[str]:
             continue
         if kill_vm_dir(host, vm_dir):
             notes.append(f"killed QEMU of {vm_dir}")
-    if not kept:
+    if remove and not kept:
         host.remove_tree(run_dir)
     return notes
 

@@ -200,19 +200,22 @@ class KvmRun:
         stop_all_vms()
         self.close()
         notes, kept = [], False
-        for name, state in self.prepared_states().items():
-            if "host_run" not in state:
-                continue
-            try:
-                transport = connect(self.specs[name])
+        states = {name: state for name, state in self.prepared_states().items() if "host_run" in state}
+        for remove in (False, True):  # kill on every host before removing (hosts may share the run dir)
+            for name, state in states.items():
                 try:
-                    for note in remove_run(transport, state["host_run"]["run_dir"], keep_kept=True):
-                        kept |= note.startswith("kept")
-                        notes.append(f"host {name}: {note}")
-                finally:
-                    transport.close()
-            except KvmCheckError as exc:
-                notes.append(f"host {name}: could not clean up ({exc}); the next run there will")
+                    transport = connect(self.specs[name])
+                    try:
+                        for note in remove_run(transport, state["host_run"]["run_dir"], keep_kept=True,
+                                               remove=remove):
+                            kept |= note.startswith("kept")
+                            if f"host {name}: {note}" not in notes:  # a kept VM is seen by both passes
+                                notes.append(f"host {name}: {note}")
+                    finally:
+                        transport.close()
+                except KvmCheckError as exc:
+                    if remove:
+                        notes.append(f"host {name}: could not clean up ({exc}); the next run there will")
         if kept:
             (self.state_dir / KEEP_MARKER).write_text("")
             notes.append(f"the run's SSH key for kept VMs stays in {self.state_dir}")

@@ -5,8 +5,10 @@ between the two lab hosts over the private network with the shared storage.
 """
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,4 +74,27 @@ def test_lab_up_smoke_down(pytester, lab_dir):
 
     down = kvmcheck("lab", "down", timeout=120)
     assert down.returncode == 0, down.stderr
+    assert not lab_leftovers(lab_dir), lab_leftovers(lab_dir)
+
+
+def test_lab_up_interrupted_leaves_nothing(lab_dir):
+    """Ctrl-C while the hosts boot: the lab takes itself down, and says so."""
+    proc = subprocess.Popen([KVMCHECK, "lab", "up", "--hosts", "2"], stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    watchdog = threading.Timer(900, proc.kill)  # the image may be built first
+    watchdog.start()
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if re.search(r"lab-2: QEMU \d+ started", line):
+                break
+        assert any("lab-2: QEMU" in line for line in seen), "".join(seen)
+        assert lab_leftovers(lab_dir), "the lab had started nothing to leave"
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130, rest
+    finally:
+        watchdog.cancel()
+    assert "interrupted" in rest, rest
     assert not lab_leftovers(lab_dir), lab_leftovers(lab_dir)
