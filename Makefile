@@ -2,7 +2,7 @@
 PYTEST = .venv/bin/pytest
 REPORTS = reports
 
-.PHONY: setup suite test lint bench clean
+.PHONY: setup suite lab-suite test lint bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,13 @@ suite: setup
 	status=$$?; \
 	echo "reports: $(REPORTS)/report.html (HTML), $(REPORTS)/allure (Allure results), $(REPORTS)/junit.xml (JUnit)"; \
 	exit $$status
+
+# The full lab run: the virtual KVM lab's hosts (booted if not up), every suite, reports under reports/lab.
+lab-suite: setup
+	.venv/bin/kvmcheck lab up
+	$(PYTEST) suites --kvm-hosts=lab -n 2 --dist loadscope \
+	  --html=$(REPORTS)/lab/report.html --self-contained-html \
+	  --alluredir=$(REPORTS)/lab/allure --junitxml=$(REPORTS)/lab/junit.xml $(PYTEST_ARGS)
 
 test: setup
 	.venv/bin/ruff check pytest_kvmcheck suites tests benchmarks
