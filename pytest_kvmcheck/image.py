@@ -46,8 +46,8 @@ def cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class TinyImage:
-    """A built tiny guest: kernel, initramfs and the public half of its SSH host key."""
+class KernelImage:
+    """A built image booted with -kernel/-initrd: its files and the public half of its SSH host key."""
 
     directory: Path
     digest: str
@@ -68,8 +68,14 @@ class TinyImage:
 
     @property
     def host_public_key(self) -> str:
-        """``ssh-ed25519 AAAA...``: guests are verified against this, never trusted blindly."""
+        """``ssh-ed25519 AAAA...``: the image's sshd is verified against this, never trusted blindly."""
         return " ".join((self.directory / "host_key.pub").read_text().split()[:2])
+
+
+
+@dataclass(frozen=True)
+class TinyImage(KernelImage):
+    """The tiny guest: a Debian kernel with a busybox initramfs and dropbear."""
 
     @classmethod
     def load(cls, directory: Path) -> "TinyImage":

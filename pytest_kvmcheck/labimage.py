@@ -21,32 +21,17 @@ from pathlib import Path
 
 from .cloudimage import _apt_source_files
 from .errors import ImageBuildError
-from .image import CpioWriter, _run, cached_build, fixtures_dir, load_recipe, module_closure, pvh_kernel
+from .image import CpioWriter, KernelImage, _run, cached_build, fixtures_dir, load_recipe, module_closure, pvh_kernel
 
 READY_MARKER = "KVMCHECK-LAB-READY"
 SHARED_MARKER = "KVMCHECK-SHARED"
 
 
 @dataclass(frozen=True)
-class LabImage:
-    directory: Path
-    digest: str
-    kernel_version: str
-    kernel_args: str
+class LabImage(KernelImage):
+    """The lab host image; its host key goes into the lab's known_hosts."""
 
-    @property
-    def kernel(self) -> Path:
-        elf = self.directory / "vmlinux"
-        return elf if elf.exists() else self.directory / "vmlinuz"
-
-    @property
-    def initrd(self) -> Path:
-        return self.directory / "initrd.img"
-
-    @property
-    def host_public_key(self) -> str:
-        """The lab hosts' SSH host key (``ssh-ed25519 AAAA...``), written to the lab's known_hosts."""
-        return " ".join((self.directory / "host_key.pub").read_text().split()[:2])
+    kernel_args: str = ""
 
     @classmethod
     def load(cls, directory: Path) -> "LabImage":

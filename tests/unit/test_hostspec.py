@@ -34,9 +34,17 @@ def test_ssh_url_with_options():
     ("local,local", "given twice"),
     ("lab", "lab is not up"),
 ])
-def test_bad_entries_name_the_bad_part(entry, fragment):
+def test_bad_entries_name_the_bad_part(entry, fragment, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMCHECK_LAB_DIR", str(tmp_path / "no-lab"))  # a lab the user has up does not count
     with pytest.raises(HostSpecError, match=fragment.replace("(", r"\(")):
         parse_hosts(entry)
+
+
+def test_lab_reads_the_inventory_lab_up_wrote(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMCHECK_LAB_DIR", str(tmp_path))
+    (tmp_path / "inventory.toml").write_text('[hosts.lab-1]\nurl = "ssh://root@127.0.0.1:2222"\n')
+    (spec,) = parse_hosts("lab")
+    assert spec.name == "lab-1" and spec.port == 2222
 
 
 def test_secret_never_echoed():
