@@ -9,10 +9,53 @@ host as it found it, and says so when it cannot.
 """
 from __future__ import annotations
 
+import os
 import posixpath
+import socket
+import time
 
 from .errors import HostError
 from .transport import Host
+
+LOCK_STALE_S = 1800.0  # a lock older than this was left by a run that was killed
+LOCK_WAIT_S = 900.0
+
+
+class HostLock:
+    """A named mutex on one host, across processes, xdist workers and runs.
+
+    Host-wide knobs (KSM) and devices (a PCI function) must have one user at a time: two
+    runs on one machine, or two workers of one run, would otherwise undo each other.
+    ``mkdir`` is atomic on every filesystem, so the lock is a directory in the host's /tmp.
+    """
+
+    def __init__(self, host: Host, name: str, wait: float = LOCK_WAIT_S):
+        self.host, self.name, self.wait = host, name, wait
+        self.path = f"/tmp/kvmcheck-lock-{name.replace('/', '_')}"
+        self.owner = f"{socket.gethostname()} pid {os.getpid()}"
+
+    def _age(self) -> float | None:
+        now = self.host.run(["date", "+%s"], timeout=30).stdout.strip()
+        made = self.host.run(["stat", "-c", "%Y", self.path], timeout=30).stdout.strip()
+        return float(now) - float(made) if now.isdigit() and made.isdigit() else None
+
+    def __enter__(self) -> "HostLock":
+        deadline = time.monotonic() + self.wait
+        while not self.host.run(["mkdir", self.path], timeout=30).ok:
+            age = self._age()
+            if age is not None and age > LOCK_STALE_S:
+                self.host.remove_tree(self.path)  # its run was killed: nothing releases it
+                continue
+            if time.monotonic() > deadline:
+                holder = self.host.read_text(f"{self.path}/owner", default="unknown").strip()
+                raise HostError(f"host {self.host.name}: {self.name} is in use by another kvmcheck run ({holder}) "
+                                f"for over {self.wait:.0f} s; if that run is gone, remove {self.path} on the host")
+            time.sleep(0.5)
+        self.host.write_bytes(f"{self.path}/owner", self.owner.encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.host.remove_tree(self.path)
 
 
 def write_sysfs(host: Host, path: str, value) -> None:
@@ -84,6 +127,7 @@ class VfioBinding:
             raise HostError(f"host {host.name}: the assignable device {bdf} does not exist ({self.dev})")
         self.original_driver = self.driver()
         self.bound = False
+        self.lock = HostLock(host, f"pci-{bdf}")
 
     def driver(self) -> str:
         return link_name(self.host, f"{self.dev}/driver")
@@ -104,6 +148,8 @@ class VfioBinding:
         return {bdf: link_name(self.host, f"{group}/{bdf}/driver") for bdf in self.host.listdir(group)}
 
     def bind(self) -> "VfioBinding":
+        if not self.bound:
+            self.lock.__enter__()  # one test at a time holds a device
         self.bound = True
         write_sysfs(self.host, f"{self.dev}/driver_override", "vfio-pci")
         if self.original_driver and self.original_driver != "vfio-pci":
@@ -125,6 +171,7 @@ class VfioBinding:
         if self.original_driver and self.driver() != self.original_driver:
             write_sysfs(self.host, "/sys/bus/pci/drivers_probe", self.bdf)
         self.bound = False
+        self.lock.__exit__(None, None, None)
         return self.driver()
 
     def __enter__(self) -> "VfioBinding":

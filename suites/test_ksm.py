@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pytest_kvmcheck import VMSpec
-from pytest_kvmcheck.hostsettings import SysfsSettings
+from pytest_kvmcheck.hostsettings import HostLock, SysfsSettings
 from pytest_kvmcheck.vm import poll
 
 pytestmark = pytest.mark.kvm_requires("ksm", "memory:1024")
@@ -30,10 +30,11 @@ MIN_NEW_SHARING = 2048  # pages (8 MiB): far less than three identical initramfs
 
 @pytest.fixture
 def ksm(kvm_host):
-    settings = SysfsSettings(kvm_host.transport, KSM, KNOBS)
-    ORIGINALS[kvm_host.name] = settings.original
-    yield settings
-    left = settings.restore(before={"run": 2})  # 2: stop and unmerge everything, then the original values
+    with HostLock(kvm_host.transport, "ksm"):  # KSM is one per kernel: one test at a time drives it
+        settings = SysfsSettings(kvm_host.transport, KSM, KNOBS)
+        ORIGINALS[kvm_host.name] = settings.original
+        yield settings
+        left = settings.restore(before={"run": 2})  # 2: stop and unmerge everything, then the original values
     assert not left, f"host {kvm_host.name}: could not restore KSM settings (original, now): {left}"
 
 
