@@ -299,6 +299,16 @@ class GuestState:
         return problems
 
 
+def dirty_rate_mib_s(vm: VM, seconds: int = 2) -> float:
+    """How fast the guest dirties its memory now, as QEMU's page sampling measures it (MiB/s)."""
+    vm.qmp.cmd("calc-dirty-rate", **{"calc-time": seconds})
+    result = poll(lambda: (r := vm.qmp.cmd("query-dirty-rate"))["status"] == "measured" and r,
+                  seconds + 30, 0.2)
+    if not result:
+        raise VMError(f"VM {vm.name}: calc-dirty-rate did not finish within {seconds + 30} s")
+    return float(result.get("dirty-rate", 0))
+
+
 def stats(info: dict) -> dict:
     """The numbers reports carry: total time, downtime, bytes moved."""
     ram = info.get("ram", {})

@@ -57,7 +57,7 @@ def foreign_disk(kvm_host, workspace: str, fmt: str, options: str, data: bytes) 
 
 
 @pytest.mark.parametrize("name", FOREIGN)
-def test_converted_disk_keeps_its_data(kvm_host, boot_vm, workspace, name, kvm_note):
+def test_converted_disk_keeps_its_data(kvm_host, workspace, boot_vm, name, kvm_note):  # boot_vm after workspace: VMs stop before their images go
     fmt, options = FOREIGN[name]
     data = os.urandom(DATA_MIB * MIB)
     source = foreign_disk(kvm_host, workspace, fmt, options, data)
@@ -74,7 +74,7 @@ def test_converted_disk_keeps_its_data(kvm_host, boot_vm, workspace, name, kvm_n
     assert seen == hashlib.sha256(data).hexdigest(), f"the guest reads other data from the {name} disk"
 
 
-def test_converted_boot_disk_boots(kvm_run, kvm_host, boot_vm, workspace):
+def test_converted_boot_disk_boots(kvm_run, kvm_host, workspace, boot_vm):
     """The guest's own system disk through VMDK and back: it must boot with virtio devices."""
     if not kvm_host.host_run.boot_disk:
         pytest.skip(f"host {kvm_host.name}: needs disk-image guest: the tiny guest has no system disk "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import shlex
 import socket
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -99,8 +100,15 @@ class Host(abc.ABC):
     def makedirs(self, path: str) -> None:
         self.run(["mkdir", "-p", "--", path]).check()
 
-    def remove_tree(self, path: str) -> None:
-        self.run(["rm", "-rf", "--", path]).check()
+    def remove_tree(self, path: str, settle: float = 15.0) -> None:
+        """``rm -rf``; on NFS a file whose last user just exited lingers as .nfsXXXX for a moment."""
+        deadline = time.monotonic() + settle
+        while True:
+            result = self.run(["rm", "-rf", "--", path])
+            if result.ok or "not empty" not in result.stderr or time.monotonic() > deadline:
+                result.check()
+                return
+            time.sleep(0.2)
 
     def pid_alive(self, pid: int) -> bool:
         return self.exists(f"/proc/{int(pid)}")
