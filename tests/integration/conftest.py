@@ -5,6 +5,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -70,6 +71,13 @@ def assert_suites_passed(result, host: str) -> None:
                     "test_migration", "test_monitor", "test_v2v", "test_cmdline",
                     "test_security"):
         assert re.search(rf"^{re.escape(host)}\s+{feature}\s+PASS", verdicts, re.M), f"no PASS verdict for {feature}"
+
+
+def interruptible() -> None:
+    """Popen's preexec_fn: let the child take Ctrl-C even if this run was started with SIGINT
+    ignored (a background job of a shell without job control passes SIG_IGN down, and Python
+    then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_pytest(pytester: pytest.Pytester, *args: str, timeout: float = 900) -> pytest.RunResult:

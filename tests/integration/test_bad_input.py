@@ -12,7 +12,7 @@ from pytest_kvmcheck.hostspec import parse_host
 from pytest_kvmcheck.session import KvmRun
 from pytest_kvmcheck.vmspec import VMSpec
 
-from .conftest import SUITES, assert_nothing_left, qemu_processes, run_pytest
+from .conftest import SUITES, assert_nothing_left, interruptible, qemu_processes, run_pytest
 
 ONE_TEST = f"{SUITES}/test_virtio_blk.py::test_disk_shows_as_vd"
 
@@ -113,7 +113,7 @@ def _inner_pytest(workdir, *args):
     return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"{SUITES}/test_virtio_blk.py",
                              f"--kvm-hosts=local?workdir={workdir}", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=interruptible)
 
 
 def test_ctrl_c_leaves_nothing(workdir):

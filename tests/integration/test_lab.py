@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SUITES, qemu_processes, run_pytest
+from .conftest import SUITES, interruptible, qemu_processes, run_pytest
 
 KVMCHECK = str(Path(sys.executable).parent / "kvmcheck")
 SMOKE = "kvmclock or nested or ksm or passthrough or sriov or vhost or (shared_storage and precopy)"
@@ -83,7 +83,7 @@ def test_lab_up_smoke_down(pytester, lab_dir):
 def test_lab_up_interrupted_leaves_nothing(lab_dir):
     """Ctrl-C while the hosts boot: the lab takes itself down, and says so."""
     proc = subprocess.Popen([KVMCHECK, "lab", "up", "--hosts", "2"], stderr=subprocess.PIPE, text=True,
-                            stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, preexec_fn=interruptible)
     watchdog = threading.Timer(900, proc.kill)  # the image may be built first
     watchdog.start()
     try:
