@@ -163,12 +163,12 @@ class Lab:
         _sh(["ip", "-n", self.netns, "link", "add", "br0", "type", "bridge"])
         _sh(["ip", "-n", self.netns, "link", "set", "br0", "up"])
         storage_ip = str(PRIVATE_NET.ip + 1)
-        hosts = []
+        hosts, started_at = [], {}
         for i in range(1, count + 1):
             host = LabHost(name=f"lab-{i}", index=i, directory=str(self.dir / f"lab-{i}"), ssh_port=0,
                            private_ip=f"{PRIVATE_NET.ip + i}/{PRIVATE_NET.network.prefixlen}",
                            tap=f"{self.tap_prefix}{i}")
-            host.ready_s = time.monotonic()  # made a duration once the host is ready
+            started_at[host.name] = time.monotonic()
             self._start(host, image, key.public_line, storage_ip, memory_mib, cpus)
             hosts.append(host)
             self._save(hosts, image)
@@ -177,7 +177,7 @@ class Lab:
             "".join(f"[127.0.0.1]:{h.ssh_port} {image.host_public_key}\n" for h in hosts))
         for host in hosts:
             self._wait_ready(host)
-            host.ready_s = time.monotonic() - host.ready_s
+            host.ready_s = time.monotonic() - started_at[host.name]
             self.say(f"{host.name}: ready, {host.ready_s:.1f} s after its QEMU started")
         for host in hosts:
             self._describe_devices(host)

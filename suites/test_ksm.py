@@ -65,6 +65,6 @@ def test_host_ksm_settings_are_restored(kvm_host):
     """Runs after the merge test: the host's KSM knobs are what they were before it."""
     before = ORIGINALS.get(kvm_host.name)
     if before is None:
-        pytest.skip(f"host {kvm_host.name}: the merge test did not run here, so nothing was changed")
+        pytest.skip(f"host {kvm_host.name}: needs the merge test's record: it did not run here, so nothing was changed")
     now = SysfsSettings(kvm_host.transport, KSM, KNOBS).original
     assert now == before, f"host {kvm_host.name}: KSM settings were {before} before the suite and are {now} after it"

@@ -27,7 +27,6 @@ def pf(kvm_host):
                     f"(PFs: {', '.join(kvm_host.caps.sriov_pfs)})")
     settings = SysfsSettings(kvm_host.transport, f"/sys/bus/pci/devices/{listed[0]}",
                              ("sriov_drivers_autoprobe", "sriov_numvfs"))
-    settings.bdf = listed[0]
     if settings.read_int("sriov_numvfs"):
         pytest.skip(f"host {kvm_host.name}: {listed[0]} already has VFs in use; the suite only works on an idle PF")
     yield settings
@@ -35,14 +34,18 @@ def pf(kvm_host):
     assert not left, f"host {kvm_host.name}: could not restore {listed[0]} (original, now): {left}"
 
 
+def bdf(pf) -> str:
+    return pf.directory.rsplit("/", 1)[-1]
+
+
 def virtfns(pf) -> list[str]:
     return sorted(name for name in pf.host.listdir(pf.directory) if name.startswith("virtfn"))
 
 
 def test_pf_shows_sriov_capability(pf, kvm_host):
-    lspci = kvm_host.transport.run(["lspci", "-vvv", "-s", pf.bdf], timeout=30).check().stdout
-    assert "Single Root I/O Virtualization (SR-IOV)" in lspci, f"lspci -vvv -s {pf.bdf} shows no SR-IOV capability:\n{lspci}"
-    assert pf.read_int("sriov_totalvfs") >= VFS, f"{pf.bdf} offers {pf.read('sriov_totalvfs')} VFs, the suite needs {VFS}"
+    lspci = kvm_host.transport.run(["lspci", "-vvv", "-s", bdf(pf)], timeout=30).check().stdout
+    assert "Single Root I/O Virtualization (SR-IOV)" in lspci, f"lspci -vvv -s {bdf(pf)} shows no SR-IOV capability:\n{lspci}"
+    assert pf.read_int("sriov_totalvfs") >= VFS, f"{bdf(pf)} offers {pf.read('sriov_totalvfs')} VFs, the suite needs {VFS}"
 
 
 def test_numvfs_creates_and_removes_vfs(pf):
@@ -64,7 +67,7 @@ def test_vf_assigned_to_guest_is_visible_there(pf, kvm_host, boot_vm, kvm_note):
         ids = binding.ids
         vm = boot_vm(VMSpec(host_devices=(vf,)))
         listed = vm.run(f"lspci -n -d {ids}", check=True).stdout.strip()
-        kvm_note("sriov", f"VF {vf} ({ids}) of PF {pf.bdf} -> guest: {listed or 'not listed'}")
+        kvm_note("sriov", f"VF {vf} ({ids}) of PF {bdf(pf)} -> guest: {listed or 'not listed'}")
         assert listed, f"the guest's lspci does not show the assigned VF {vf} ({ids})"
         vm.destroy()
     pf.write("sriov_numvfs", 0)
