@@ -3,12 +3,20 @@
 Catch :class:`KvmCheckError` to handle anything this package raises on purpose;
 the plugin turns these into one clear line (a usage error, a skip or a failure)
 instead of a traceback.
+
+Each class carries the verdict a test that ends on it gets (see :mod:`.verdicts`):
+``FAIL`` when the host contradicted the check (QEMU refused what must work, QEMU died
+under the test, a migration failed), ``ERROR`` when no verdict could be reached (the host
+is unreachable, QEMU would not start, a guest never booted, a premise did not hold).
+Anything else a test raises that is not an assertion is a bug of kvmcheck: ``BROKEN``.
 """
 from __future__ import annotations
 
 
 class KvmCheckError(Exception):
     """Base class of every error pytest-kvmcheck raises deliberately."""
+
+    verdict = "ERROR"
 
 
 class HostSpecError(KvmCheckError, ValueError):
@@ -50,8 +58,23 @@ class GuestBootError(VMError):
     """
 
 
+class PremiseError(KvmCheckError):
+    """A premise the check needs could not be established on this host: no verdict.
+
+    The message names the premise and what was measured (a dirty rate, a free slot, ...).
+    """
+
+
+def premise(condition: object, message: str) -> None:
+    """Raise :class:`PremiseError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise PremiseError(message)
+
+
 class MigrationFailed(VMError):
     """A migration failed or was cancelled; ``info`` is query-migrate's last answer."""
+
+    verdict = "FAIL"
 
     def __init__(self, message: str, info: dict):
         super().__init__(message)
@@ -65,9 +88,29 @@ class MigrationDidNotConverge(MigrationFailed):
 class QMPLost(VMError):
     """The QMP connection to a running VM broke (QEMU died or was killed)."""
 
+    verdict = "FAIL"
+
+
+class QMPCommandError(VMError):
+    """QEMU answered a QMP command with an error: QEMU's ``class`` and ``desc`` are kept."""
+
+    verdict = "FAIL"
+
+    def __init__(self, command: str, desc: str, error_class: str = ""):
+        super().__init__(f"QMP {command} refused by QEMU: {error_class + ': ' if error_class else ''}{desc}")
+        self.command, self.desc, self.error_class = command, desc, error_class
+
 
 class GuestCommandError(VMError):
     """A command in the guest failed where success was required."""
+
+    verdict = "FAIL"
+
+
+class EventTimeout(VMError):
+    """QEMU did not emit an event the check waited for: the host did not do what it must."""
+
+    verdict = "FAIL"
 
 
 class LabError(KvmCheckError):

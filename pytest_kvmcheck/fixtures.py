@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from .capabilities import Capabilities
-from .errors import KvmCheckError
+from .errors import HostError, KvmCheckError
 from .session import RUN_KEY, KvmRun, PreparedHost
 from .vm import VM
 from .vmspec import VMSpec
@@ -23,11 +23,10 @@ def kvm_run(request: pytest.FixtureRequest) -> KvmRun:
 
 @pytest.fixture(scope="session")
 def kvm_host(request: pytest.FixtureRequest, kvm_run: KvmRun) -> PreparedHost:
-    """The host under test (the plugin parametrizes this over ``--kvm-hosts``)."""
-    try:
-        return kvm_run.host(request.param)
-    except KvmCheckError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    """The host under test (the plugin parametrizes this over ``--kvm-hosts``).
+
+    A host that cannot be prepared raises its :class:`HostError`: the test's ERROR."""
+    return kvm_run.host(request.param)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +35,7 @@ def kvm_peer(kvm_host: PreparedHost, kvm_run: KvmRun) -> PreparedHost:
     try:
         return kvm_run.peer(kvm_host.name)
     except KvmCheckError as exc:
-        pytest.fail(f"host {kvm_host.name}: its migration peer is unusable: {exc}", pytrace=False)
+        raise HostError(f"host {kvm_host.name}: its migration peer is unusable: {exc}") from None
 
 
 @pytest.fixture(scope="session")
@@ -56,13 +55,13 @@ def kvm_note(request: pytest.FixtureRequest):
 
 
 def boot(kvm_run: KvmRun, kvm_host: PreparedHost, spec: VMSpec, timeout: float | None = None) -> VM:
-    """Boot ``spec`` on the host; a guest that does not boot fails the test with the reason."""
+    """Boot ``spec`` on the host; a guest that does not boot raises its error (the test's ERROR)."""
     vm = kvm_run.new_vm(kvm_host.name, spec)
     try:
         return vm.boot(timeout)
-    except KvmCheckError as exc:
+    except BaseException:
         vm.destroy()
-        pytest.fail(str(exc), pytrace=False)
+        raise
 
 
 def release(vm: VM) -> None:
@@ -86,13 +85,10 @@ class VMFactory:
     def many(self, spec: VMSpec, count: int, timeout: float | None = None) -> list[VM]:
         """``count`` guests of one spec, started together and then awaited: their boots overlap."""
         vms = [self.adopt(self.kvm_run.new_vm(self.kvm_host.name, spec)) for _ in range(count)]
-        try:
-            for vm in vms:
-                vm.start()
-            for vm in vms:
-                vm.wait_ready(timeout)
-        except KvmCheckError as exc:
-            pytest.fail(str(exc), pytrace=False)
+        for vm in vms:
+            vm.start()
+        for vm in vms:
+            vm.wait_ready(timeout)
         return vms
 
     def adopt(self, vm: VM) -> VM:

@@ -7,9 +7,14 @@ table's verdict into the report.
 from __future__ import annotations
 
 import json
+import posixpath
+import secrets
 
+from .errors import QMPLost
+from .monitor import Monitor
 from .session import PreparedHost
 from .transport import CommandResult
+from .vm import poll
 from .vmspec import LEGACY_FORMS, LegacyForm
 
 _QUIT = json.dumps({"execute": "qmp_capabilities"}) + "\n" + json.dumps({"execute": "quit"}) + "\n"
@@ -31,13 +36,36 @@ def try_options(host: PreparedHost, options: list[str]) -> CommandResult:
 
 
 def qmp_answers(host: PreparedHost, *commands: str) -> list:
-    """Ask the host's QEMU (no guest) QMP ``commands``; their ``return`` values in order."""
-    script = "".join(json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", *commands, "quit"))
-    argv = [host.spec.qemu, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"]
-    out = host.transport.run(argv, timeout=30, input=script).check(f"QEMU on {host.name}").stdout
-    answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    returns = [a["return"] for a in answers if "return" in a]
-    return returns[1:1 + len(commands)]
+    """Ask the host's QEMU (no guest) QMP ``commands``; their ``return`` values in order.
+
+    QEMU runs daemonized with its monitor on a unix socket, and is told to quit only once
+    every answer is in: a ``quit`` written right behind a long answer on stdio could end
+    QEMU before the answer was flushed (a cut-off schema).
+    """
+    transport = host.transport
+    directory = posixpath.join(host.host_run.run_dir, f"noguest-{secrets.token_hex(4)}")
+    sock, pidfile = posixpath.join(directory, "qmp.sock"), posixpath.join(directory, "qemu.pid")
+    argv = [host.spec.qemu, "-machine", "none", "-nodefaults", "-display", "none", "-S",
+            "-qmp", f"unix:{sock},server=on,wait=off", "-pidfile", pidfile, "-daemonize"]
+    transport.makedirs(directory)
+    pid = None
+    try:
+        transport.run(argv, timeout=30).check(f"QEMU without a guest on {host.name}")
+        pid = int(transport.read_text(pidfile).strip())
+        monitor = Monitor(transport.connect_unix(sock), f"QEMU without a guest on {host.name}")
+        try:
+            answers = [monitor.cmd(command) for command in commands]
+            try:
+                monitor.cmd("quit")
+            except QMPLost:  # QEMU may close the socket before it answers
+                pass
+        finally:
+            monitor.close()
+        return answers
+    finally:
+        if pid is not None and not poll(lambda: not transport.pid_alive(pid), 5.0):
+            transport.kill(pid, "KILL")
+        transport.remove_tree(directory)
 
 
 def command_arguments(host: PreparedHost, command: str) -> set[str]:

@@ -118,10 +118,7 @@ class VfioBinding:
     """
 
     def __init__(self, host: Host, bdf: str, assignable: tuple[str, ...] | list[str]):
-        if bdf not in assignable:
-            raise NotAssignable(f"host {host.name}: {bdf} is not listed as assignable (assignable= in the "
-                                f"host spec lists {', '.join(assignable) or 'nothing'}); refusing to touch it")
-        self.host, self.bdf = host, bdf
+        self.host, self.bdf, self.assignable = host, bdf, tuple(assignable)
         self.dev = f"/sys/bus/pci/devices/{bdf}"
         if not host.exists(self.dev):
             raise HostError(f"host {host.name}: the assignable device {bdf} does not exist ({self.dev})")
@@ -148,6 +145,11 @@ class VfioBinding:
         return {bdf: link_name(self.host, f"{group}/{bdf}/driver") for bdf in self.host.listdir(group)}
 
     def bind(self) -> "VfioBinding":
+        """Hand the device to vfio-pci; a device the inventory does not list is refused first,
+        before any lock is taken or anything is written."""
+        if self.bdf not in self.assignable:
+            raise NotAssignable(f"host {self.host.name}: {self.bdf} is not listed as assignable (assignable= in the "
+                                f"host spec lists {', '.join(self.assignable) or 'nothing'}); refusing to touch it")
         if not self.bound:
             self.lock.__enter__()  # one test at a time holds a device
         self.bound = True

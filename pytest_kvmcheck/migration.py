@@ -19,8 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .capabilities import Capabilities
-from .errors import MigrationDidNotConverge, MigrationFailed, VMError
-from .monitor import QMPCommandError
+from .errors import KvmCheckError, MigrationDidNotConverge, MigrationFailed, QMPCommandError, VMError
 from .session import KvmRun, PreparedHost
 from .transport import Host
 from .vm import VM, poll
@@ -169,10 +168,7 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
         if status == "completed":
             break
         if status in ("failed", "cancelled"):
-            why = info.get("error-desc", "no reason given")
-            mismatch = layout_mismatch(source, destination) if destination is not None else ""
-            raise MigrationFailed(f"migration of {source.name} to {uri} {status}: {why}"
-                                  + (f"; the device layouts differ: {mismatch}" if mismatch else ""), info)
+            raise MigrationFailed(failure_message(source, uri, status, info, destination), info)
         if time.monotonic() > deadline:
             q.cmd("migrate_cancel")
             poll(lambda: q.cmd("query-migrate").get("status") == "cancelled", 10)
@@ -189,6 +185,37 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
             raise VMError(f"migration of {source.name} completed but the destination {destination.name} does not "
                           f"run: {destination.qmp.cmd('query-status')['status']}")
     return info
+
+
+def failure_message(source: VM, uri: str, status: str, info: dict, destination: VM | None) -> str:
+    """Why a migration ended in ``status``, from both sides: each QEMU's query-migrate
+    error and the tail of its stderr, and the device layouts if they differ."""
+    parts = [f"migration of {source.name} to {uri} {status}",
+             f"the source says: {info.get('error-desc', '(no error-desc)')}"]
+    tail = source.log_tail(5)
+    if tail:
+        parts.append(f"the source's QEMU stderr:\n{tail}")
+    if destination is not None:
+        parts.append(f"the destination {destination.name} on host {destination.host.name}: "
+                     f"{destination_side(destination)}")
+        mismatch = layout_mismatch(source, destination)
+        if mismatch:
+            parts.append(f"the device layouts differ: {mismatch}")
+    return "; ".join(parts)
+
+
+def destination_side(dest: VM) -> str:
+    """What the destination QEMU says about an incoming migration that failed."""
+    if dest.alive():
+        try:
+            answer = dest.qmp.cmd("query-migrate")
+            said = f"query-migrate status {answer.get('status')}: {answer.get('error-desc', '(no error-desc)')}"
+        except KvmCheckError as exc:
+            said = f"its QMP did not answer ({exc})"
+    else:
+        said = "its QEMU exited"
+    tail = dest.log_tail(8)
+    return said + (f"; its QEMU stderr:\n{tail}" if tail else "; its QEMU stderr is empty")
 
 
 def place_base_image(host: Host, directory: str, data: bytes, size_mib: int) -> str:
@@ -257,15 +284,79 @@ def finish_mirrors(source: VM, timeout: float = 60.0) -> None:
 
 
 @dataclass(frozen=True)
+class MachineState:
+    """What the hypervisor shows of a VM, which must be the same machine after a migration.
+
+    Read over QMP from QEMU itself, not from the guest: a destination QEMU built with one
+    device more, or another machine type, would otherwise go unnoticed until the guest
+    rescans its bus.
+    """
+
+    machine_type: str
+    pci: tuple[str, ...]  # "bus:slot.function vendor:device class 0xCCCC id=QDEV_ID", in bus order
+    peripherals: tuple[str, ...]  # the ids under /machine/peripheral (every -device id=...)
+    vcpus: int
+    ram_bytes: int  # base memory plus plugged DIMMs
+    balloon_bytes: int | None
+
+    @staticmethod
+    def _pci_functions(buses: list[dict]) -> list[str]:
+        out = []
+        for bus in buses:
+            for d in bus.get("devices", []):
+                out.append(f"{bus['bus']:02x}:{d['slot']:02x}.{d['function']} {d['id']['vendor']:04x}:"
+                           f"{d['id']['device']:04x} class 0x{d['class_info']['class']:04x} id={d.get('qdev_id', '')}")
+                if d.get("pci_bridge"):
+                    out += MachineState._pci_functions([d["pci_bridge"]])
+        return out
+
+    @classmethod
+    def read(cls, vm: VM) -> "MachineState":
+        q = vm.qmp
+        memory = q.cmd("query-memory-size-summary")
+        return cls(
+            machine_type=q.cmd("qom-get", path="/machine", property="type"),
+            pci=tuple(cls._pci_functions(q.cmd("query-pci"))),
+            peripherals=tuple(sorted(p["name"] for p in q.cmd("qom-list", path="/machine/peripheral")
+                                     if p["type"].startswith("child<"))),
+            vcpus=len(q.cmd("query-cpus-fast")),
+            ram_bytes=memory["base-memory"] + memory.get("plugged-memory", 0),
+            balloon_bytes=q.cmd("query-balloon")["actual"] if vm.spec.balloon else None)
+
+    def differences(self, after: "MachineState") -> list[str]:
+        """What QEMU shows differently after, each naming the difference; empty: the same machine."""
+        problems = []
+        if after.machine_type != self.machine_type:
+            problems.append(f"the machine type changed from {self.machine_type} to {after.machine_type}")
+        problems += _added_removed("QEMU's PCI functions (query-pci)", self.pci, after.pci)
+        problems += _added_removed("QEMU's device ids (/machine/peripheral)", self.peripherals, after.peripherals)
+        for what, a, b in (("vCPUs", self.vcpus, after.vcpus), ("RAM bytes", self.ram_bytes, after.ram_bytes),
+                           ("balloon target", self.balloon_bytes, after.balloon_bytes)):
+            if a != b:
+                problems.append(f"QEMU's {what} changed from {a} to {b}")
+        return problems
+
+
+def _added_removed(what: str, before, after) -> list[str]:
+    """'{what} on the destination: extra X; missing Y', or [] when both hold the same entries in order."""
+    if tuple(before) == tuple(after):
+        return []
+    extra = [x for x in after if x not in before]
+    missing = [x for x in before if x not in after]
+    parts = ([f"extra {', '.join(extra)}"] if extra else []) + ([f"missing {', '.join(missing)}"] if missing else [])
+    return [f"{what} after the move: " + ("; ".join(parts) or f"the order changed: {list(before)} -> {list(after)}")]
+
+
+@dataclass(frozen=True)
 class GuestState:
-    """What a guest shows that must survive a migration unchanged (or keep moving)."""
+    """What must survive a migration unchanged (or keep moving): the guest's view and QEMU's."""
 
     uptime: float
     marker: str
     counter: int
     counter_pid: str
-    lspci: str
-    balloon_bytes: int | None
+    lspci: tuple[str, ...]
+    machine: MachineState
 
     @classmethod
     def prepare(cls, vm: VM) -> None:
@@ -275,14 +366,18 @@ class GuestState:
                f"sleep 0.1; done) >/dev/null 2>&1 </dev/null & echo $! > {COUNTER_PATH}.pid", check=True)
 
     @classmethod
-    def read(cls, vm: VM) -> "GuestState":
+    def read(cls, vm: VM, rescan: bool = False) -> "GuestState":
+        """The state now. ``rescan``: let the guest rescan its PCI bus first, so a function the
+        new QEMU has and the guest was not told about shows in its lspci (after a move)."""
+        if rescan:
+            vm.run("echo 1 > /sys/bus/pci/rescan", check=True)
         out = vm.run(f"cut -d' ' -f1 /proc/uptime; cat {MARKER_PATH}; cat {COUNTER_PATH}; cat {COUNTER_PATH}.pid",
                      check=True).stdout.split("\n")
-        balloon = vm.qmp.cmd("query-balloon")["actual"] if vm.spec.balloon else None
-        return cls(float(out[0]), out[1], int(out[2]), out[3].strip(), vm.run("lspci -n", check=True).stdout, balloon)
+        lspci = tuple(vm.run("lspci -n", check=True).stdout.splitlines())
+        return cls(float(out[0]), out[1], int(out[2]), out[3].strip(), lspci, MachineState.read(vm))
 
     def differences(self, after: "GuestState") -> list[str]:
-        """What the guest shows differently after; empty means continuity held."""
+        """What the guest or its QEMU shows differently after; empty means continuity held."""
         problems = []
         if after.uptime <= self.uptime:
             problems.append(f"uptime went from {self.uptime} s to {after.uptime} s: the guest rebooted")
@@ -292,11 +387,16 @@ class GuestState:
             problems.append(f"the counting process changed pid ({self.counter_pid} -> {after.counter_pid})")
         if after.counter <= self.counter:
             problems.append(f"the counting process stopped at {after.counter} (was {self.counter})")
-        if after.lspci != self.lspci:
-            problems.append(f"lspci changed:\n{self.lspci}\n->\n{after.lspci}")
-        if after.balloon_bytes != self.balloon_bytes:
-            problems.append(f"the balloon target changed from {self.balloon_bytes} to {after.balloon_bytes}")
-        return problems
+        problems += _added_removed("the guest's PCI functions (lspci -n)", self.lspci, after.lspci)
+        return problems + self.machine.differences(after.machine)
+
+
+def continuity_problems(before: GuestState, after_vm: VM) -> list[str]:
+    """What the guest on ``after_vm`` (or its QEMU) shows differently from ``before``, once
+    its counter ticked there; the guest rescans its PCI bus first."""
+    poll(lambda: (v := after_vm.run(f"cat {COUNTER_PATH}").stdout.strip()).isdigit() and int(v) > before.counter,
+         5, 0.2)
+    return before.differences(GuestState.read(after_vm, rescan=True))
 
 
 def dirty_rate_mib_s(vm: VM, seconds: int = 2) -> float:

@@ -15,15 +15,11 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from .errors import QMPLost, VMError
+from .errors import EventTimeout, QMPCommandError, QMPLost
 
+__all__ = ["Monitor", "QMPCommandError"]
 
-class QMPCommandError(VMError):
-    """QEMU answered a QMP command with an error."""
-
-    def __init__(self, command: str, desc: str, error_class: str = ""):
-        super().__init__(f"QMP {command} failed: {desc}")
-        self.command, self.desc, self.error_class = command, desc, error_class
+READ_LIMIT = 16 * 1024 * 1024  # one QMP message, at most
 
 
 class Monitor:
@@ -32,6 +28,9 @@ class Monitor:
         self.transcript: list[str] = []
         self._events: list[dict] = []
         self._qmp = QEMUMonitorProtocol(sock)
+        # qemu.qmp reads at most 64 KiB a message by default; query-qmp-schema is several times
+        # that. The legacy wrapper does not pass readbuflen on, so set it on its client.
+        self._qmp._qmp.readbuflen = READ_LIMIT
         self._qmp.settimeout(timeout)
         try:
             greeting = self._qmp.connect(negotiate=True)
@@ -50,8 +49,10 @@ class Monitor:
         try:
             result = self._qmp.cmd(name, **args)
         except ExecuteError as exc:
-            self._log("<-", {"error": {"class": exc.error_class, "desc": exc.error_message}})
-            raise QMPCommandError(name, exc.error_message, exc.error_class) from None
+            # qemu.qmp: error_class is QEMU's class, str(exc) its desc (error.error.desc).
+            desc = str(exc)
+            self._log("<-", {"error": {"class": exc.error_class, "desc": desc}})
+            raise QMPCommandError(name, desc, exc.error_class) from None
         except (QMPError, OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
             self._log("!!", f"connection lost: {type(exc).__name__}: {exc}")
             raise QMPLost(f"VM {self.vm_name}: QMP connection lost during {name} "
@@ -93,7 +94,7 @@ class Monitor:
                     return event
             left = deadline - time.monotonic()
             if left <= 0:
-                raise VMError(f"VM {self.vm_name}: no {name} event within {timeout:.1f} s")
+                raise EventTimeout(f"VM {self.vm_name}: no {name} event within {timeout:.1f} s")
             self._drain(wait=min(left, 0.5))
 
     def close(self) -> None:

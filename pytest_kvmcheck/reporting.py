@@ -7,10 +7,13 @@ the run's private key never leaves the local state dir.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import html
+from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from . import verdicts
 
 
 def attach(item: pytest.Item, report: pytest.TestReport, texts: dict[str, str]) -> None:
@@ -68,25 +71,31 @@ def add_html_environment(config: pytest.Config, rows: list[tuple[str, str]]) -> 
         config.stash[metadata_key][key] = value
 
 
-class Verdicts:
-    """Outcome counts per host and feature (suite module), for the terminal summary."""
+def label_verdict(item: pytest.Item, verdict: str) -> None:
+    """Label the test's Allure result with its verdict (the controller maps it to a status)."""
+    if getattr(item.config.option, "allure_report_dir", None):
+        import allure
+        allure.dynamic.label(verdicts.VERDICT_PROPERTY, verdict)
 
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        props = dict(report.user_properties)
-        host = props.get("kvm_host")
-        if host is None:
-            return
-        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-            feature = report.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
-            self.counts[(host, feature)][report.outcome] += 1
+def add_junit_verdict_counts(config: pytest.Config, totals: Counter) -> None:
+    """JUnit global properties ``kvm_PASS`` ... ``kvm_BROKEN``: BROKEN counted apart from FAIL."""
+    from _pytest.junitxml import xml_key
+    xml = config.stash.get(xml_key, None)
+    if xml is not None:
+        for verdict in verdicts.ORDER:
+            xml.add_global_property(f"kvm_{verdict}", str(totals[verdict]))
 
-    def lines(self) -> list[str]:
-        out = []
-        for (host, feature), c in sorted(self.counts.items()):
-            verdict = "FAIL" if c.get("failed") else ("PASS" if c.get("passed") else "SKIP")
-            detail = ", ".join(f"{n} {k}" for k, n in sorted(c.items()))
-            out.append(f"{host:<16} {feature:<28} {verdict:<5} ({detail})")
-        return out
+
+def html_verdict_summary(collected: verdicts.Verdicts) -> str:
+    """The HTML report's verdict table per host and feature, above pytest-html's summary."""
+    rows = []
+    for (host, feature), counts in sorted(collected.cells().items()):
+        detail = ", ".join(f"{counts[v]} {v}" for v in verdicts.ORDER if counts[v])
+        rows.append(f"<tr><td>{html.escape(host)}</td><td>{html.escape(feature)}</td>"
+                    f"<td class=\"kvm-{verdicts.cell_verdict(counts)}\">{verdicts.cell_verdict(counts)}</td>"
+                    f"<td>{detail}</td></tr>")
+    return ("<h2>kvmcheck verdicts</h2>"
+            f"<p class=\"kvm-totals\">{html.escape(collected.summary())}</p>"
+            "<table class=\"kvm-verdicts\"><tr><th>host</th><th>feature</th><th>verdict</th><th>tests</th></tr>"
+            + "".join(rows) + "</table>")

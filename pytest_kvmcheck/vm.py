@@ -100,12 +100,23 @@ class VM:
     def qmp_socket(self) -> str:
         return self.path("qmp.sock")
 
+    @property
+    def qemu_log(self) -> str:
+        """What QEMU says after it daemonized (a refused incoming stream, a device error)."""
+        return self.path("qemu.log")
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines QEMU wrote to its stderr, before and after it daemonized."""
+        text = (self.start_stderr + self.host.read_text(self.qemu_log, default="")).strip()
+        return "\n".join(text.splitlines()[-lines:])
+
     # ------------------------------------------------------------------ lifecycle
     def render(self, disk_paths: tuple[str, ...] = (), boot_disk: str = "") -> list[str]:
         ctx = RenderContext(
             boot_disk=boot_disk, seed_iso=self.host_run.seed,
             accel=self.accel, kernel=self.host_run.kernel, initrd=self.host_run.initrd, workdir=self.dir,
             qmp_socket=self.qmp_socket, console_log=self.console_log, pidfile=self.path(PIDFILE),
+            qemu_log=self.qemu_log,
             ssh_public_key=self.run_key.public_line, disk_paths=disk_paths,
             qemu_version=self.qemu_version, mac_seed=self.seed)
         return render_argv(self.host.spec.qemu, self.spec, ctx)
@@ -209,7 +220,7 @@ class VM:
             raise GuestBootError(
                 f"VM {self.name} on host {self.host.name} did not boot: {state}.\n"
                 f"--- serial console (last lines) ---\n{tail}\n"
-                f"--- QEMU stderr ---\n{self.start_stderr.strip() or '(empty)'}\n"
+                f"--- QEMU stderr ---\n{self.log_tail() or '(empty)'}\n"
                 f"Reproduce with: {shlex.join(self.argv)}")
         self.boot_seconds = time.monotonic() - self._started_at
         return self
@@ -329,6 +340,10 @@ class VM:
             out["serial console"] = self.console()
         except KvmCheckError:
             pass
-        if self.start_stderr.strip():
-            out["QEMU stderr"] = self.start_stderr
+        try:
+            stderr = self.log_tail(lines=200)
+        except KvmCheckError:
+            stderr = ""
+        if stderr:
+            out["QEMU stderr"] = stderr
         return out

@@ -88,6 +88,7 @@ class RenderContext:
     mac_seed: int = 0
     boot_disk: str = ""  # a disk-image guest boots from this (an overlay of the image) ...
     seed_iso: str = ""  # ... with its cloud-init NoCloud seed as a CD-ROM
+    qemu_log: str = ""  # -D: once daemonized, QEMU's stderr (error_report) goes here, not to /dev/null
 
 
 MANAGEMENT_MAC_PREFIX = "52:54:00:6b:"
@@ -138,6 +139,8 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
         "-qmp", f"unix:{ctx.qmp_socket},server=on,wait=off",
         "-pidfile", ctx.pidfile, "-daemonize",
     ]
+    if ctx.qemu_log:
+        argv += ["-D", ctx.qemu_log]
     if ctx.boot_disk:
         argv += ["-blockdev", f"driver=file,filename={ctx.boot_disk},node-name=bootfile",
                  "-blockdev", "driver=qcow2,file=bootfile,node-name=boot",

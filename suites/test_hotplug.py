@@ -21,7 +21,8 @@ from pytest_kvmcheck.vm import poll
 APPEAR_S = 15.0  # deadline for the guest to see a plugged device (ACPI hot-plug under TCG)
 DIMM_MIB = 256
 
-hotplug_guest = vm_fixture(VMSpec(max_cpus=2, max_memory_mib=1024, memory_slots=2))
+HOTPLUG_SPEC = VMSpec(max_cpus=2, max_memory_mib=1024, memory_slots=2)
+hotplug_guest = vm_fixture(HOTPLUG_SPEC)  # PCI tests: each unplugs what it plugged
 
 
 def pci_slots(vm) -> list[tuple[int, str]]:
@@ -125,8 +126,9 @@ def _disk(vm, serial: str) -> str | None:
         return None
 
 
-def test_vcpu_hotplug(hotplug_guest):
-    vm = hotplug_guest
+def test_vcpu_hotplug(boot_vm):
+    """A plugged vCPU stays (unplug needs the guest's help): a guest of its own, not the module's."""
+    vm = boot_vm(HOTPLUG_SPEC)
     free = [c for c in vm.qmp.cmd("query-hotpluggable-cpus") if "qom-path" not in c]
     assert free, "expected a free vCPU slot (maxcpus=2)"
     vm.qmp.cmd("device_add", driver=free[0]["type"], id="hpcpu1", **free[0]["props"])
@@ -139,8 +141,9 @@ def test_vcpu_hotplug(hotplug_guest):
     assert len([c for c in vm.qmp.cmd("query-cpus-fast")]) == 2
 
 
-def test_memory_hotplug(hotplug_guest):
-    vm = hotplug_guest
+def test_memory_hotplug(boot_vm):
+    """A plugged DIMM stays (onlined memory rarely unplugs): a guest of its own, not the module's."""
+    vm = boot_vm(HOTPLUG_SPEC)
     before = meminfo(vm)["MemTotal"] // 1024
     blocks = lambda: len(vm.run("ls -d /sys/devices/system/memory/memory*").stdout.split())  # noqa: E731
     blocks_before = blocks()

@@ -20,7 +20,6 @@ pytestmark = pytest.mark.kvm_requires("ksm", "memory:1024")
 
 KSM = "/sys/kernel/mm/ksm"
 KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
-ORIGINALS: dict[str, dict[str, str]] = {}  # host -> the knobs as the suite found them
 GUESTS = 3
 GUEST = VMSpec(memory_mib=256)
 IDLE_WINDOW_S = 5.0  # KSM stopped: how long pages_sharing must stay flat
@@ -32,7 +31,6 @@ MIN_NEW_SHARING = 2048  # pages (8 MiB): far less than three identical initramfs
 def ksm(kvm_host):
     with HostLock(kvm_host.transport, "ksm"):  # KSM is one per kernel: one test at a time drives it
         settings = SysfsSettings(kvm_host.transport, KSM, KNOBS)
-        ORIGINALS[kvm_host.name] = settings.original
         yield settings
         left = settings.restore(before={"run": 2})  # 2: stop and unmerge everything, then the original values
     assert not left, f"host {kvm_host.name}: could not restore KSM settings (original, now): {left}"
@@ -61,10 +59,17 @@ def test_ksm_merges_identical_guests_only_while_running(ksm, boot_vm, kvm_host, 
                  f"{stopped_at} to {sharing} (full_scans {ksm.read('full_scans')})"
 
 
-def test_host_ksm_settings_are_restored(kvm_host):
-    """Runs after the merge test: the host's KSM knobs are what they were before it."""
-    before = ORIGINALS.get(kvm_host.name)
-    if before is None:
-        pytest.skip(f"host {kvm_host.name}: needs the merge test's record: it did not run here, so nothing was changed")
+def test_host_ksm_settings_are_restored(ksm, kvm_host):
+    """The suite changes host-wide knobs; what it changes it writes back, and a fresh read agrees.
+
+    Stands alone (any order, any worker): it changes the scan knobs itself, leaving ``run``
+    (and so the host's merged pages) alone.
+    """
+    before = dict(ksm.original)
+    ksm.write("pages_to_scan", int(before["pages_to_scan"]) + 1)
+    ksm.write("sleep_millisecs", int(before["sleep_millisecs"]) + 1)
+    assert ksm.read_int("pages_to_scan") == int(before["pages_to_scan"]) + 1, "the knob did not take the new value"
+    left = ksm.restore()
     now = SysfsSettings(kvm_host.transport, KSM, KNOBS).original
-    assert now == before, f"host {kvm_host.name}: KSM settings were {before} before the suite and are {now} after it"
+    assert not left and now == before, \
+        f"host {kvm_host.name}: KSM settings were {before} before the change and are {now} after the restore"

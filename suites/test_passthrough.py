@@ -16,10 +16,10 @@ import pytest
 from pytest_kvmcheck import VMSpec
 from pytest_kvmcheck.guestinfo import pci_driver
 from pytest_kvmcheck.handbook import describe, form
-from pytest_kvmcheck.hostsettings import NotAssignable, VfioBinding
+from pytest_kvmcheck.hostsettings import NotAssignable, VfioBinding, link_name
 from pytest_kvmcheck.vm import poll
 
-pytestmark = pytest.mark.kvm_requires("kvm", "iommu", "assignable")
+needs_assignment = pytest.mark.kvm_requires("kvm", "iommu", "assignable")
 
 IOMMU_ON = re.compile(r"DMAR: IOMMU enabled|AMD-Vi: .*(Interrupt remapping|IOMMU performance counters)|"
                       r"iommu: Default domain type", re.I)
@@ -43,6 +43,7 @@ def binding(kvm_host):
         f"host {kvm_host.name}: {device.bdf} should be back on {device.original_driver or 'no driver'}, it is on {now or 'none'}"
 
 
+@pytest.mark.kvm_requires("iommu")
 def test_host_iommu_is_on(kvm_host):
     dmesg = kvm_host.transport.run(["dmesg"], timeout=60).check("dmesg").stdout
     lines = [line for line in dmesg.splitlines() if re.search(r"DMAR|AMD-Vi|iommu", line, re.I)]
@@ -51,6 +52,7 @@ def test_host_iommu_is_on(kvm_host):
     assert kvm_host.transport.listdir("/sys/kernel/iommu_groups"), "/sys/kernel/iommu_groups is empty"
 
 
+@needs_assignment
 def test_iommu_group_is_viable_once_bound(binding, kvm_host):
     assert binding.iommu_group, f"{binding.bdf} has no IOMMU group"
     with binding:
@@ -62,6 +64,7 @@ def test_iommu_group_is_viable_once_bound(binding, kvm_host):
             f"vfio-pci holds {binding.bdf} but /dev/vfio/{binding.iommu_group} is missing"
 
 
+@needs_assignment
 def test_guest_sees_assigned_device_and_binds_its_driver(binding, boot_vm, kvm_host, kvm_note):
     kvm_note("handbook", describe(form("-device pci-assign,host=BDF")))
     ids = binding.ids
@@ -80,12 +83,22 @@ def test_guest_sees_assigned_device_and_binds_its_driver(binding, boot_vm, kvm_h
 
 
 def test_unlisted_devices_are_never_touched(kvm_host):
-    """Safety: a device missing from assignable= is refused before anything is written."""
+    """Safety: binding a device missing from assignable= is refused before anything is written.
+
+    Needs nothing but a PCI bus: it checks kvmcheck's own guard, on every host.
+    """
     unlisted = [d for d in kvm_host.transport.listdir("/sys/bus/pci/devices") if d not in kvm_host.caps.assignable]
-    assert unlisted, "every PCI device of the host is assignable: nothing to check"
-    from pytest_kvmcheck.hostsettings import link_name
-    driver = f"/sys/bus/pci/devices/{unlisted[0]}/driver"
-    before = link_name(kvm_host.transport, driver)
+    if not unlisted:
+        pytest.skip(f"host {kvm_host.name}: needs an unlisted PCI device: every PCI device is listed as assignable")
+    device = f"/sys/bus/pci/devices/{unlisted[0]}"
+    before = {name: kvm_host.transport.read_text(f"{device}/{name}", default="")
+              for name in ("driver_override", "uevent")}
+    before["driver"] = link_name(kvm_host.transport, f"{device}/driver")
+    binding = VfioBinding(kvm_host.transport, unlisted[0], kvm_host.caps.assignable)
     with pytest.raises(NotAssignable, match="not listed as assignable"):
-        VfioBinding(kvm_host.transport, unlisted[0], kvm_host.caps.assignable).bind()
-    assert link_name(kvm_host.transport, driver) == before
+        binding.bind()
+    after = {name: kvm_host.transport.read_text(f"{device}/{name}", default="")
+             for name in ("driver_override", "uevent")}
+    after["driver"] = link_name(kvm_host.transport, f"{device}/driver")
+    assert after == before, f"refusing {unlisted[0]} still changed it: {before} -> {after}"
+    assert not binding.bound, "a refused binding counts itself as bound"

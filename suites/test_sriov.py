@@ -28,7 +28,7 @@ def pf(kvm_host):
     settings = SysfsSettings(kvm_host.transport, f"/sys/bus/pci/devices/{listed[0]}",
                              ("sriov_drivers_autoprobe", "sriov_numvfs"))
     if settings.read_int("sriov_numvfs"):
-        pytest.skip(f"host {kvm_host.name}: {listed[0]} already has VFs in use; the suite only works on an idle PF")
+        pytest.skip(f"host {kvm_host.name}: needs an idle SR-IOV PF: {listed[0]} already has VFs in use")
     yield settings
     left = settings.restore(before={"sriov_numvfs": 0})
     assert not left, f"host {kvm_host.name}: could not restore {listed[0]} (original, now): {left}"

@@ -7,6 +7,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ def assert_nothing_left(workdir: Path, output: str = "") -> None:
     for line in output.splitlines():
         if line.startswith("kvmcheck: run "):
             run_id = line.split()[2].rstrip(",")
-            state = list(Path("/tmp").glob(f"kvmcheck-run-{run_id}-*"))
+            state = list(Path(tempfile.gettempdir()).glob(f"kvmcheck-run-{run_id}-*"))
             assert not state, f"local state dir left: {state}"
 
 
