@@ -36,9 +36,23 @@ def ksm(kvm_host):
     assert not left, f"host {kvm_host.name}: could not restore KSM settings (original, now): {left}"
 
 
+def mergeable_kib(vm) -> int:
+    """KiB of the QEMU process's memory marked MADV_MERGEABLE ('mg' in smaps' VmFlags)."""
+    total, size = 0, 0
+    for line in vm.host.read_text(f"/proc/{vm.pid}/smaps").splitlines():
+        if line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif line.startswith("VmFlags:") and " mg" in f" {line[8:]}":
+            total += size
+    return total
+
+
 def test_ksm_merges_identical_guests_only_while_running(ksm, boot_vm, kvm_host, kvm_note):
     ksm.write("run", 0)
-    boot_vm.many(GUEST, GUESTS)
+    guests = boot_vm.many(GUEST, GUESTS)
+    unmarked = [vm.name for vm in guests if not mergeable_kib(vm)]
+    assert not unmarked, f"host {kvm_host.name}: QEMU did not mark guest RAM mergeable (no mapping of " \
+                         f"{', '.join(unmarked)} has the 'mg' VmFlag in smaps): KSM has nothing to merge"
     stopped_at = ksm.read_int("pages_sharing")
     scans = ksm.read_int("full_scans")
     time.sleep(IDLE_WINDOW_S)  # a negative check needs a window: nothing may merge in it

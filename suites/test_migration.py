@@ -261,8 +261,11 @@ def test_mismatched_destination_is_refused_and_the_source_survives(running_sourc
     assert "lacks virtio-balloon-pci#balloon0" in mismatch, f"the pre-flight did not name the balloon: {mismatch!r}"
     other.qmp.cmd("migrate-incoming", uri=f"tcp:{peer.spec.migration_address}:0")
     address = other.qmp.cmd("query-migrate")["socket-address"][0]
-    with pytest.raises(MigrationFailed, match="lacks virtio-balloon-pci#balloon0"):
+    with pytest.raises(MigrationFailed, match="lacks virtio-balloon-pci#balloon0") as failed:
         migrate(source, f"tcp:{address['host']}:{address['port']}", timeout=60, destination=other)
+    # Both sides' words: the destination QEMU's own reason, not just "failed".
+    assert f"the destination {other.name}" in str(failed.value) and "its QEMU stderr:\n" in str(failed.value), \
+        f"the failure does not carry the destination's reason: {failed.value}"
     assert poll(lambda: source.qmp.cmd("query-status")["status"] == "running", 10, 0.1), \
         f"the source must resume: {source.qmp.cmd('query-status')}"
     after = GuestState.read(source)

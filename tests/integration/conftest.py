@@ -9,6 +9,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,16 @@ def assert_suites_passed(result, host: str) -> None:
                     "test_migration", "test_monitor", "test_v2v", "test_cmdline",
                     "test_security"):
         assert re.search(rf"^{re.escape(host)}\s+{feature}\s+PASS", verdicts, re.M), f"no PASS verdict for {feature}"
+
+
+def verdicts_of(junit: Path) -> dict[str, tuple[str, str]]:
+    """test name -> (kvm_verdict, failure text) from a JUnit file."""
+    out = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        text = " ".join(f"{e.get('message', '')} {e.text or ''}" for e in case if e.tag in ("failure", "error"))
+        out[case.get("name")] = (props.get("kvm_verdict", "?"), text)
+    return out
 
 
 def interruptible() -> None:

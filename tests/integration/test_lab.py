@@ -5,6 +5,7 @@ vhost-net, nested virtualization, KSM, PCI passthrough, SR-IOV, and a live migra
 way between the two lab hosts over the private network with the shared storage. The full
 lab run (every suite) is `make lab-suite`.
 """
+import json
 import re
 import secrets
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SUITES, interruptible, qemu_processes, run_pytest
+from .conftest import SUITES, interruptible, qemu_processes, run_pytest, verdicts_of
 
 KVMCHECK = str(Path(sys.executable).parent / "kvmcheck")
 SMOKE = "kvmclock or nested or ksm or passthrough or sriov or vhost or (shared_storage and precopy)"
@@ -75,9 +76,65 @@ def test_lab_up_smoke_down(pytester, lab_dir):
         assert re.search(rf"{source} -&gt; {dest} \(precopy\) over tcp:{re.escape(address)}:", junit), \
             f"no {source} -> {dest} migration over the private network in the report"
 
+    assert_lab_mutants_caught(pytester, lab_dir)
+
     down = kvmcheck("lab", "down", timeout=120)
     assert down.returncode == 0, down.stderr
     assert not lab_leftovers(lab_dir), lab_leftovers(lab_dir)
+
+
+# The lab's sensitivity companions (see test_sensitivity.py): properties only a KVM host shows,
+# broken by a wrapper on the lab host that rewrites the guest's "-cpu host".
+LAB_MUTANTS = {  # name -> (what -cpu host becomes, suite, the check that must fail, what its FAIL names)
+    "no-kvmclock": ("host,kvmclock=off", "test_kvmclock", "test_current_clocksource_is_kvm_clock",
+                    r"expected clocksource kvm-clock"),
+    "no-svm": ("host,svm=off", "test_nested", "test_guest_cpu_shows_virtualization_extensions and nested-on",
+               r"should show the same extension"),
+}
+CPU_WRAPPER = """#!/bin/sh
+# kvmcheck sensitivity mutant: the guest's -cpu host becomes -cpu {cpu}
+prev=
+for a do
+  shift
+  if [ "$prev" = "-cpu" ] && [ "$a" = "host" ]; then a="{cpu}"; fi
+  set -- "$@" "$a"
+  prev=$a
+done
+exec qemu-system-x86_64 "$@"
+"""
+
+
+def assert_lab_mutants_caught(pytester, lab_dir: Path) -> None:
+    """Each lab mutant, as a host of its own on lab-1 (one run, in parallel): its check FAILs."""
+    import tomllib
+    from pytest_kvmcheck.lab import SHARED_PATH, Lab
+    lab = Lab(lab_dir)
+    lab_1 = next(h for h in lab.hosts() if h.name == "lab-1")
+    inventory = tomllib.loads((lab_dir / "inventory.toml").read_text())["hosts"]["lab-1"]
+    transport = lab.connect(lab_1)
+    lines = []
+    try:
+        for name, (cpu, *_rest) in LAB_MUTANTS.items():
+            path = f"{SHARED_PATH}/mutants/qemu-{name}"
+            transport.makedirs(f"{SHARED_PATH}/mutants")
+            transport.write_bytes(path, CPU_WRAPPER.format(cpu=cpu).encode(), mode=0o755)
+            lines.append(f"[hosts.lab-1-{name}]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in {**inventory, "qemu": path}.items()]
+            lines.append("")
+        (pytester.path / "mutants.toml").write_text("\n".join(lines))
+        suites = sorted({f"{SUITES}/{suite}.py" for _, suite, _, _ in LAB_MUTANTS.values()})
+        selection = " or ".join(f"({test})" for *_, test, _ in LAB_MUTANTS.values())
+        result = run_pytest(pytester, *suites, "-k", selection, f"--kvm-hosts=@{pytester.path / 'mutants.toml'}",
+                            "-n", "2", "--junitxml=mutants.xml", timeout=1200)
+        results = verdicts_of(pytester.path / "mutants.xml")
+        for name, (_, suite, _test, expect) in LAB_MUTANTS.items():
+            mine = {case: v for case, v in results.items() if f"lab-1-{name}" in case}
+            caught = [text for case, (verdict, text) in mine.items()
+                      if verdict == "FAIL" and re.search(expect, text)]
+            assert caught, f"lab mutant {name} ({suite}) was not caught: {mine}\n{result.stdout.str()[-3000:]}"
+    finally:
+        transport.run(["rm", "-rf", f"{SHARED_PATH}/mutants"])
+        transport.close()
 
 
 def test_lab_up_interrupted_leaves_nothing(lab_dir):

@@ -1,0 +1,165 @@
+"""The suites prove they can fail: each check run against a QEMU that breaks exactly its property.
+
+A mutant is a wrapper script given to the host as ``qemu=`` (or ``qemu_img=``): it rewrites
+the argv the suite renders (a device swapped or dropped, a capability turned off, an option
+removed, a listener added or widened, a migration destination that differs) and execs the
+real binary. The suite's check for that property must end as FAIL, the host's fault, with a
+message naming the property; never PASS (a check that cannot fail), SKIP, ERROR or BROKEN.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import SUITES, assert_nothing_left, interruptible, run_pytest, verdicts_of
+
+# Helpers the wrappers share: argv is QEMU's (or qemu-img's) argument list, edited in place.
+PREAMBLE = '''#!{python}
+import os, subprocess, sys
+REAL = {real!r}
+argv = sys.argv[1:]
+
+
+def devices():
+    return [i for i in range(1, len(argv)) if argv[i - 1] == "-device"]
+
+
+def driver(i):
+    return argv[i].split(",")[0]
+
+
+def swap_device(old, new):
+    for i in devices():
+        if driver(i) == old:
+            argv[i] = new + argv[i][len(old):]
+
+
+def drop_device(name):
+    for i in reversed(devices()):
+        if driver(i) == name:
+            del argv[i - 1:i + 1]
+
+
+def drop_option(option, value):
+    for i in range(len(argv) - 1):
+        if argv[i] == option and argv[i + 1] == value:
+            del argv[i:i + 2]
+            return
+
+
+def replace_value(option, old, new):
+    for i in range(len(argv) - 1):
+        if argv[i] == option and argv[i + 1] == old:
+            argv[i + 1] = new
+
+
+def is_guest():
+    """A VM the suite booted (not a capability probe or a help query)."""
+    return "-daemonize" in argv and ("-kernel" in argv or "-incoming" in argv)
+
+
+'''
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    suite: str  # a suite file, and the -k expression selecting the check that must fail
+    select: str
+    edit: str  # Python run by the wrapper before it execs the real binary
+    expect: str  # a regex the FAIL message must match: it names the broken property
+    binary: str = "qemu"  # or qemu_img
+    netns: bool = False  # run inside a network namespace of its own (a mutant that widens a listener)
+
+
+MUTANTS = [
+    Mutant("virtio-net swapped for e1000", "test_virtio_net.py", "test_virtio_net_driver_is_bound and userspace",
+           'swap_device("virtio-net-pci", "e1000")', r"expected .*virtio_net"),
+    Mutant("virtio-blk disk read-only", "test_virtio_blk.py", "test_written_pattern_reads_back and qcow2",
+           'argv[:] = [a + ",read-only=on" if a.startswith(("driver=file,filename=", "driver=qcow2,file=file"))'
+           ' else a for a in argv]',
+           r"dd .*(Operation not permitted|Read-only|I/O error)"),
+    Mutant("balloon device dropped", "test_virtio_balloon.py", "test_shrink_and_grow_back",
+           'drop_device("virtio-balloon-pci")', r"QMP balloon refused by QEMU: .*(No balloon device|not been activated)"),
+    Mutant("balloon device dropped (monitor)", "test_monitor.py", "test_info_balloon_and_balloon_n",
+           'drop_device("virtio-balloon-pci")', r"info balloon.*(No balloon device|not been activated)"),
+    Mutant("ACPI PCI hot-plug off", "test_hotplug.py", "test_virtio_net_hotplug and qmp",
+           'argv += ["-global", "PIIX4_PM.acpi-pci-hotplug-with-bridge-support=off",'
+           ' "-global", "PIIX4_PM.acpi-root-pci-hotplug=off"] if is_guest() else []',
+           r"QMP device_add refused by QEMU: .*does not support hotplugging"),
+    Mutant("e1000 swapped for e1000e", "test_emulated_io.py", "test_e1000_driver_carries_traffic",
+           'swap_device("e1000", "e1000e")', r"driven by e1000, got 'e1000e'"),
+    Mutant("-m capped", "test_cmdline.py", "test_handbook_line_and_its_modern_translation and memory",
+           'replace_value("-m", "1024", "768")', r"-m 1024: the guest sees \d+ MiB"),
+    Mutant("-sandbox on dropped", "test_security.py", "test_sandbox_on_installs_a_seccomp_filter",
+           'drop_option("-sandbox", "on")', r"expected seccomp mode 2"),
+    Mutant("privilege drop dropped", "test_security.py", "test_qemu_runs_as_an_unprivileged_user",
+           'drop_option("-runas", "nobody"); drop_option("-run-with", "user=nobody")', r"uid of QEMU"),
+    Mutant("QMP also on TCP", "test_security.py", "test_listeners_are_on_loopback",
+           'argv += ["-qmp", "tcp:127.0.0.1:0,server=on,wait=off"] if is_guest() else []',
+           r"QEMU serves QMP over TCP"),
+    Mutant("VNC listener widened", "test_security.py", "test_listeners_are_on_loopback",
+           'replace_value("-vnc", "127.0.0.1:0,to=99", "0.0.0.0:0,to=99")',
+           r"VNC: .*0\.0\.0\.0|listens beyond loopback", netns=True),
+    Mutant("migration destination with one device more", "test_migration.py",
+           "test_live_migration_shared_storage and precopy",
+           'argv += ["-device", "virtio-rng-pci"] if "-incoming" in argv else []',
+           r"continuity broken:.*PCI functions .*extra .*1af4:1005"),
+    Mutant("guest RAM not mergeable", "test_ksm.py", "test_ksm_merges_identical_guests_only_while_running",
+           'argv[:] = [a + ",mem-merge=off" if a.startswith("pc,accel=") else a for a in argv]',
+           r"QEMU did not mark guest RAM mergeable"),
+    Mutant("qemu-img convert loses a sector", "test_v2v.py", "test_converted_disk_keeps_its_data and vdi",
+           'if argv[:1] == ["convert"] and argv[argv.index("-O") + 1] == "qcow2":\n'
+           '    subprocess.run([REAL, *argv], check=True)\n'
+           '    subprocess.run([os.path.join(os.path.dirname(REAL), "qemu-io"), "-f", argv[argv.index("-O") + 1],'
+           ' "-c", "write -P 0x5a 0 512", argv[-1]], check=True, stdout=subprocess.DEVNULL)\n'
+           '    sys.exit(0)',
+           r"qemu-img compare: .*(differ|mismatch)", binary="qemu_img"),
+]
+
+
+def write_wrapper(directory: Path, mutant: Mutant) -> Path:
+    real = shutil.which("qemu-system-x86_64" if mutant.binary == "qemu" else "qemu-img")
+    assert real, f"no real {mutant.binary} on this machine"
+    path = directory / f"{mutant.binary}-mutant"
+    path.write_text(PREAMBLE.format(python=sys.executable, real=real) + mutant.edit + "\nos.execv(REAL, [REAL, *argv])\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name.replace(" ", "-") for m in MUTANTS])
+def test_mutant_is_caught(pytester, workdir, mutant):
+    if mutant.netns and os.geteuid() != 0:
+        pytest.skip("host local: needs root: the widened listener lives in a network namespace of its own")
+    wrapper = write_wrapper(pytester.path, mutant)
+    junit = pytester.path / "junit.xml"
+    args = [f"{SUITES}/{mutant.suite}", "-k", mutant.select, f"--junitxml={junit}",
+            f"--kvm-hosts=local?workdir={workdir}&{mutant.binary}={wrapper}"]
+    if mutant.netns:
+        # A listener widened to every interface, where the only interface is this namespace's loopback.
+        proc = subprocess.run(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+                               sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", *args],
+                              cwd=pytester.path, capture_output=True, text=True, timeout=900,
+                              preexec_fn=interruptible)
+        output = proc.stdout + proc.stderr
+    else:
+        output = run_pytest(pytester, *args).stdout.str()
+    results = verdicts_of(junit)
+    assert results, f"{mutant.name}: nothing ran:\n{output[-3000:]}"
+    caught = {name: (verdict, text) for name, (verdict, text) in results.items() if verdict == "FAIL"}
+    assert caught, f"{mutant.name}: no check failed; verdicts {({n: v for n, (v, _) in results.items()})}\n" \
+                   f"{output[-3000:]}"
+    others = {n: v for n, (v, _) in results.items() if v not in ("FAIL", "PASS")}
+    assert not others, f"{mutant.name}: checks ended as neither FAIL nor PASS: {others}\n{output[-3000:]}"
+    named = [n for n, (_, text) in caught.items() if re.search(mutant.expect, text, re.S)]
+    assert named, f"{mutant.name}: the FAIL does not name the property ({mutant.expect!r}):\n" + \
+        "\n".join(f"{n}: {text[:1500]}" for n, (_, text) in caught.items())
+    assert "AttributeError" not in junit.read_text(), f"{mutant.name}: an AttributeError reached the report"
+    assert_nothing_left(workdir, output)
