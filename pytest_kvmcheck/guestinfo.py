@@ -101,8 +101,8 @@ def disk_round_trip(vm: VM, device: str, mib: int = 4) -> tuple[str, str]:
     """Write ``mib`` MiB of random data to ``device``, drop caches, read back; both sha256s."""
     vm.run(f"head -c {mib * MIB} /dev/urandom > /tmp/pattern", check=True, timeout=60)
     written = vm.run("sha256sum /tmp/pattern", check=True).stdout.split()[0]
-    vm.run(f"dd if=/tmp/pattern of={device} bs=1M conv=fsync 2>/dev/null && rm /tmp/pattern", check=True,
-           timeout=60)
+    # dd keeps its stderr: a refused write must say why.
+    vm.run(f"dd if=/tmp/pattern of={device} bs=1M conv=fsync && rm /tmp/pattern", check=True, timeout=60)
     vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", check=True)
     read = vm.run(f"dd if={device} bs=1M count={mib} 2>/dev/null | sha256sum", check=True,
                   timeout=60).stdout.split()[0]

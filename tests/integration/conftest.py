@@ -17,6 +17,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITES = str(ROOT / "suites")
+# pytester points HOME at each test's own dir; the runs it starts keep using the real image cache.
+IMAGE_CACHE = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+
+
+@pytest.fixture(autouse=True)
+def shared_image_cache(monkeypatch):
+    """Inner runs reuse the built guest images instead of building them again per test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", IMAGE_CACHE)
 
 
 def qemu_processes(marker: str) -> list[int]:
