@@ -124,7 +124,8 @@ def layout_mismatch(source: VM, dest: VM) -> str:
 
 def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int | None = None,
             bandwidth_bytes: int | None = None, capabilities: tuple[str, ...] = (),
-            destination: VM | None = None, before_switchover: Callable[[], None] | None = None) -> dict:
+            destination: VM | None = None, before_switchover: Callable[[], None] | None = None,
+            give_up_when: Callable[[dict], str] | None = None) -> dict:
     """Run ``migrate`` to ``uri`` and wait for it to end; returns query-migrate's final answer.
 
     Over a socket the return path is on, so a destination that rejects the stream (another
@@ -132,7 +133,9 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
     guest. ``capabilities`` are turned on for this migration (auto-converge, multifd,
     postcopy-ram: with the latter the guest switches to postcopy once the first pass is
     under way). ``before_switchover`` runs once the source has stopped and before the
-    destination takes over (finishing block mirrors). Given the ``destination`` VM, wait
+    destination takes over (finishing block mirrors). ``give_up_when(info)`` may end the wait
+    early, by the migration's own progress rather than the clock: a non-empty answer (why)
+    cancels it as not converging. Given the ``destination`` VM, wait
     until it runs as well. Raises :class:`MigrationFailed` naming QEMU's error (and a
     device-layout mismatch, if any), :class:`MigrationDidNotConverge` at the deadline.
     """
@@ -169,13 +172,15 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
             break
         if status in ("failed", "cancelled"):
             raise MigrationFailed(failure_message(source, uri, status, info, destination), info)
-        if time.monotonic() > deadline:
+        why = give_up_when(info) if give_up_when is not None and status == "active" else ""
+        if why or time.monotonic() > deadline:
             q.cmd("migrate_cancel")
             poll(lambda: q.cmd("query-migrate").get("status") == "cancelled", 10)
             raise MigrationDidNotConverge(
-                f"migration of {source.name} to {uri} did not complete within {timeout:.0f} s "
-                f"(status {status}; {info.get('ram', {}).get('remaining')} bytes remaining; CPU throttled up to "
-                f"{throttle}%): it did not converge", info)
+                f"migration of {source.name} to {uri} did not complete "
+                f"{f'({why})' if why else f'within {timeout:.0f} s'} (status {status}; "
+                f"{info.get('ram', {}).get('remaining')} bytes remaining; CPU throttled up to {throttle}%): "
+                f"it did not converge", info)
         time.sleep(0.05)
     info["statuses"] = [e["data"]["status"] for e in q.events("MIGRATION")]  # what the move went through
     if destination is not None:
