@@ -23,9 +23,10 @@ lab-suite: setup
 	  --html=$(REPORTS)/lab/report.html --self-contained-html \
 	  --alluredir=$(REPORTS)/lab/allure --junitxml=$(REPORTS)/lab/junit.xml $(PYTEST_ARGS)
 
+# loadgroup: each test goes to whichever worker is free (the lab's tests stay together on one).
 test: setup
 	.venv/bin/ruff check pytest_kvmcheck suites tests benchmarks
-	$(PYTEST) tests -n auto --dist loadscope $(PYTEST_ARGS)
+	$(PYTEST) tests -n auto --dist loadgroup $(PYTEST_ARGS)
 
 lint: setup
 	.venv/bin/ruff check pytest_kvmcheck suites tests benchmarks

@@ -70,16 +70,20 @@ def skip_reasons(result) -> list[str]:
     return [line for line in result.outlines if line.startswith("SKIPPED")]
 
 
-def assert_suites_passed(result, host: str) -> None:
+LOCAL_FEATURES = ("test_emulated_io", "test_virtio_net", "test_virtio_blk", "test_virtio_balloon", "test_hotplug",
+                  "test_migration", "test_monitor", "test_v2v", "test_cmdline", "test_security", "test_ksm")
+
+
+def assert_suites_passed(result, host: str, features: tuple[str, ...] = LOCAL_FEATURES) -> None:
+    """No FAIL, ERROR or BROKEN; every skip names host and need; each feature has a PASS cell."""
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
     assert outcomes.get("passed", 0) >= 30, outcomes
     for line in skip_reasons(result):
         assert f"host {host}: needs " in line, f"a skip without host and capability: {line}"
     verdicts = "\n".join(result.outlines)
-    for feature in ("test_emulated_io", "test_virtio_net", "test_virtio_blk", "test_virtio_balloon", "test_hotplug",
-                    "test_migration", "test_monitor", "test_v2v", "test_cmdline",
-                    "test_security"):
+    assert re.search(r"^kvmcheck verdicts: \d+ PASS, 0 FAIL, 0 ERROR, 0 BROKEN", verdicts, re.M), verdicts[-2000:]
+    for feature in features:
         assert re.search(rf"^{re.escape(host)}\s+{feature}\s+PASS", verdicts, re.M), f"no PASS verdict for {feature}"
 
 

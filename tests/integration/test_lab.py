@@ -19,6 +19,8 @@ import pytest
 from .conftest import SUITES, interruptible, qemu_processes, run_pytest, verdicts_of
 
 KVMCHECK = str(Path(sys.executable).parent / "kvmcheck")
+# One lab at a time on this machine: both tests on one xdist worker (make test uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("lab")
 SMOKE = "kvmclock or nested or ksm or passthrough or sriov or vhost or (shared_storage and precopy)"
 SMOKE_SUITES = ("test_kvmclock", "test_virtio_net", "test_nested", "test_ksm", "test_passthrough", "test_sriov",
                 "test_migration")
