@@ -125,7 +125,7 @@ def layout_mismatch(source: VM, dest: VM) -> str:
 def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int | None = None,
             bandwidth_bytes: int | None = None, capabilities: tuple[str, ...] = (),
             destination: VM | None = None, before_switchover: Callable[[], None] | None = None,
-            give_up_when: Callable[[dict], str] | None = None) -> dict:
+            on_progress: Callable[[dict], str] | None = None) -> dict:
     """Run ``migrate`` to ``uri`` and wait for it to end; returns query-migrate's final answer.
 
     Over a socket the return path is on, so a destination that rejects the stream (another
@@ -133,9 +133,10 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
     guest. ``capabilities`` are turned on for this migration (auto-converge, multifd,
     postcopy-ram: with the latter the guest switches to postcopy once the first pass is
     under way). ``before_switchover`` runs once the source has stopped and before the
-    destination takes over (finishing block mirrors). ``give_up_when(info)`` may end the wait
-    early, by the migration's own progress rather than the clock: a non-empty answer (why)
-    cancels it as not converging. Given the ``destination`` VM, wait
+    destination takes over (finishing block mirrors). ``on_progress(info)`` sees each
+    query-migrate answer while the migration is active (it may retune the migration) and may
+    end the wait by the migration's own progress rather than the clock: a non-empty answer
+    (why) cancels it as not converging. Given the ``destination`` VM, wait
     until it runs as well. Raises :class:`MigrationFailed` naming QEMU's error (and a
     device-layout mismatch, if any), :class:`MigrationDidNotConverge` at the deadline.
     """
@@ -172,7 +173,7 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
             break
         if status in ("failed", "cancelled"):
             raise MigrationFailed(failure_message(source, uri, status, info, destination), info)
-        why = give_up_when(info) if give_up_when is not None and status == "active" else ""
+        why = on_progress(info) if on_progress is not None and status == "active" else ""
         if why or time.monotonic() > deadline:
             q.cmd("migrate_cancel")
             poll(lambda: q.cmd("query-migrate").get("status") == "cancelled", 10)
@@ -404,14 +405,35 @@ def continuity_problems(before: GuestState, after_vm: VM) -> list[str]:
     return before.differences(GuestState.read(after_vm, rescan=True))
 
 
-def dirty_rate_mib_s(vm: VM, seconds: int = 2) -> float:
-    """How fast the guest dirties its memory now, as QEMU's page sampling measures it (MiB/s)."""
-    vm.qmp.cmd("calc-dirty-rate", **{"calc-time": seconds})
-    result = poll(lambda: (r := vm.qmp.cmd("query-dirty-rate"))["status"] == "measured" and r,
-                  seconds + 30, 0.2)
-    if not result:
-        raise VMError(f"VM {vm.name}: calc-dirty-rate did not finish within {seconds + 30} s")
-    return float(result.get("dirty-rate", 0))
+class Dirtier:
+    """A guest process rewriting a small set of its RAM (a tmpfs file) with changing content,
+    as fast as the guest can, counting what it wrote: the rate is measured in the guest.
+
+    The set is small on purpose: a migration pass over it is short even on a slow link, and
+    every pass finds all of it dirty again as long as the guest writes faster than the link.
+    """
+
+    SET_MIB = 4
+
+    def __init__(self, vm: VM):
+        self.vm = vm
+        n = self.SET_MIB * 1024 * 1024
+        vm.run(f"head -c {n} /dev/urandom > /tmp/dirty.a && head -c {n} /dev/urandom > /tmp/dirty.b && "
+               f"cp /tmp/dirty.a /tmp/dirty", check=True)
+        vm.run("(n=0; while :; do for f in a b; do dd if=/tmp/dirty.$f of=/tmp/dirty bs=1M conv=notrunc 2>/dev/null;"
+               " done; n=$((n+2)); echo $n > /tmp/dirty.count.new; mv /tmp/dirty.count.new /tmp/dirty.count; done)"
+               " >/dev/null 2>&1 </dev/null &", check=True)
+
+    def count(self) -> int:
+        text = self.vm.run("cat /tmp/dirty.count").stdout.strip()
+        return int(text) if text.isdigit() else 0
+
+    def rate_mib_s(self, window: float = 2.0) -> float:
+        """MiB the guest rewrote per second over ``window`` seconds (a measurement, so a window)."""
+        poll(self.count, 10, 0.1)  # the loop has written once
+        first, started = self.count(), time.monotonic()
+        time.sleep(window)
+        return (self.count() - first) * self.SET_MIB / (time.monotonic() - started)
 
 
 def stats(info: dict) -> dict:

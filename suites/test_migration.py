@@ -25,17 +25,18 @@ from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial, bring_up_brid
 from pytest_kvmcheck.handbook import command_arguments, describe, form
 from pytest_kvmcheck.errors import MigrationDidNotConverge, MigrationFailed, premise
 from pytest_kvmcheck.monitor import QMPCommandError
-from pytest_kvmcheck.migration import (MARKER_PATH, GuestState, continuity_problems, create_overlay, dirty_rate_mib_s, export_disks, finish_mirrors, layout_mismatch,
+from pytest_kvmcheck.migration import (MARKER_PATH, GuestState, continuity_problems, create_overlay, Dirtier, export_disks, finish_mirrors, layout_mismatch,
                                        migrate, mirror_disks, place_base_image, preflight, start_destination, stats,
                                        successor)
 from pytest_kvmcheck.vm import poll
 
 SPEC = VMSpec(memory_mib=512, balloon=True, disks=(Disk(size_mib=32, serial="migrate0"),))
-DIRTY_DEADLINE_S = 20
 DIRTY_LINK_MIB = 32  # at most; a slower guest gets a slower link
-MIN_LINK_MIB = 1
-DIRTY_MARGIN = 4  # the guest must dirty at least this many times what the link sends
-PASSES = 4  # dirty syncs without converging that show plain precopy cannot finish
+MIN_LINK_MIB = 0.25
+DIRTY_MARGIN = 4  # the guest must rewrite at least this many times what the link sends
+PASSES = 4  # passes over the dirty set, without converging, that show plain precopy cannot finish
+FIRST_PASS_S = 90  # bound for the first pass over the guest's RAM, at FIRST_PASS_BANDWIDTH
+FIRST_PASS_BANDWIDTH = 64 * MIB  # fast enough for a short first pass, slow enough that the guest keeps dirtying
 BALLOON_MIB = 384  # a non-default target, so "unchanged" means something
 
 
@@ -166,7 +167,8 @@ def test_live_migration_same_backing_image(boot_vm, kvm_run, kvm_host, kvm_peer,
                f" && sha256sum < /tmp/d > /tmp/overlay.sha && rm /tmp/d", check=True)
     # A writer that keeps going while the guest moves: block at 8 MiB, then the count it wrote.
     writer = source.run(f"(i=0; while :; do i=$((i+1)); printf '%-511s\\n' $i | dd of={disk} bs=512 seek=16384 conv=fsync "
-               f"2>/dev/null && echo $i > /tmp/written; sleep 0.05; done) >/dev/null 2>&1 </dev/null & "
+               f"2>/dev/null && echo $i > /tmp/written.new && mv /tmp/written.new /tmp/written; sleep 0.05; done) "
+               f">/dev/null 2>&1 </dev/null & "
                f"echo $!", check=True)
     GuestState.prepare(source)
     before = GuestState.read(source)
@@ -283,46 +285,49 @@ def test_unreachable_destination_fails_in_bounded_time(running_source):
     assert source.run("true").ok, "the source guest must stay reachable"
 
 
-def passes_without_converging(info: dict) -> str:
-    """Enough evidence that plain precopy cannot finish: PASSES syncs of the dirty memory, still active."""
-    syncs = info.get("ram", {}).get("dirty-sync-count", 0)
-    return f"{syncs} passes over the dirty memory" if syncs >= PASSES else ""
-
-
-def throttled(info: dict) -> str:
-    """What auto-converge must do to a guest that outpaces the link: throttle its CPU."""
-    return f"auto-converge throttled the guest to {info['cpu-throttle-percentage']}%" \
-        if info.get("cpu-throttle-percentage", 0) > 0 else ""
-
-
 @pytest.mark.parametrize("auto_converge", [False, True], ids=["plain", "auto-converge"])
 def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_run, auto_converge, kvm_note):
     """Seed: migration cannot finish while pages are dirtied faster than they are sent.
 
-    Without auto-converge it must still be running after PASSES syncs of the dirty memory
-    (then cancelled, the source intact); with it, QEMU must throttle the guest's CPU. Each
-    ends on what the migration shows, not on a clock; the deadline is only a bound.
+    The premise is established first, in the guest: it rewrites a small set of its RAM at a
+    measured rate, and the link is a quarter of that (ERROR when the guest is too slow to
+    outpace any link). The first pass over the guest's RAM runs at full speed; then the link
+    is limited. Without auto-converge the migration must still be running after PASSES
+    passes over the dirty set (then it is cancelled, the source intact); with it, QEMU must
+    throttle the guest's CPU. Each ends on what the migration shows; the deadline is a bound.
     """
     source = running_source
-    # Rewrite 32 MiB of guest RAM with random data (zero pages would travel as flags) for ever.
-    source.run("dd if=/dev/urandom of=/tmp/random bs=1M count=32 2>/dev/null && "
-               "(while :; do cat /tmp/random > /tmp/dirty; done) >/dev/null 2>&1 </dev/null &", check=True)
-    # The premise, established before judging: the guest dirties memory well faster than the
-    # link sends it. A slow guest (nested KVM on an emulated CPU) gets a slower link and a
-    # deadline in proportion; one too slow to outpace any link here gives no verdict (ERROR).
-    rate = dirty_rate_mib_s(source)
+    dirtier = Dirtier(source)
+    rate = dirtier.rate_mib_s()
     premise(rate >= DIRTY_MARGIN * MIN_LINK_MIB,
-            f"a guest dirtying memory faster than the link: QEMU's calc-dirty-rate measured {rate:.1f} MiB/s while "
-            f"the guest rewrote 32 MiB in a loop, less than {DIRTY_MARGIN}x the slowest link ({MIN_LINK_MIB} MiB/s)")
-    link_mib = min(DIRTY_LINK_MIB, int(rate / DIRTY_MARGIN))
-    deadline = min(DIRTY_DEADLINE_S * DIRTY_LINK_MIB / link_mib, 4 * DIRTY_DEADLINE_S)
-    kvm_note("dirty-rate", f"guest dirties {rate:.0f} MiB/s; link {link_mib} MiB/s; deadline {deadline:.0f} s")
+            f"a guest dirtying memory faster than the link: it rewrote only {rate:.2f} MiB/s of its RAM, less than "
+            f"{DIRTY_MARGIN}x the slowest link ({MIN_LINK_MIB} MiB/s)")
+    link_mib = min(DIRTY_LINK_MIB, rate / DIRTY_MARGIN)
+    pass_s = Dirtier.SET_MIB / link_mib
+    deadline = FIRST_PASS_S + 2 * (PASSES + 2) * pass_s
+    kvm_note("dirty-rate", f"guest rewrites {rate:.1f} MiB/s of a {Dirtier.SET_MIB} MiB set; link {link_mib:.2f} MiB/s "
+                           f"after the first pass; deadline {deadline:.0f} s")
     dest, uri = destination(boot_vm, kvm_run, peer, source)
+    limited_at: list[int] = []  # the dirty-sync count when the link was limited
+
+    def progress(info: dict) -> str:
+        syncs = info.get("ram", {}).get("dirty-sync-count", 0)
+        if not limited_at:
+            if syncs >= 2:  # the first full pass is done: from now on the link is slower than the guest
+                source.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": int(link_mib * MIB)})
+                limited_at.append(syncs)
+            return ""
+        if auto_converge:
+            percent = info.get("cpu-throttle-percentage", 0)
+            return f"auto-converge throttled the guest to {percent}%" if percent > 0 else ""
+        passes = syncs - limited_at[0]
+        return f"{passes} passes over the dirty set on the limited link" if passes >= PASSES else ""
+
     started = time.monotonic()
     try:
-        info = migrate(source, uri, timeout=deadline, bandwidth_bytes=link_mib * MIB, max_downtime_ms=50,
+        info = migrate(source, uri, timeout=deadline, bandwidth_bytes=FIRST_PASS_BANDWIDTH, max_downtime_ms=1,
                        capabilities=("auto-converge",) if auto_converge else (), destination=dest,
-                       give_up_when=throttled if auto_converge else passes_without_converging)
+                       on_progress=progress)
         outcome = "converged"
     except MigrationDidNotConverge as exc:
         info, outcome = exc.info, "did not converge"
@@ -330,23 +335,17 @@ def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_
     throttle = info["max-cpu-throttle-percentage"]
     kvm_note("outcome", f"{outcome} after {elapsed:.1f} s; CPU throttled up to {throttle}%; {stats(info)}")
     assert elapsed < deadline + 15, f"cancelling took too long: {elapsed:.1f} s"
-    if outcome == "converged" and throttle == 0:
-        # Converged unthrottled: either the guest stopped outpacing the link (no verdict) or QEMU
-        # finished while it still did (FAIL). QEMU's own dirty rate during the move cannot tell:
-        # a rewritten 32 MiB set reads as about the link's speed. Measure the guest again.
-        again = dirty_rate_mib_s(dest)
-        premise(again >= DIRTY_MARGIN * link_mib,
-                f"a guest dirtying memory faster than the link: it dirtied {rate:.1f} MiB/s before the move and "
-                f"{again:.1f} MiB/s after it, against a {link_mib} MiB/s link")
+    premise(limited_at or outcome == "did not converge",
+            f"a first pass over the guest's RAM: the migration {outcome} after {elapsed:.1f} s before any pass ended")
     if outcome == "did not converge":
         assert source.qmp.cmd("query-status")["status"] == "running", "a cancelled migration leaves the source running"
         assert source.run("true").ok, "the source guest must stay reachable"
     else:
         assert dest.qmp.cmd("query-status")["status"] == "running"
     if auto_converge:
-        assert throttle > 0, f"auto-converge never throttled a guest dirtying {rate:.1f} MiB/s over a " \
-                             f"{link_mib} MiB/s link ({outcome} after {elapsed:.1f} s)"
+        assert throttle > 0, f"auto-converge never throttled a guest rewriting {rate:.1f} MiB/s over a " \
+                             f"{link_mib:.2f} MiB/s link ({outcome} after {elapsed:.1f} s)"
     else:
         assert outcome == "did not converge", \
-            f"a guest dirtying {rate:.1f} MiB/s converged over a {link_mib} MiB/s link"
+            f"a guest rewriting {rate:.1f} MiB/s converged over a {link_mib:.2f} MiB/s link"
         assert throttle == 0, "the CPU was throttled without auto-converge"
