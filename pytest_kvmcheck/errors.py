@@ -102,9 +102,20 @@ class QMPCommandError(VMError):
 
 
 class GuestCommandError(VMError):
-    """A command in the guest failed where success was required."""
+    """A command in the guest failed where success was required.
+
+    The guest image is ours: a program it lacks (exit 126/127) or a usage error the shell
+    or a tool reports is a bug of kvmcheck (BROKEN), not the host's failure.
+    """
 
     verdict = "FAIL"
+    _USAGE = ("usage:", "invalid option", "unrecognized option", "invalid number", "syntax error")
+
+    def __init__(self, message: str, exit_status: int | None = None, stderr: str = ""):
+        super().__init__(message)
+        self.exit_status = exit_status
+        if exit_status in (126, 127) or any(word in stderr.lower() for word in self._USAGE):
+            self.verdict = "BROKEN"
 
 
 class EventTimeout(VMError):

@@ -80,7 +80,8 @@ class GuestSession:
         result = CommandResult(argv, status, out, err, time.monotonic() - start)
         if check and not result.ok:
             raise GuestCommandError(f"guest {self.name}: {text!r} exited {status}: "
-                                    f"{result.stderr.strip()[-400:] or result.stdout.strip()[-400:]}")
+                                    f"{result.stderr.strip()[-400:] or result.stdout.strip()[-400:]}",
+                                    status, result.stderr)
         return result
 
     def _open_channel(self) -> paramiko.Channel:

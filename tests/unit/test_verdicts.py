@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from pytest_kvmcheck import verdicts
-from pytest_kvmcheck.errors import (GuestBootError, HostUnreachable, MigrationFailed, PremiseError, QMPCommandError,
+from pytest_kvmcheck.errors import (GuestBootError, GuestCommandError, HostUnreachable, MigrationFailed, PremiseError, QMPCommandError,
                                     QMPLost)
 
 
@@ -32,6 +32,13 @@ def ending(exc: BaseException) -> pytest.ExceptionInfo:
 ])
 def test_classify(exc, verdict):
     assert verdicts.classify(ending(exc)) == verdict
+
+
+def test_guest_command_errors_of_our_own_making_are_broken():
+    refused = GuestCommandError("dd exited 1", 1, "dd: error writing '/dev/vda': Operation not permitted")
+    ours = GuestCommandError("head exited 1", 1, "head: invalid number '4M'")
+    missing = GuestCommandError("fio exited 127", 127, "sh: fio: not found")
+    assert [verdicts.classify(ending(e)) for e in (refused, ours, missing)] == ["FAIL", "BROKEN", "BROKEN"]
 
 
 def test_classify_pytest_outcomes():
