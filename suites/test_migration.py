@@ -36,6 +36,7 @@ MIN_LINK_MIB = 0.25
 DIRTY_MARGIN = 4  # the guest must rewrite at least this many times what the link sends
 PASSES = 4  # passes over the dirty set, without converging, that show plain precopy cannot finish
 FIRST_PASS_S = 90  # bound for the first pass over the guest's RAM, at FIRST_PASS_BANDWIDTH
+RATE_WINDOW_S = 1.5  # at least this long a window to measure the guest's rate in
 FIRST_PASS_BANDWIDTH = 64 * MIB  # fast enough for a short first pass, slow enough that the guest keeps dirtying
 BALLOON_MIB = 384  # a non-default target, so "unchanged" means something
 
@@ -289,41 +290,41 @@ def test_unreachable_destination_fails_in_bounded_time(running_source):
 def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_run, auto_converge, kvm_note):
     """Seed: migration cannot finish while pages are dirtied faster than they are sent.
 
-    The premise is established first, in the guest: it rewrites a small set of its RAM at a
-    measured rate, and the link is a quarter of that (ERROR when the guest is too slow to
-    outpace any link). The first pass over the guest's RAM runs at full speed; then the link
-    is limited. Without auto-converge the migration must still be running after PASSES
-    passes over the dirty set (then it is cancelled, the source intact); with it, QEMU must
-    throttle the guest's CPU. Each ends on what the migration shows; the deadline is a bound.
+    The premise is established under the migration's own conditions: the guest rewrites a
+    small set of its RAM, and while the first pass runs (dirty logging on, which slows a
+    nested guest's writes several times) its rate is measured in the guest; then the link is
+    limited to a quarter of that (ERROR when the guest is too slow to outpace any link).
+    Without auto-converge the migration must still be running after PASSES passes over the
+    dirty set (then it is cancelled, the source intact); with it, QEMU must throttle the
+    guest's CPU. Each ends on what the migration shows; the deadline is only a bound.
     """
     source = running_source
     dirtier = Dirtier(source)
-    rate = dirtier.rate_mib_s()
-    premise(rate >= DIRTY_MARGIN * MIN_LINK_MIB,
-            f"a guest dirtying memory faster than the link: it rewrote only {rate:.2f} MiB/s of its RAM, less than "
-            f"{DIRTY_MARGIN}x the slowest link ({MIN_LINK_MIB} MiB/s)")
-    link_mib = min(DIRTY_LINK_MIB, rate / DIRTY_MARGIN)
-    pass_s = Dirtier.SET_MIB / link_mib
-    deadline = FIRST_PASS_S + 2 * (PASSES + 2) * pass_s
-    kvm_note("dirty-rate", f"guest rewrites {rate:.1f} MiB/s of a {Dirtier.SET_MIB} MiB set; link {link_mib:.2f} MiB/s "
-                           f"after the first pass; deadline {deadline:.0f} s")
+    poll(dirtier.count, 10, 0.1)  # the loop is writing
     dest, uri = destination(boot_vm, kvm_run, peer, source)
-    limited_at: list[int] = []  # the dirty-sync count when the link was limited
+    deadline = FIRST_PASS_S + 2 * (PASSES + 2) * Dirtier.SET_MIB / MIN_LINK_MIB
+    seen: dict = {}  # the measured rate and link, and the sync count when the link was limited
 
     def progress(info: dict) -> str:
         syncs = info.get("ram", {}).get("dirty-sync-count", 0)
-        if not limited_at:
-            if syncs >= 2:  # the first full pass is done: from now on the link is slower than the guest
-                source.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": int(link_mib * MIB)})
-                limited_at.append(syncs)
+        if "limited_at" not in seen:
+            elapsed = time.monotonic() - seen["started"]
+            if syncs < 2 or elapsed < RATE_WINDOW_S:  # the first full pass, and a window long enough to measure
+                return ""
+            seen["rate"] = (dirtier.count() - seen["count"]) * Dirtier.SET_MIB / elapsed
+            if seen["rate"] < DIRTY_MARGIN * MIN_LINK_MIB:
+                return "the guest is too slow to outpace any link"
+            seen["link"] = min(DIRTY_LINK_MIB, seen["rate"] / DIRTY_MARGIN)
+            source.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": int(seen["link"] * MIB)})
+            seen["limited_at"] = syncs
             return ""
         if auto_converge:
             percent = info.get("cpu-throttle-percentage", 0)
             return f"auto-converge throttled the guest to {percent}%" if percent > 0 else ""
-        passes = syncs - limited_at[0]
+        passes = syncs - seen["limited_at"]
         return f"{passes} passes over the dirty set on the limited link" if passes >= PASSES else ""
 
-    started = time.monotonic()
+    seen.update(count=dirtier.count(), started=time.monotonic())
     try:
         info = migrate(source, uri, timeout=deadline, bandwidth_bytes=FIRST_PASS_BANDWIDTH, max_downtime_ms=1,
                        capabilities=("auto-converge",) if auto_converge else (), destination=dest,
@@ -331,12 +332,16 @@ def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_
         outcome = "converged"
     except MigrationDidNotConverge as exc:
         info, outcome = exc.info, "did not converge"
-    elapsed = time.monotonic() - started
+    elapsed = time.monotonic() - seen["started"]
     throttle = info["max-cpu-throttle-percentage"]
+    rate, link = seen.get("rate", 0.0), seen.get("link", 0.0)
+    kvm_note("dirty-rate", f"while migrating, the guest rewrote {rate:.1f} MiB/s of a {Dirtier.SET_MIB} MiB set; "
+                           f"link {link:.2f} MiB/s after the first pass")
     kvm_note("outcome", f"{outcome} after {elapsed:.1f} s; CPU throttled up to {throttle}%; {stats(info)}")
+    premise(rate >= DIRTY_MARGIN * MIN_LINK_MIB,
+            f"a guest dirtying memory faster than the link: while migrating it rewrote {rate:.2f} MiB/s of its RAM "
+            f"({outcome} after {elapsed:.1f} s), less than {DIRTY_MARGIN}x the slowest link ({MIN_LINK_MIB} MiB/s)")
     assert elapsed < deadline + 15, f"cancelling took too long: {elapsed:.1f} s"
-    premise(limited_at or outcome == "did not converge",
-            f"a first pass over the guest's RAM: the migration {outcome} after {elapsed:.1f} s before any pass ended")
     if outcome == "did not converge":
         assert source.qmp.cmd("query-status")["status"] == "running", "a cancelled migration leaves the source running"
         assert source.run("true").ok, "the source guest must stay reachable"
@@ -344,8 +349,8 @@ def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_
         assert dest.qmp.cmd("query-status")["status"] == "running"
     if auto_converge:
         assert throttle > 0, f"auto-converge never throttled a guest rewriting {rate:.1f} MiB/s over a " \
-                             f"{link_mib:.2f} MiB/s link ({outcome} after {elapsed:.1f} s)"
+                             f"{link:.2f} MiB/s link ({outcome} after {elapsed:.1f} s)"
     else:
         assert outcome == "did not converge", \
-            f"a guest rewriting {rate:.1f} MiB/s converged over a {link_mib:.2f} MiB/s link"
+            f"a guest rewriting {rate:.1f} MiB/s converged over a {link:.2f} MiB/s link"
         assert throttle == 0, "the CPU was throttled without auto-converge"
