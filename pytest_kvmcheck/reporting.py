@@ -89,12 +89,9 @@ def add_junit_verdict_counts(config: pytest.Config, totals: Counter) -> None:
 
 def html_verdict_summary(collected: verdicts.Verdicts) -> str:
     """The HTML report's verdict table per host and feature, above pytest-html's summary."""
-    rows = []
-    for (host, feature), counts in sorted(collected.cells().items()):
-        detail = ", ".join(f"{counts[v]} {v}" for v in verdicts.ORDER if counts[v])
-        rows.append(f"<tr><td>{html.escape(host)}</td><td>{html.escape(feature)}</td>"
-                    f"<td class=\"kvm-{verdicts.cell_verdict(counts)}\">{verdicts.cell_verdict(counts)}</td>"
-                    f"<td>{detail}</td></tr>")
+    rows = [f"<tr><td>{html.escape(host)}</td><td>{html.escape(feature)}</td>"
+            f"<td class=\"kvm-{cell}\">{cell}</td><td>{detail}</td></tr>"
+            for host, feature, cell, detail in collected.rows()]
     return ("<h2>kvmcheck verdicts</h2>"
             f"<p class=\"kvm-totals\">{html.escape(collected.summary())}</p>"
             "<table class=\"kvm-verdicts\"><tr><th>host</th><th>feature</th><th>verdict</th><th>tests</th></tr>"

@@ -127,12 +127,13 @@ class Verdicts:
     def totals(self) -> Counter:
         return Counter(verdict for _, _, verdict in self.tests.values())
 
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(host, feature, the cell's verdict, its counts as text), sorted by host and feature."""
+        return [(host, feature, cell_verdict(counts), ", ".join(f"{counts[v]} {v}" for v in ORDER if counts[v]))
+                for (host, feature), counts in sorted(self.cells().items())]
+
     def lines(self) -> list[str]:
-        out = []
-        for (host, feature), counts in sorted(self.cells().items()):
-            detail = ", ".join(f"{counts[v]} {v}" for v in ORDER if counts[v])
-            out.append(f"{host:<16} {feature:<28} {cell_verdict(counts):<6} ({detail})")
-        return out
+        return [f"{host:<16} {feature:<28} {cell:<6} ({detail})" for host, feature, cell, detail in self.rows()]
 
     def summary(self) -> str:
         totals = self.totals()
