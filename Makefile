@@ -25,11 +25,11 @@ lab-suite: setup
 
 # loadgroup: each test goes to whichever worker is free (the lab's tests stay together on one).
 test: setup
-	.venv/bin/ruff check pytest_kvmcheck suites tests benchmarks
+	.venv/bin/ruff check pytest_kvmcheck suites tests benchmarks scripts
 	$(PYTEST) tests -n auto --dist loadgroup $(PYTEST_ARGS)
 
 lint: setup
-	.venv/bin/ruff check pytest_kvmcheck suites tests benchmarks
+	.venv/bin/ruff check pytest_kvmcheck suites tests benchmarks scripts
 
 bench: setup
 	.venv/bin/python benchmarks/bench.py

@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from pytest_kvmcheck.hostspec import parse_host
-from pytest_kvmcheck.migration import migrate, start_destination, stats
-from pytest_kvmcheck.session import KvmRun
-from pytest_kvmcheck.vmspec import VMSpec
+from pytest_kvmcheck.hosts.spec import parse_host
+from pytest_kvmcheck.qemu.migration import destination_spec, listen, migrate, stats
+from pytest_kvmcheck.run import KvmRun
+from pytest_kvmcheck.qemu.spec import VMSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,9 @@ def measure_migrations(run: KvmRun, hops: int) -> dict:
         try:
             vm.boot()
             for _ in range(hops):
-                dest, uri = start_destination(run, host, vm, capabilities=caps)
+                dest = run.new_vm(host.name, destination_spec(vm, extra_args=("-incoming", "defer")))
                 vms.append(dest)
+                uri = listen(dest.start(), host.spec.migration_address, caps)
                 numbers = stats(migrate(vm, uri, capabilities=caps, destination=dest))
                 totals.append(numbers["total_time_ms"])
                 downtimes.append(numbers["downtime_ms"])
@@ -87,12 +88,12 @@ def measure_suite(extra: list[str]) -> dict:
 
 def measure_lab(boots: int, commands: int, full_suite: bool) -> dict:
     """The virtual KVM lab: 2 hosts up (image cached), a guest on a lab host, the suites there."""
-    from pytest_kvmcheck.hostspec import parse_hosts
-    from pytest_kvmcheck.lab import Lab
+    from pytest_kvmcheck.hosts.spec import parse_hosts
+    from pytest_kvmcheck.lab.control import Lab
     lab = Lab()
     lab.down()
     lab_image_build = time.monotonic()
-    from pytest_kvmcheck.labimage import build_lab_image
+    from pytest_kvmcheck.lab.image import build_lab_image
     build_lab_image()
     out = {"lab_image_build_or_reuse_s": time.monotonic() - lab_image_build}
     start = time.monotonic()

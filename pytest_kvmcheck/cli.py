@@ -41,19 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "image":
             say = lambda m: print(f"kvmcheck: {m}", file=sys.stderr)  # noqa: E731
             if args.cloud:
-                from .cloudimage import build_cloud
+                from .images.cloud import build_cloud
                 cloud = build_cloud(force=args.force, progress=say)
                 print(f"cloud image: {cloud.path}\n  use it with: pytest suites --kvm-guest={cloud.path}")
             else:
-                from .image import build_tiny
+                from .images.tiny import build_tiny
                 img = build_tiny(force=args.force, progress=say)
                 print(f"tiny image {img.digest}: kernel {img.kernel_version}\n  {img.kernel}\n  {img.initrd}")
         elif args.command == "lab":
             return _lab(args)
         elif args.command == "cleanup":
-            from .hostspec import parse_hosts
-            from .run import reap_stale_runs
-            from .transport import connect
+            from .hosts.spec import parse_hosts
+            from .hosts.footprint import reap_stale_runs
+            from .hosts.connect import connect
             for spec in parse_hosts(args.kvm_hosts):
                 host = connect(spec)
                 try:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     host.close()
                 print(f"host {spec.name}: " + ("; ".join(notes) if notes else "nothing left behind"))
-            from .session import remove_dead_state_dirs
+            from .run import remove_dead_state_dirs
             for path in remove_dead_state_dirs(including_kept=True):
                 print(f"removed the local state of a finished run: {path}")
     except KvmCheckError as exc:
@@ -74,14 +74,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _lab(args) -> int:
-    from .lab import Lab, inventory_path
+    from .lab.control import Lab
+    from .paths import lab_inventory
     lab = Lab(progress=lambda m: print(f"kvmcheck lab: {m}", file=sys.stderr, flush=True))
     if args.lab_command == "up":
         hosts = lab.up(args.hosts, memory_mib=args.memory, cpus=args.cpus)
         for h in hosts:
             print(f"{h.name}: ssh 127.0.0.1:{h.ssh_port}, private {h.private_ip}, "
                   f"assignable {', '.join(h.assignable) or '-'}, SR-IOV PF {h.sriov_pf or '-'}")
-        print(f"inventory: {inventory_path()}\n  run the suites there with: pytest suites --kvm-hosts=lab")
+        print(f"inventory: {lab_inventory()}\n  run the suites there with: pytest suites --kvm-hosts=lab")
     elif args.lab_command == "status":
         rows = lab.status()
         if not rows:

@@ -118,6 +118,12 @@ class GuestCommandError(VMError):
             self.verdict = "BROKEN"
 
 
+class WaitTimeout(KvmCheckError, AssertionError):
+    """Something the check waited for did not happen in time; the message has the last value seen."""
+
+    verdict = "FAIL"
+
+
 class EventTimeout(VMError):
     """QEMU did not emit an event the check waited for: the host did not do what it must."""
 

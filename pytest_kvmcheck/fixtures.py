@@ -1,19 +1,25 @@
-"""Fixtures the suites use: the host under test, its capabilities, and booted guests.
+"""Fixtures the suites use: the host under test, its peer, its capabilities, and the VM factory.
 
 ``kvm_host`` is parametrized over every ``--kvm-hosts`` entry (test ids carry the host
-name). Guests come from :func:`vm_fixture` (one VM per module and host, the fast path)
-or from the ``boot_vm`` factory (VMs a single test owns). Either way the VM is stopped
-and its files removed at teardown, unless ``--kvm-keep-failed`` kept it for a human.
+name). Every VM a test touches comes from a :class:`VMFactory`, which owns it: built (not
+started), booted, made a migration destination on the peer, or adopted; all destroyed at
+the factory's end unless ``--kvm-keep-failed`` kept one for a human. ``boot_vm`` is the
+test's own factory; :func:`vm_fixture` boots one guest per module and host and shares it.
+The factory records on the test item every VM the test used: reports attach their argv,
+QMP transcript and console from there.
 """
 from __future__ import annotations
 
 import pytest
 
-from .capabilities import Capabilities
 from .errors import HostError, KvmCheckError
-from .session import RUN_KEY, KvmRun, PreparedHost
-from .vm import VM
-from .vmspec import VMSpec
+from .hosts.capabilities import Capabilities
+from .qemu.migration import destination_spec, listen
+from .qemu.spec import VMSpec
+from .qemu.vm import VM
+from .run import RUN_KEY, KvmRun, PreparedHost
+
+TEST_VMS = pytest.StashKey[list]()  # on a test item: the VMs it used, for its report
 
 
 @pytest.fixture(scope="session")
@@ -54,94 +60,143 @@ def kvm_note(request: pytest.FixtureRequest):
     return note
 
 
-def boot(kvm_run: KvmRun, kvm_host: PreparedHost, spec: VMSpec, timeout: float | None = None) -> VM:
-    """Boot ``spec`` on the host; a guest that does not boot raises its error (the test's ERROR)."""
-    vm = kvm_run.new_vm(kvm_host.name, spec)
-    try:
-        return vm.boot(timeout)
-    except BaseException:
-        vm.destroy()
-        raise
-
-
-def release(vm: VM) -> None:
-    """Teardown: stop and remove the VM, unless it was kept for a human."""
-    if not vm.kept:
-        vm.destroy()
+def used_by(item: pytest.Item, vm: VM) -> VM:
+    """Record that the test ``item`` used ``vm`` (its report shows the VM's artifacts)."""
+    vms = item.stash.setdefault(TEST_VMS, [])
+    if vm not in vms:
+        vms.append(vm)
+    return vm
 
 
 class VMFactory:
-    """``boot_vm(spec)``: VMs owned by one test, all released at its teardown."""
+    """Every VM of one scope (a test, or a module's shared guests), destroyed at its end.
 
-    def __init__(self, kvm_run: KvmRun, kvm_host: PreparedHost):
-        self.kvm_run, self.kvm_host = kvm_run, kvm_host
+    ``factory(spec)`` boots one; :meth:`build` makes one without starting it; :meth:`many`
+    boots several at once; :meth:`destination` starts one on a peer, listening for a
+    migration of a source; :meth:`successor` builds one to take a source over by other means
+    (``-loadvm``, ``-incoming exec:``); :meth:`adopt` takes one made elsewhere.
+    """
+
+    def __init__(self, kvm_run: KvmRun, kvm_host: PreparedHost, config: pytest.Config,
+                 item: pytest.Item | None = None):
+        self.kvm_run, self.kvm_host, self.config, self.item = kvm_run, kvm_host, config, item
         self.vms: list[VM] = []
+        self.shared: dict[str, VM | BaseException] = {}  # a module's guests by mode (vm_fixture)
 
-    def __call__(self, spec: VMSpec = VMSpec(), timeout: float | None = None) -> VM:
-        vm = boot(self.kvm_run, self.kvm_host, spec, timeout)
-        self.vms.append(vm)
+    # ---------------------------------------------------------------- making VMs
+    def build(self, spec: VMSpec = VMSpec(), on: PreparedHost | None = None, boot_disk: str = "",
+              mode: str = "") -> VM:
+        """A VM of ``spec`` on ``on`` (default: the host under test), owned here, not started."""
+        vm = self.kvm_run.new_vm((on or self.kvm_host).name, spec, boot_disk=boot_disk, mode=mode)
+        return self.adopt(vm)
+
+    def start(self, vm: VM) -> VM:
+        """Launch a built VM's QEMU (it returns once QEMU daemonized; the guest may still boot)."""
+        vm.start()
+        self.config.hook.pytest_kvmcheck_vm_started(vm=vm)
         return vm
+
+    def __call__(self, spec: VMSpec = VMSpec(), timeout: float | None = None, on: PreparedHost | None = None,
+                 mode: str = "") -> VM:
+        """A VM of ``spec`` booted until its guest is ready (a guest that does not boot: ERROR)."""
+        vm = self.build(spec, on, mode=mode)
+        try:
+            return self.start(vm).wait_ready(timeout)
+        except BaseException:
+            vm.stop()  # its console and stderr stay for the report; its files go with the factory
+            raise
 
     def many(self, spec: VMSpec, count: int, timeout: float | None = None) -> list[VM]:
         """``count`` guests of one spec, started together and then awaited: their boots overlap."""
-        vms = [self.adopt(self.kvm_run.new_vm(self.kvm_host.name, spec)) for _ in range(count)]
-        for vm in vms:
-            vm.start()
+        vms = [self.start(self.build(spec)) for _ in range(count)]
         for vm in vms:
             vm.wait_ready(timeout)
         return vms
 
+    def successor(self, source: VM, on: PreparedHost, *extra_args: str, disk_paths: tuple[str, ...] | None = None,
+                  **changes) -> VM:
+        """A VM built to take ``source`` over: its spec, MACs and images (see
+        :func:`~.qemu.migration.destination_spec`), on ``on``; not started."""
+        spec = destination_spec(source, disk_paths, extra_args, **changes)
+        return self.build(spec, on, boot_disk=source.boot_disk, mode=source.mode)
+
+    def destination(self, source: VM, on: PreparedHost, capabilities: tuple[str, ...] = (),
+                    disk_paths: tuple[str, ...] | None = None, **changes) -> tuple[VM, str]:
+        """The destination QEMU for ``source`` on ``on``, listening on that host's migration
+        address (never every interface) with ``capabilities`` set; returns it and the URI."""
+        dest = self.start(self.successor(source, on, "-incoming", "defer", disk_paths=disk_paths, **changes))
+        return dest, listen(dest, on.spec.migration_address, capabilities)
+
     def adopt(self, vm: VM) -> VM:
-        """Own a VM started some other way (a migration destination): released like the rest."""
+        """Own ``vm``: destroyed with the rest, and shown in the test's report."""
         self.vms.append(vm)
+        if self.item is not None:
+            used_by(self.item, vm)
         return vm
 
+    # ---------------------------------------------------------------- the end
     def release(self) -> None:
+        """Stop and remove every VM, unless it was kept for a human."""
+        errors = []
         for vm in self.vms:
-            release(vm)
+            if vm.kept:
+                continue
+            try:
+                vm.destroy()
+            except KvmCheckError as exc:  # the host went away: the run's end removes what is left
+                errors.append(f"{vm.name}: {exc}")
+        self.vms.clear()
+        if errors:
+            raise HostError("could not remove VMs: " + "; ".join(errors))
 
 
 @pytest.fixture
-def boot_vm(kvm_run: KvmRun, kvm_host: PreparedHost):
-    factory = VMFactory(kvm_run, kvm_host)
+def boot_vm(request: pytest.FixtureRequest, kvm_run: KvmRun, kvm_host: PreparedHost):
+    """The test's own VM factory: ``boot_vm(VMSpec(...))``; every VM it made is gone after the test."""
+    factory = VMFactory(kvm_run, kvm_host, request.config, request.node)
     yield factory
     factory.release()
 
 
-def vm_fixture(spec, scope: str = "module"):
-    """A fixture booting one guest per host, shared by the tests of a module.
+@pytest.fixture(scope="module")
+def kvm_module_vms(request: pytest.FixtureRequest, kvm_run: KvmRun, kvm_host: PreparedHost):
+    """The factory of a module's shared guests (:func:`vm_fixture`), per host, released with the module."""
+    factory = VMFactory(kvm_run, kvm_host, request.config)
+    yield factory
+    factory.release()
+
+
+def vm_fixture(spec, name: str | None = None):
+    """A fixture booting one guest per module and host, shared by the module's tests.
 
     ``spec`` is a :class:`VMSpec`, or a dict of mode name -> VMSpec (or ``pytest.param(VMSpec,
-    marks=...)``) to run the module once per mode; the fixture's ``vm.mode`` says which.
-    Usage in a suite: ``virtio_guest = vm_fixture(VMSpec(balloon=True))``.
+    marks=...)``) to run the tests once per mode; ``vm.mode`` says which. Each mode's guest
+    boots when a test first needs it and lives until the module ends. Usage in a suite:
+    ``balloon_guest = vm_fixture(VMSpec(balloon=True))``.
     """
-    if isinstance(spec, VMSpec):
-        @pytest.fixture(scope=scope)
-        def _vm(kvm_run: KvmRun, kvm_host: PreparedHost):
-            vm = boot(kvm_run, kvm_host, spec)
-            yield vm
-            release(vm)
-        return _vm
-    params = [pytest.param((mode, value), id=mode) if isinstance(value, VMSpec)
-              else pytest.param((mode, value.values[0]), marks=value.marks, id=mode)
-              for mode, value in spec.items()]
+    specs = {"": spec} if isinstance(spec, VMSpec) else spec
+    params = [pytest.param(mode, id=mode) if isinstance(value, VMSpec)
+              else pytest.param(mode, marks=value.marks, id=mode) for mode, value in specs.items()]
 
-    @pytest.fixture(scope=scope, params=params)
-    def _vm_per_mode(request: pytest.FixtureRequest, kvm_run: KvmRun, kvm_host: PreparedHost):
-        mode, vm_spec = request.param
-        vm = boot(kvm_run, kvm_host, vm_spec)
-        vm.mode = mode
-        yield vm
-        release(vm)
-    return _vm_per_mode
+    def shared_vm(request: pytest.FixtureRequest, kvm_module_vms: VMFactory) -> VM:
+        mode = getattr(request, "param", "")
+        vm = kvm_module_vms.shared.get(mode)
+        if vm is None:
+            value = specs[mode]
+            try:
+                vm = kvm_module_vms(value if isinstance(value, VMSpec) else value.values[0], mode=mode)
+            except KvmCheckError as exc:  # the module's other tests get the same error, without booting again
+                kvm_module_vms.shared[mode] = exc
+                raise
+            kvm_module_vms.shared[mode] = vm
+        if isinstance(vm, BaseException):
+            raise vm
+        return used_by(request.node, vm)
+    if isinstance(spec, VMSpec):
+        return pytest.fixture(name=name)(shared_vm) if name else pytest.fixture(shared_vm)
+    return pytest.fixture(params=params, name=name)(shared_vm) if name else pytest.fixture(params=params)(shared_vm)
 
 
 def vms_of(item: pytest.Item) -> list[VM]:
-    """The VMs a test used (directly, or through the ``boot_vm`` factory)."""
-    vms: list[VM] = []
-    for value in getattr(item, "funcargs", {}).values():
-        if isinstance(value, VM):
-            vms.append(value)
-        elif isinstance(value, VMFactory):
-            vms.extend(value.vms)
-    return vms
+    """The VMs the test used, as the factories recorded them."""
+    return list(item.stash.get(TEST_VMS, []))

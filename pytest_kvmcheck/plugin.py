@@ -1,24 +1,33 @@
 """The pytest plugin: options, the ``kvm_requires`` marker, host parametrization and hooks.
 
-Only wiring lives here. Host specs are parsed in :mod:`.hostspec`, hosts prepared in
-:mod:`.session`, VMs run by :mod:`.vm`, reports made in :mod:`.reporting`, and the
-fixtures tests use are in :mod:`.fixtures`.
+Only wiring lives here. Host specs are parsed in :mod:`.hosts.spec`, hosts prepared in
+:mod:`.run`, VMs made by the factory in :mod:`.fixtures`, verdicts decided in
+:mod:`.verdicts`, reports made in :mod:`.reporting`. Nothing heavy happens unless a test
+needs a host: ``--help``, ``--collect-only`` and runs of other tests make no state and no key.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 
 import pytest
 
-from . import reporting, verdicts
-from .capabilities import Capabilities, unmet
-from .cloudimage import CloudImage, CloudImageError
+from . import hookspecs, reporting, verdicts
 from .errors import HostSpecError, KvmCheckError
 from .fixtures import *  # noqa: F401,F403 - registers the fixtures with pytest
 from .fixtures import vms_of
-from .hostspec import ACCELS, parse_hosts
-from .session import RUN_KEY, KvmRun, worker_id
+from .hosts.capabilities import Capabilities
+from .hosts.spec import ACCELS, parse_hosts
+from .images.cloud import CloudImage, CloudImageError
+from .run import RUN_KEY, KvmRun, worker_id
+
 VERDICTS_KEY = pytest.StashKey[verdicts.Verdicts]()
 SUMMARY_KEY = pytest.StashKey[list]()
+DEFAULT_TIMEOUT_S = 900  # a hung guest or host never hangs a run (pytest-timeout; --timeout overrides)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -26,11 +35,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     options = [
         ("--kvm-hosts", "kvm_hosts", "local",
          "hosts to qualify: comma list of 'local', 'ssh://user@host[:port][?key=..&qemu=..&workdir=..]', "
-         "'@inventory.toml' (default: local)"),
+         "'@inventory.toml', 'lab' (default: local)"),
         ("--kvm-guest", "kvm_guest", "tiny", "guest: 'tiny' (kernel + busybox initramfs, built on first use) or "
          "the path of a qcow2 cloud image (booted with a cloud-init NoCloud seed carrying the run's key)"),
         ("--kvm-accel", "kvm_accel", "auto", "accelerator: auto (KVM if a guest really runs under it, else TCG), kvm, tcg"),
         ("--kvm-artifacts", "kvm_artifacts", "", "also write each test's QEMU argv, QMP transcript and console here"),
+        ("--kvm-log-level", "kvm_log_level", "INFO", "level of kvmcheck's own log (QMP, SSH, VM lifecycle) captured "
+         "per test and shown on failure: DEBUG shows every QMP message"),
     ]
     for flag, ini, default, help_text in options:
         group.addoption(flag, dest=ini, default=None, help=help_text)
@@ -39,6 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="leave a failed test's VM running and print how to reach it")
     parser.addini("kvm_keep_failed", type="bool", default=False, help="as --kvm-keep-failed")
     parser.addini("kvm_max_downtime_ms", default="2000", help="live migration downtime bound (ms), default 2000")
+    parser.addini("kvm_timeout", default=str(DEFAULT_TIMEOUT_S),
+                  help=f"seconds a kvmcheck test may take before it is stopped as ERROR (default {DEFAULT_TIMEOUT_S}; "
+                       "pytest-timeout's --timeout overrides it)")
 
 
 def setting(config: pytest.Config, name: str):
@@ -48,9 +62,9 @@ def setting(config: pytest.Config, name: str):
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "kvm_requires(*needs): the test needs these host capabilities (kvm, vhost-net, tap, bridge, iommu, "
-        "sriov, ksm, nested, device:NAME, machine:NAME, memory:MIB, qemu>=X.Y); unmet needs skip the test "
-        "with a reason naming the host and the capability")
+        "markers", "kvm_requires(*needs, on='host'): the test needs these capabilities of the host under test "
+        "(on='peer': of its migration peer; see pytest_kvmcheck.hosts.capabilities.NEEDS); an unmet need skips "
+        "the test, before any VM boots, with a reason naming the host and the capability")
     accel = setting(config, "kvm_accel")
     if accel not in ACCELS:
         raise pytest.UsageError(f"--kvm-accel: {accel!r} is not one of {', '.join(ACCELS)}")
@@ -64,17 +78,22 @@ def pytest_configure(config: pytest.Config) -> None:
         specs = parse_hosts(setting(config, "kvm_hosts"))
     except HostSpecError as exc:
         raise pytest.UsageError(f"--kvm-hosts: {exc}") from None
-    workerinput = getattr(config, "workerinput", None)
+    level = str(setting(config, "kvm_log_level")).upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise pytest.UsageError(f"--kvm-log-level: {level!r} is not a logging level")
+    logging.getLogger("pytest_kvmcheck").setLevel(level)
 
     def progress(msg: str) -> None:  # the terminal reporter registers after us: look it up late
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"kvmcheck: {msg}")
+    workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
-        run = KvmRun.attach(specs, workerinput["kvmcheck_state"], worker_id())
-        run.progress = progress
+        run = KvmRun.attach(specs, workerinput["kvmcheck_run"], worker_id())
     else:
-        run = KvmRun.create(specs, accel, progress=progress, guest=guest)
+        run = KvmRun.create(specs, accel, guest=guest)
+    run.progress = progress
+    run.on_host_prepared = lambda host: config.hook.pytest_kvmcheck_host_prepared(host=host)
     config.stash[RUN_KEY] = run
     collector = config.stash[VERDICTS_KEY] = verdicts.Verdicts()
     # On the controller, pytest_runtest_logreport sees every worker's reports too.
@@ -83,8 +102,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
-    """xdist: hand the run's state dir (key, prepared hosts) to each worker."""
-    node.workerinput["kvmcheck_state"] = str(node.config.stash[RUN_KEY].state_dir)
+    """xdist: hand the run (its id, the name of its state dir) to each worker."""
+    node.workerinput["kvmcheck_run"] = node.config.stash[RUN_KEY].describe()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -106,9 +125,31 @@ def _host_of(item: pytest.Item) -> str | None:
     return callspec.params.get("kvm_host") if callspec else None
 
 
+def description(item: pytest.Item) -> str:
+    """The test's docstring: the handbook step it checks, and why."""
+    function = getattr(item, "function", None)
+    return inspect.cleandoc(function.__doc__) if function is not None and function.__doc__ else ""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each kvmcheck test gets the default time limit (unless one is set) and its docstring as description."""
+    limit = None
+    if config.pluginmanager.hasplugin("timeout") and not config.getoption("timeout", None) \
+            and not config.getini("timeout"):
+        limit = float(config.getini("kvm_timeout"))
+    for item in items:
+        if _host_of(item) is None:
+            continue
+        if limit and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(limit))
+        text = description(item)
+        if text:
+            item.user_properties.append(("description", text))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Prepare the item's host and skip it, with the reason, if the host lacks a need."""
+    """Prepare the item's host and skip it, with the reason, if the host (or its peer) lacks a need."""
     name = _host_of(item)
     if name is None:
         return
@@ -116,10 +157,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     run = item.config.stash[RUN_KEY]
     caps = run.host(name).caps  # a host that cannot be prepared: its HostError is the test's ERROR
     item.user_properties += [("qemu", caps.qemu_version_text), ("accel", caps.accel)]
-    needs = [need for marker in item.iter_markers("kvm_requires") for need in marker.args]
-    reasons = unmet(caps, needs)  # an unknown need is the suite's bug: its ValueError reads as BROKEN
+    needs, peer_needs = [], []
+    for marker in item.iter_markers("kvm_requires"):
+        on = marker.kwargs.get("on", "host")
+        if on not in ("host", "peer"):
+            raise ValueError(f"kvm_requires(on={on!r}): on is 'host' or 'peer'")  # the suite's bug: BROKEN
+        (peer_needs if on == "peer" else needs).extend(marker.args)
+    reasons = run.unmet(name, needs, peer_needs)  # an unknown need is the suite's bug: its ValueError reads as BROKEN
     if reasons:
         pytest.skip("; ".join(reasons))
+
+
+_NOT_NOTES = ("kvm_host", "qemu", "accel", "description")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -136,8 +185,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     if not vms and name is None:
         return
     # Notes the test recorded (kvm_note): what the handbook's command means today, migration numbers.
-    texts: dict[str, str] = {key: value for key, value in item.user_properties
-                             if key not in ("kvm_host", "qemu", "accel")}
+    texts: dict[str, str] = {key: value for key, value in item.user_properties if key not in _NOT_NOTES}
     run = item.config.stash[RUN_KEY]
     if name is not None:
         try:
@@ -148,15 +196,13 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         prefix = f"{vm.name}: " if len(vms) > 1 else ""
         for key, text in vm.artifacts().items():
             texts[prefix + key] = text
-        if report.failed:
-            vm.failed = True
-            if vm.alive() and not vm._stopped:
-                try:
-                    texts[prefix + "guest dmesg"] = vm.run("dmesg", timeout=10).stdout
-                except KvmCheckError as exc:
-                    texts[prefix + "guest dmesg"] = f"(could not read: {exc})"
-                if setting(item.config, "kvm_keep_failed"):
-                    report.sections.append(("kvmcheck: VM kept running", vm.keep()))
+        if report.failed and vm.alive() and not vm.stopped:
+            try:
+                texts[prefix + "guest dmesg"] = vm.run("dmesg", timeout=10).stdout
+            except KvmCheckError as exc:
+                texts[prefix + "guest dmesg"] = f"(could not read: {exc})"
+            if setting(item.config, "kvm_keep_failed"):
+                report.sections.append(("kvmcheck: VM kept running", vm.keep()))
     reporting.attach(item, report, texts)
     artifacts = setting(item.config, "kvm_artifacts")
     if artifacts:
@@ -209,11 +255,13 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_html_results_table_header(cells: list) -> None:
     cells.insert(1, '<th class="sortable" data-column-type="kvm-verdict">Verdict</th>')
+    cells.insert(3, '<th data-column-type="kvm-description">Description</th>')
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_html_results_table_row(report, cells: list) -> None:
     cells.insert(1, f'<td class="col-kvm-verdict">{verdicts.of(report) or ""}</td>')
+    cells.insert(3, f'<td class="col-kvm-description">{reporting.description_cell(report)}</td>')
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -31,6 +31,12 @@ def attach(item: pytest.Item, report: pytest.TestReport, texts: dict[str, str]) 
             allure.attach(text, name=name, attachment_type=allure.attachment_type.TEXT)
 
 
+def description_cell(report: pytest.TestReport) -> str:
+    """The first line of the test's docstring (the handbook step), HTML-escaped, for the results table."""
+    text = next((value for key, value in report.user_properties if key == "description"), "")
+    return html.escape(text.splitlines()[0] if text else "")
+
+
 def write_artifacts(directory: str, nodeid: str, texts: dict[str, str]) -> Path:
     """Write ``texts`` as files under ``directory/<test id>/`` (for CI artifact upload)."""
     safe = "".join(c if c.isalnum() or c in "-_.[]" else "_" for c in nodeid)

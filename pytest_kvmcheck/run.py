@@ -1,161 +1,342 @@
-"""A run's footprint on a host: its work dir, its owner record, and removing what dead runs left.
+"""One run of the suites: its id, key, local state, and each host prepared once.
 
-Every run gets ``<workdir>/runs/<run_id>/`` on each host; every VM lives in a subdirectory
-with its pidfile, QMP socket, console log and disks. ``owner.json`` says which client
-process owns the run, so the start of the next run can tell a dead run from a live one and
-remove what the dead one left (QEMU processes included).
+Nothing happens until a test needs a host: ``--help``, ``--collect-only`` and runs without
+kvmcheck tests create no state dir and no key. The controller (or the only process,
+without xdist) names the run and its local state dir; xdist workers receive both. The
+first process that needs the state creates it (the run's SSH key inside), under a lock.
+A host is prepared lazily too, by whichever process needs it first, under a file lock:
+connect, reap dead runs, create the run's work dir, place the image, probe capabilities.
+The result is written to the state dir as JSON and every other process reads it, so each
+host is probed once per run. The controller's :meth:`KvmRun.finish` removes each prepared
+host's run dir (and any QEMU still in it), and the state dir.
 """
 from __future__ import annotations
 
+import fcntl
+import stat
+import hashlib
 import json
 import os
-import posixpath
-import socket
+import secrets
+import shutil
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from .transport import Host
+import pytest
 
-STALE_AFTER_S = 24 * 3600
-PIDFILE = "qemu.pid"
-KEEP_MARKER = "KEPT"  # a VM left running on purpose by --kvm-keep-failed
-
-
-def _local_boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def owner_record(pid: int | None = None) -> dict:
-    """Who owns a run: the client machine (and its boot) and the controlling pytest process."""
-    return {"client": socket.gethostname(), "boot_id": _local_boot_id(), "pid": pid or os.getpid(),
-            "started": time.time()}
-
-
-def _owner_is_dead(owner: dict) -> bool:
-    if time.time() - float(owner.get("started", 0)) > STALE_AFTER_S:
-        return True
-    if owner.get("client") != socket.gethostname():
-        return False  # another client's run: only age tells
-    if owner.get("boot_id") != _local_boot_id():
-        return True
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError):
-        return False
-    return False
+from .hosts.capabilities import PAIR_NEEDS, Capabilities, load_probe_cache, probe, unmet
+from .errors import KvmCheckError
+from .guests.session import RunKey
+from .hosts.spec import HostSpec
+from .images.cloud import CloudImage, seed_iso
+from .images.tiny import TinyImage, build_tiny
+from .paths import cache_dir
+from .hosts.footprint import KEEP_MARKER, HostRun, place_files, remove_run, start_run
+from .hosts.connect import connect
+from .hosts.transport import Host
+from .qemu.vm import VM, stop_all_vms
+from .hosts.transport import CommandResult
+from .qemu.legacy import command_arguments
+from .qemu.noguest import try_options
+from .qemu.spec import VMSpec
 
 
-def runs_dir(host: Host) -> str:
-    return posixpath.join(host.spec.workdir or host.default_workdir(), "runs")
+@dataclass
+class PreparedHost:
+    """A host as this process sees it: its connection, its run dir and capabilities."""
+
+    spec: HostSpec
+    transport: Host
+    host_run: HostRun
+    caps: Capabilities
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def run_dir(self) -> str:
+        """This run's directory on the host (removed at the run's end)."""
+        return self.host_run.run_dir
+
+    def accepts(self, options: list[str]) -> CommandResult:
+        """Start the host's QEMU with ``options`` and no guest (exit 0: QEMU took them)."""
+        return try_options(self.transport, options)
+
+    def qmp_arguments(self, command: str) -> set[str]:
+        """The argument names the host's QEMU takes for a QMP command, from its own schema."""
+        return command_arguments(self.transport, self.run_dir, command)
 
 
-def kill_vm_dir(host: Host, vm_dir: str, grace: float = 3.0) -> bool:
-    """Kill the QEMU whose pidfile is in ``vm_dir`` (only if its argv names that pidfile).
+class KvmRun:
+    def __init__(self, specs: list[HostSpec], state_dir: Path, run_id: str, accel: str = "auto",
+                 worker: str = "main", progress=None, guest: str = "tiny", owner_pid: int | None = None):
+        self.specs = {s.name: s for s in specs}
+        self.state_dir, self.run_id, self.accel, self.worker = state_dir, run_id, accel, worker
+        self.guest = guest  # "tiny" or the path of a qcow2 cloud image
+        self.progress = progress or (lambda msg: None)
+        self.on_host_prepared = lambda prepared: None  # the plugin calls its hook from here
+        self._run_key: RunKey | None = None
+        self._hosts: dict[str, PreparedHost] = {}
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._vm_counter = 0
+        self.owner_pid = owner_pid or os.getpid()
+        self.finished = False
 
-    Checking the argv guards against a recycled pid. Returns True if a process was killed.
-    """
-    pidfile = posixpath.join(vm_dir, PIDFILE)
-    text = host.read_text(pidfile, default="").strip()
-    if not text.isdigit():
-        return False
-    pid = int(text)
-    if pidfile not in host.process_cmdline(pid):
-        return False
-    host.kill(pid, "TERM")
-    deadline = time.monotonic() + grace
-    while host.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if host.pid_alive(pid):
-        host.kill(pid, "KILL")
-    return True
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, specs: list[HostSpec], accel: str = "auto", progress=None, guest: str = "tiny") -> "KvmRun":
+        """The controller's side: a fresh run id and the name of its state dir (nothing is created)."""
+        run_id = time.strftime("%m%d%H%M") + "-" + secrets.token_hex(3)
+        state_dir = Path(tempfile.gettempdir()) / f"{STATE_PREFIX}{run_id}-{secrets.token_hex(8)}"
+        return cls(specs, state_dir, run_id, accel, progress=progress, guest=guest)
 
-
-def remove_run(host: Host, run_dir: str, keep_kept: bool = False, remove: bool = True) -> list[str]:
-    """Kill every QEMU of a run and remove its dir (``remove``). Returns what was killed or kept.
-
-    Hosts sharing a work dir (shared storage) share the run dir: kill on every host first,
-    then remove, or the first removal hides the other hosts' VM dirs from the kill.
-    """
-    notes = []
-    kept = False
-    for name in host.listdir(run_dir):
-        vm_dir = posixpath.join(run_dir, name)
-        if keep_kept and host.exists(posixpath.join(vm_dir, KEEP_MARKER)):
-            kept = True
-            notes.append(f"kept {vm_dir}")
-            continue
-        if kill_vm_dir(host, vm_dir):
-            notes.append(f"killed QEMU of {vm_dir}")
-    if remove and not kept:
-        host.remove_tree(run_dir)
-    return notes
-
-
-def reap_stale_runs(host: Host, current: str | None = None, everything: bool = False) -> list[str]:
-    """Remove runs whose owner is dead (or every run but ``current`` if ``everything``)."""
-    base = runs_dir(host)
-    notes = []
-    for run_id in host.listdir(base):
-        if run_id == current:
-            continue
-        run_dir = posixpath.join(base, run_id)
-        try:
-            owner = json.loads(host.read_text(posixpath.join(run_dir, "owner.json"), default="{}"))
-        except ValueError:
-            owner = {}
-        if everything or not owner or _owner_is_dead(owner):
-            # Kept VMs of dead runs stay until `kvmcheck cleanup` (everything=True).
-            notes += [f"{run_id}: {n}" for n in remove_run(host, run_dir, keep_kept=not everything)]
-            notes.append(f"removed stale run {run_id}")
-    return notes
-
-
-@dataclass(frozen=True)
-class HostRun:
-    """Where one run lives on one host, and where the tiny image is there."""
-
-    run_dir: str
-    kernel: str  # tiny guest: kernel and initramfs; "" for a disk-image guest
-    initrd: str
-    host_public_key: str  # the guest's SSH host key, which the guest must present
-    boot_disk: str = ""  # disk-image guest: the image (VMs boot from an overlay of it)
-    seed: str = ""  # disk-image guest: the cloud-init seed ISO of this run
-
-    def to_dict(self) -> dict:
-        return self.__dict__.copy()
+    def describe(self) -> dict:
+        """What an xdist worker needs to join this run."""
+        return {"state_dir": str(self.state_dir), "run_id": self.run_id, "accel": self.accel, "guest": self.guest,
+                "pid": self.owner_pid}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HostRun":
-        return cls(**d)
+    def attach(cls, specs: list[HostSpec], described: dict, worker: str) -> "KvmRun":
+        """An xdist worker's side: the controller's run, seen from another process."""
+        return cls(specs, Path(described["state_dir"]), described["run_id"], described["accel"], worker=worker,
+                   guest=described["guest"], owner_pid=described["pid"])
+
+    @property
+    def started(self) -> bool:
+        """Whether any process of this run has made its state (needed a host)."""
+        return (self.state_dir / "run.json").exists()
+
+    def _ensure_state(self) -> None:
+        """Make the state dir and the run's keys, once per run, whichever process comes first.
+
+        The dir's name is unguessable and it is made 0700 here; one found in its place that
+        is not ours (another owner, a symlink, group or world access) is refused.
+        """
+        if self._run_key is not None:
+            return
+        try:
+            self.state_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(self.state_dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise KvmCheckError(f"the run's state dir {self.state_dir} exists and is not this user's private "
+                                "directory: refusing to keep the run's key there")
+        with open(self.state_dir / "state.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (self.state_dir / "run.json").exists():
+                remove_dead_state_dirs()
+                run_key = RunKey.create(self.state_dir / "id_ed25519")
+                if self.guest != "tiny":  # a disk-image guest gets this run's host key and key through a seed ISO
+                    host_key = RunKey.create(self.state_dir / "guest_host_key")
+                    seed_iso(self.state_dir / "seed.iso", f"kvmcheck-{self.run_id}", run_key.public_line,
+                             host_key.path.read_text(), host_key.public_line)
+                (self.state_dir / "run.json").write_text(json.dumps(self.describe()))
+        self._run_key = RunKey(self.state_dir / "id_ed25519")
+
+    @property
+    def run_key(self) -> RunKey:
+        """The run's SSH key pair: guests accept this key and no other."""
+        self._ensure_state()
+        return self._run_key
+
+    # ------------------------------------------------------------------ hosts
+    def _state_file(self, name: str) -> Path:
+        return self.state_dir / f"host-{name}.json"
+
+    def host(self, name: str) -> PreparedHost:
+        """The prepared host (preparing it first if no process has yet).
+
+        Raises :class:`KvmCheckError` with the one-line reason if the host cannot be used.
+        """
+        with self._lock:
+            if name in self._hosts:
+                return self._hosts[name]
+            if name in self._errors:
+                raise KvmCheckError(self._errors[name])
+            self._ensure_state()
+            spec = self.specs[name]
+            transport = None
+            try:
+                with open(self.state_dir / f"host-{name}.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    state_file = self._state_file(name)
+                    if state_file.exists():
+                        state = json.loads(state_file.read_text())
+                    else:
+                        transport = connect(spec)
+                        state = self._prepare(spec, transport)
+                        state_file.write_text(json.dumps(state))
+                if "error" in state:
+                    raise KvmCheckError(state["error"])
+                transport = transport or connect(spec)
+                prepared = PreparedHost(spec, transport, HostRun.from_dict(state["host_run"]),
+                                        Capabilities.from_dict(state["caps"]))
+            except KvmCheckError as exc:
+                if transport is not None:
+                    transport.close()
+                self._errors[name] = str(exc)
+                raise
+            self._hosts[name] = prepared
+        self.on_host_prepared(prepared)
+        return prepared
+
+    def _prepare(self, spec: HostSpec, transport: Host) -> dict:
+        run_dir = None
+        try:
+            tiny = build_tiny(progress=self.progress)  # its kernel also serves the KVM probe
+            run_dir, notes = start_run(transport, self.run_id, self.owner_pid)
+            # Hosts sharing storage share the run dir: a peer that sees this marker shares it with us.
+            transport.write_bytes(f"{run_dir}/host-{spec.name}", b"")
+            host_run = self._place_guest(transport, run_dir, tiny)
+            probe_kernel = place_files(transport, f"probe-{tiny.digest}", {"vmlinuz": str(tiny.directory / "vmlinuz")})
+            probe_file = cache_dir() / "probes" / (hashlib.sha256(spec.url.encode()).hexdigest()[:16] + ".json")
+            cache = load_probe_cache(probe_file)
+            caps = probe(transport, self.accel, probe_kernel["vmlinuz"], f"{run_dir}/kvm-probe-{spec.name}", cache)
+            caps.guest = "tiny" if self.guest == "tiny" else "disk-image"
+            probe_file.parent.mkdir(parents=True, exist_ok=True)
+            probe_file.write_text(json.dumps(cache))
+            return {"host_run": host_run.to_dict(), "caps": caps.to_dict(), "notes": notes}
+        except KvmCheckError as exc:
+            if run_dir is not None:  # an unusable host keeps nothing of this run
+                remove_run(transport, run_dir)
+            return {"error": str(exc)}
+        except BaseException:  # Ctrl-C mid-probe: the state file is not written yet, so clean up here
+            if run_dir is not None:
+                remove_run(transport, run_dir)
+            raise
+
+    def _place_guest(self, transport: Host, run_dir: str, tiny: TinyImage) -> HostRun:
+        """Put the guest's files on the host: the tiny kernel + initramfs, or the cloud image + seed."""
+        if self.guest == "tiny":
+            placed = place_files(transport, f"tiny-{tiny.digest}",
+                                 {"vmlinux": str(tiny.kernel), "initrd.img": str(tiny.initrd)})
+            return HostRun(run_dir, placed["vmlinux"], placed["initrd.img"], tiny.host_public_key)
+        cloud = CloudImage.open(self.guest)
+        placed = place_files(transport, f"cloud-{cloud.digest}", {"disk.qcow2": str(cloud.path)})
+        seed = f"{run_dir}/seed.iso"
+        transport.put_file(str(self.state_dir / "seed.iso"), seed)
+        host_key = (self.state_dir / "guest_host_key.pub").read_text().split()
+        return HostRun(run_dir, "", "", " ".join(host_key[:2]), boot_disk=placed["disk.qcow2"], seed=seed)
+
+    def peer(self, name: str) -> PreparedHost:
+        """The host ``name`` migrates to: the next one in --kvm-hosts order, or itself if alone."""
+        names = list(self.specs)
+        return self.host(names[(names.index(name) + 1) % len(names)])
+
+    def unmet(self, name: str, needs: list[str], peer_needs: list[str] = ()) -> list[str]:
+        """Why the test cannot run on host ``name``: its unmet ``needs``, and ``peer_needs`` of
+        its migration peer (``shared-storage``: the peer sees this host's run files). Each
+        reason names the host and the need; empty when all are met."""
+        host = self.host(name)
+        reasons = unmet(host.caps, needs)
+        peer_host_needs = [n for n in peer_needs if n not in PAIR_NEEDS]
+        if peer_needs:
+            peer = self.peer(name)
+            reasons += [r for r in unmet(peer.caps, peer_host_needs) if r not in reasons]  # a host alone is its own peer
+            if "shared-storage" in peer_needs and peer.name != name:
+                marker = f"{host.host_run.run_dir}/host-{name}"
+                if not peer.transport.exists(marker):
+                    reasons.append(f"host {peer.name}: needs shared-storage: it does not see host {name}'s run files "
+                                   f"({marker}): no storage shared with {name} at the same path")
+        return reasons
+
+    def prepared_states(self) -> dict[str, dict]:
+        out = {}
+        if not self.started:
+            return out
+        for name in self.specs:
+            f = self._state_file(name)
+            if f.exists():
+                out[name] = json.loads(f.read_text())
+        return out
+
+    # ------------------------------------------------------------------ VMs
+    def new_vm(self, host_name: str, spec: VMSpec, boot_disk: str = "", mode: str = "") -> VM:
+        """A VM of this run on a host (not started): tests get theirs from the VM factory."""
+        prepared = self.host(host_name)
+        with self._lock:
+            self._vm_counter += 1
+            name = f"{self.worker}-{self._vm_counter}"
+        return VM(prepared.transport, spec, name=name, host_run=prepared.host_run, run_key=self.run_key,
+                  accel=prepared.caps.accel, qemu_version=prepared.caps.qemu_version, boot_disk=boot_disk, mode=mode)
+
+    # ------------------------------------------------------------------ the end
+    def close(self) -> None:
+        """A worker's end: drop its connections (its VMs were stopped by their fixtures)."""
+        for prepared in self._hosts.values():
+            prepared.transport.close()
+        self._hosts.clear()
+
+    def finish(self) -> list[str]:
+        """The controller's end: remove each prepared host's run dir and the local state.
+
+        Returns notes for the terminal (VMs killed or kept).
+        """
+        self.finished = True
+        stop_all_vms()
+        self.close()
+        if not self.state_dir.exists():
+            return []  # no test needed a host: nothing was made
+        notes, kept = [], False
+        states = {name: state for name, state in self.prepared_states().items() if "host_run" in state}
+        for remove in (False, True):  # kill on every host before removing (hosts may share the run dir)
+            for name, state in states.items():
+                try:
+                    transport = connect(self.specs[name])
+                    try:
+                        for note in remove_run(transport, state["host_run"]["run_dir"], keep_kept=True,
+                                               remove=remove):
+                            kept |= note.startswith("kept")
+                            if f"host {name}: {note}" not in notes:  # a kept VM is seen by both passes
+                                notes.append(f"host {name}: {note}")
+                    finally:
+                        transport.close()
+                except KvmCheckError as exc:
+                    if remove:
+                        notes.append(f"host {name}: could not clean up ({exc}); the next run there will")
+        if kept:
+            (self.state_dir / KEEP_MARKER).write_text("")
+            notes.append(f"the run's SSH key for kept VMs stays in {self.state_dir}")
+        else:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        return notes
 
 
-def start_run(host: Host, run_id: str, owner_pid: int | None = None) -> tuple[str, list[str]]:
-    """Reap dead runs and create this run's dir with its owner record. Returns (dir, notes)."""
-    notes = reap_stale_runs(host, current=run_id)
-    run_dir = posixpath.join(host.spec.workdir or host.default_workdir(), "runs", run_id)
-    host.makedirs(run_dir)
-    host.write_bytes(posixpath.join(run_dir, "owner.json"), json.dumps(owner_record(owner_pid)).encode())
-    return run_dir, notes
+def remove_dead_state_dirs(including_kept: bool = False) -> list[str]:
+    """Remove local state dirs of runs whose controller died (SIGKILL, crash) on this machine.
 
-
-def place_files(host: Host, name: str, files: dict[str, str]) -> dict[str, str]:
-    """Copy local ``files`` (remote name -> local path) to ``<workdir>/images/<name>/`` once.
-
-    Returns remote name -> path on the host. A local host uses the files where they are.
+    A dir holding the key of kept VMs stays until ``kvmcheck cleanup`` (``including_kept``).
     """
-    if host.spec.transport == "local":
-        return dict(files)
-    remote = posixpath.join(host.spec.workdir or host.default_workdir(), "images", name)
-    placed = {key: posixpath.join(remote, key) for key in files}
-    if not host.exists(posixpath.join(remote, "complete")):
-        host.makedirs(remote)
-        for key, local in files.items():
-            host.put_file(local, placed[key])
-        host.write_bytes(posixpath.join(remote, "complete"), b"")
-    return placed
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{STATE_PREFIX}*"):
+        try:
+            pid = json.loads((d / "run.json").read_text())["pid"]
+            os.kill(pid, 0)
+            continue  # its controller still runs
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError, KeyError):
+            try:
+                if time.time() - d.stat().st_mtime < 60:
+                    continue  # being made right now by another run
+            except OSError:
+                continue
+        if (d / KEEP_MARKER).exists() and not including_kept:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    return removed
+
+
+def worker_id() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+RUN_KEY = pytest.StashKey[KvmRun]()
+STATE_PREFIX = "kvmcheck-run-"

@@ -19,6 +19,7 @@ report, Allure and the terminal table all read the same word.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def _outside_errors() -> tuple[type[BaseException], ...]:
         return _CONNECTION_ERRORS
 
 
+_TIMEOUT = re.compile(r"Timeout \(?>")  # pytest-timeout's words: "Timeout >2s", "Timeout (>2.0s) from pytest-timeout."
+
+
 def classify(excinfo: pytest.ExceptionInfo | None) -> str:
     """The verdict of a test phase that ended with ``excinfo`` (None: it passed)."""
     if excinfo is None:
@@ -53,6 +57,8 @@ def classify(excinfo: pytest.ExceptionInfo | None) -> str:
     exc = excinfo.value
     if isinstance(exc, pytest.skip.Exception):
         return "SKIP"
+    if isinstance(exc, pytest.fail.Exception) and _TIMEOUT.match(str(exc)):
+        return "ERROR"  # pytest-timeout ended a test that hung: no verdict was reached
     if isinstance(exc, (AssertionError, pytest.fail.Exception)):
         return "FAIL"
     if isinstance(exc, KvmCheckError):

@@ -5,42 +5,45 @@ PIIX IDE controller boots, and both devices work: the NIC carries traffic both w
 the disk reads back what was written.
 """
 from pytest_kvmcheck import Disk, Nic, VMSpec, vm_fixture
-from pytest_kvmcheck.guestinfo import (MIB, block_size_bytes, disk_round_trip, driver_of, iface_by_mac, lspci,
-                                       lspci_line, transfer_through_guest)
-from pytest_kvmcheck.vmspec import nic_mac
+from pytest_kvmcheck.guests.shows import MIB
 
 SIZE_MIB = 32
+IDE_DISK = "sda"  # the tiny guest boots from RAM: the IDE disk is the first disk
 
 emulated_guest = vm_fixture(VMSpec(nics=(Nic("e1000"),), disks=(Disk(size_mib=SIZE_MIB, interface="ide-hd"),)))
 
 
 def test_lspci_shows_the_emulated_devices(emulated_guest):
-    shown = lspci(emulated_guest)
+    """Handbook 1.1: lspci lists the Intel 82540EM NIC and the PIIX3 IDE controller, and no virtio NIC."""
+    functions = emulated_guest.guest.pci_functions()
     for name in ("82540EM Gigabit Ethernet Controller", "PIIX3 IDE"):
-        assert any(name in line for line in shown), \
-            f"expected {name!r} in lspci, the guest showed:\n" + "\n".join(shown)
-    virtio_nic = lspci_line(emulated_guest, "Virtio network device")
-    assert not virtio_nic, f"expected no virtio NIC in the emulated baseline, lspci shows {virtio_nic!r}"
+        assert any(name in f.name for f in functions), \
+            f"expected {name!r} in lspci, the guest showed:\n" + "\n".join(map(str, functions))
+    virtio_nic = [f for f in functions if "Virtio network device" in f.name]
+    assert not virtio_nic, f"expected no virtio NIC in the emulated baseline, lspci shows {virtio_nic}"
 
 
 def test_e1000_driver_carries_traffic(emulated_guest):
-    iface = iface_by_mac(emulated_guest, nic_mac(emulated_guest.spec, 0, emulated_guest.seed))
-    driver = driver_of(emulated_guest, f"/sys/class/net/{iface}/device")
-    assert driver == "e1000", f"expected {iface} driven by e1000, got {driver!r}"
-    moved = transfer_through_guest(emulated_guest, MIB)
+    """Handbook 1.1: the e1000 driver runs the NIC, and 1 MiB each way arrives intact."""
+    nic = emulated_guest.guest.nic(emulated_guest.mac(0))
+    assert nic.driver == "e1000", f"expected {nic.name} driven by e1000, got {nic.driver!r}"
+    moved = emulated_guest.guest.transfer(MIB)
     assert moved["guest_received_sha256"] == moved["sent_sha256"] and \
         moved["received_sha256"] == moved["guest_sent_sha256"], f"1 MiB each way over e1000 was corrupted: {moved}"
 
 
 def test_ide_disk_is_seen(emulated_guest):
-    disks = emulated_guest.run("ls /sys/block", check=True).stdout.split()
-    assert "sda" in disks, f"expected the IDE disk as sda, the guest's block devices are {disks}"
-    host_driver = driver_of(emulated_guest, "/sys/block/sda/device/../../../..")
-    assert host_driver == "ata_piix", f"expected sda behind ata_piix, got {host_driver!r}"
-    size = block_size_bytes(emulated_guest, "sda")
-    assert size == SIZE_MIB * MIB, f"expected sda of {SIZE_MIB} MiB, the guest sees {size / MIB:.1f} MiB"
+    """Handbook 1.1: the IDE disk is sda, behind ata_piix, of the configured size."""
+    disk = emulated_guest.guest.block(IDE_DISK)
+    controller = emulated_guest.guest.driver_of(f"/sys/block/{disk.name}/device/../../../..")
+    assert controller == "ata_piix", f"expected {disk.name} behind ata_piix, got {controller!r}"
+    assert disk.size_bytes == SIZE_MIB * MIB, \
+        f"expected {disk.name} of {SIZE_MIB} MiB, the guest sees {disk.size_bytes / MIB:.1f} MiB"
 
 
 def test_ide_disk_reads_back_what_was_written(emulated_guest):
-    written, read = disk_round_trip(emulated_guest, "/dev/sda", mib=4)
+    """Handbook 1.1: 4 MiB written to the IDE disk read back with the same checksum."""
+    disk = emulated_guest.guest.block(IDE_DISK)
+    written = disk.write_pattern(4)
+    read = disk.checksum(4)
     assert read == written, f"wrote 4 MiB with sha256 {written}, read back {read}"

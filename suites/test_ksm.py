@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from pytest_kvmcheck import VMSpec
-from pytest_kvmcheck.hostsettings import HostLock, SysfsSettings
-from pytest_kvmcheck.vm import poll
+from pytest_kvmcheck import VMSpec, wait_until
+from pytest_kvmcheck.hosts.settings import HostLock, SysfsSettings
 
 pytestmark = pytest.mark.kvm_requires("ksm", "memory:1024")
 
@@ -36,21 +35,11 @@ def ksm(kvm_host):
     assert not left, f"host {kvm_host.name}: could not restore KSM settings (original, now): {left}"
 
 
-def mergeable_kib(vm) -> int:
-    """KiB of the QEMU process's memory marked MADV_MERGEABLE ('mg' in smaps' VmFlags)."""
-    total, size = 0, 0
-    for line in vm.host.read_text(f"/proc/{vm.pid}/smaps").splitlines():
-        if line.startswith("Size:"):
-            size = int(line.split()[1])
-        elif line.startswith("VmFlags:") and " mg" in f" {line[8:]}":
-            total += size
-    return total
-
-
 def test_ksm_merges_identical_guests_only_while_running(ksm, boot_vm, kvm_host, kvm_note):
+    """Handbook 6: QEMU marks guest RAM mergeable; identical guests share pages only while ksmd runs."""
     ksm.write("run", 0)
     guests = boot_vm.many(GUEST, GUESTS)
-    unmarked = [vm.name for vm in guests if not mergeable_kib(vm)]
+    unmarked = [vm.name for vm in guests if not vm.process.mergeable_kib()]
     assert not unmarked, f"host {kvm_host.name}: QEMU did not mark guest RAM mergeable (no mapping of " \
                          f"{', '.join(unmarked)} has the 'mg' VmFlag in smaps): KSM has nothing to merge"
     stopped_at = ksm.read_int("pages_sharing")
@@ -64,17 +53,17 @@ def test_ksm_merges_identical_guests_only_while_running(ksm, boot_vm, kvm_host, 
     ksm.write("sleep_millisecs", 10)
     ksm.write("run", 1)
     started = time.monotonic()
-    grew = poll(lambda: ksm.read_int("pages_sharing") - stopped_at >= MIN_NEW_SHARING, MERGE_DEADLINE_S, 0.5)
-    sharing = ksm.read_int("pages_sharing")
+    sharing = wait_until(lambda: ksm.read_int("pages_sharing"), MERGE_DEADLINE_S,
+                         f"host {kvm_host.name}: with KSM running, {GUESTS} identical guests sharing at least "
+                         f"{MIN_NEW_SHARING} more pages than the {stopped_at} before",
+                         done=lambda now: now - stopped_at >= MIN_NEW_SHARING, interval=0.5,
+                         show=lambda now: f"pages_sharing {now} (full_scans {ksm.read('full_scans')})")
     kvm_note("ksm", f"pages_sharing {stopped_at} -> {sharing} in {time.monotonic() - started:.1f} s "
                     f"({GUESTS} guests of {GUEST.memory_mib} MiB), pages_shared {ksm.read('pages_shared')}")
-    assert grew, f"host {kvm_host.name}: with KSM running, {GUESTS} identical guests should share at least " \
-                 f"{MIN_NEW_SHARING} more pages within {MERGE_DEADLINE_S:.0f} s; pages_sharing went from " \
-                 f"{stopped_at} to {sharing} (full_scans {ksm.read('full_scans')})"
 
 
 def test_host_ksm_settings_are_restored(ksm, kvm_host):
-    """The suite changes host-wide knobs; what it changes it writes back, and a fresh read agrees.
+    """Handbook 6: the suite changes host-wide KSM knobs; what it changes it writes back, and a fresh read agrees.
 
     Stands alone (any order, any worker): it changes the scan knobs itself, leaving ``run``
     (and so the host's merged pages) alone.

@@ -13,22 +13,19 @@ only one is given. Before anything moves, the seed's checks (4.3.2) run: QEMU ve
 machine type, CPU (NX, long mode, and every flag under KVM), the images at the same path.
 """
 import hashlib
-import json
 import os
 import secrets
 import time
 
 import pytest
 
-from pytest_kvmcheck import Disk, Nic, VMSpec
-from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial, bring_up_bridged_nic
-from pytest_kvmcheck.handbook import command_arguments, describe, form
-from pytest_kvmcheck.errors import MigrationDidNotConverge, MigrationFailed, premise
-from pytest_kvmcheck.monitor import QMPCommandError
-from pytest_kvmcheck.migration import (MARKER_PATH, GuestState, continuity_problems, create_overlay, Dirtier, export_disks, finish_mirrors, layout_mismatch,
-                                       migrate, mirror_disks, place_base_image, preflight, start_destination, stats,
-                                       successor)
-from pytest_kvmcheck.vm import poll
+from pytest_kvmcheck import Disk, Nic, VMSpec, premise, wait_until
+from pytest_kvmcheck.errors import MigrationDidNotConverge, MigrationFailed
+from pytest_kvmcheck.guests.shows import MIB
+from pytest_kvmcheck.qemu.legacy import describe, form
+from pytest_kvmcheck.qemu.migration import (MARKER_PATH, Dirtier, DiskWriter, GuestState, continuity_problems,
+                                            export_disks, finish_mirrors, layout_mismatch, listen, migrate,
+                                            mirror_disks, place_base_image, preflight, stats)
 
 SPEC = VMSpec(memory_mib=512, balloon=True, disks=(Disk(size_mib=32, serial="migrate0"),))
 DIRTY_LINK_MIB = 32  # at most; a slower guest gets a slower link
@@ -43,71 +40,69 @@ BALLOON_MIB = 384  # a non-default target, so "unchanged" means something
 
 # Beyond the seed: how the stream is sent. Each needs a capability on both QEMUs.
 MODES = {"precopy": (), "multifd": ("multifd",), "postcopy": ("postcopy-ram",)}
+MODE_NEEDS = {"multifd": "multifd", "postcopy": "postcopy"}
+MODE_PARAMS = [pytest.param(mode, id=mode, marks=[pytest.mark.kvm_requires(MODE_NEEDS[mode]),
+                                                    pytest.mark.kvm_requires(MODE_NEEDS[mode], on="peer")])
+               if mode in MODE_NEEDS else mode for mode in MODES]
+shared_storage = pytest.mark.kvm_requires("shared-storage", on="peer")
 
 
 def max_downtime_ms(config) -> int:
     return int(config.getini("kvm_max_downtime_ms"))
 
 
+DISK_SHA = "/tmp/disk.sha"  # in guest RAM: what the source wrote to its disk, read back wherever the guest runs
+
+
 @pytest.fixture
 def running_source(boot_vm):
     """A guest with disk data, a RAM marker, a counting process and a ballooned target."""
     vm = boot_vm(SPEC)
-    disk = block_device_by_serial(vm, "migrate0")
-    vm.run(f"head -c {2 * MIB} /dev/urandom > /tmp/d && dd if=/tmp/d of=/dev/{disk} bs=1M conv=fsync "
-           f"2>/dev/null && sha256sum < /tmp/d > /tmp/disk.sha && rm /tmp/d", check=True)
+    vm.guest.write(DISK_SHA, vm.guest.block_device("migrate0").write_pattern(2))
     vm.qmp.cmd("balloon", value=BALLOON_MIB * MIB)
-    assert poll(lambda: vm.qmp.cmd("query-balloon")["actual"] == BALLOON_MIB * MIB, 20, 0.2), "balloon did not settle"
+    wait_until(lambda: vm.qmp.cmd("query-balloon")["actual"], 20, f"the balloon settled at {BALLOON_MIB} MiB",
+               done=lambda actual: actual == BALLOON_MIB * MIB)
     GuestState.prepare(vm)
     return vm
 
 
 @pytest.fixture
 def peer(running_source, kvm_host, kvm_peer):
-    """The destination host, once the seed's pre-flight checks pass for this guest.
-
-    A pair without shared storage skips (a missing capability of the pair); any other
-    problem fails, naming it, before anything moves.
-    """
+    """The destination host, once the seed's pre-flight checks pass for this guest: any
+    problem fails, naming it, before anything moves (shared storage is the tests' declared need)."""
     problems = preflight(running_source, kvm_host.caps, kvm_peer.caps, kvm_peer.transport.exists)
-    storage = problems.pop("shared-storage", None)
     assert not problems, f"pre-flight {kvm_host.name} -> {kvm_peer.name}: " + "; ".join(
         f"{k}: {v}" for k, v in problems.items())
-    if storage:
-        pytest.skip(f"host {kvm_peer.name}: needs shared-storage: {storage}")
     return kvm_peer
-
-
-def destination(boot_vm, kvm_run, peer, source, mode: str = "precopy", **options):
-    """The destination QEMU for ``mode``, owned by the test; skips where its QEMU lacks the mode."""
-    try:
-        dest, uri = start_destination(kvm_run, peer, source, capabilities=MODES[mode], **options)
-    except QMPCommandError as exc:
-        pytest.skip(f"host {peer.name}: needs {mode} migration: {exc}")
-    boot_vm.adopt(dest)
-    return dest, uri
 
 
 def assert_continuity(before: GuestState, after_vm) -> None:
     problems = continuity_problems(before, after_vm)
-    disk = block_device_by_serial(after_vm, "migrate0")
-    written = after_vm.run("cat /tmp/disk.sha", check=True).stdout.split()[0]
-    read = after_vm.run(f"dd if=/dev/{disk} bs=1M count=2 2>/dev/null | sha256sum", check=True).stdout.split()[0]
+    written = after_vm.guest.read(DISK_SHA).strip()
+    read = after_vm.guest.block_device("migrate0").checksum(2)
     if read != written:
         problems.append(f"disk data changed: wrote sha256 {written}, read {read}")
     assert not problems, "continuity broken:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_live_migration_shared_storage(running_source, peer, boot_vm, kvm_run, kvm_host, kvm_note, request, mode):
+def status(vm) -> str:
+    return vm.qmp.cmd("query-status")["status"]
+
+
+@shared_storage
+@pytest.mark.parametrize("mode", MODE_PARAMS)
+def test_live_migration_shared_storage(running_source, peer, boot_vm, kvm_host, kvm_note, request, mode):
+    """Handbook 4.3.3: live migration with shared storage (``migrate tcp:DEST:PORT``), in each mode:
+    the guest runs on the destination with its RAM, processes, devices and disk data intact,
+    within the downtime bound."""
     source = running_source
     before = GuestState.read(source)
-    dest, uri = destination(boot_vm, kvm_run, peer, source, mode)
+    dest, uri = boot_vm.destination(source, peer, MODES[mode])
     info = migrate(source, uri, timeout=120, capabilities=MODES[mode], destination=dest)
     numbers = stats(info)
     kvm_note("migration", f"{kvm_host.name} -> {peer.name} ({mode}) over {uri}: {numbers}")
-    assert source.qmp.cmd("query-status")["status"] == "postmigrate"
-    assert dest.qmp.cmd("query-status")["status"] == "running"
+    assert status(source) == "postmigrate"
+    assert status(dest) == "running"
     assert ("postcopy-active" in info["statuses"]) == (mode == "postcopy"), f"{mode}: went through {info['statuses']}"
     assert bool(numbers["multifd_bytes"]) == (mode == "multifd"), f"{mode}: multifd sent {numbers['multifd_bytes']} bytes"
     assert_continuity(before, dest)
@@ -116,25 +111,23 @@ def test_live_migration_shared_storage(running_source, peer, boot_vm, kvm_run, k
 
 
 @pytest.mark.kvm_requires("bridge")
-@pytest.mark.parametrize("mode", MODES)
-def test_guest_session_survives_live_migration(boot_vm, kvm_run, kvm_host, kvm_peer, mode, kvm_note):
-    """An SSH session opened to the guest's bridged address before the move works after it.
+@pytest.mark.kvm_requires("bridge", on="peer")
+@pytest.mark.parametrize("mode", MODE_PARAMS)
+def test_guest_session_survives_live_migration(boot_vm, kvm_host, kvm_peer, mode, kvm_note):
+    """Handbook 4.3: an SSH session opened to the guest's bridged address before the move works after it.
 
     The session goes from the source host to the guest over the bridge, not through QEMU,
     so only the guest moving with its network identity (same MAC, QEMU's announcement
     after the switch-over) keeps it alive. The source QEMU is stopped before the check.
     """
-    has_bridge, why = kvm_peer.caps.has("bridge")
-    if not has_bridge:
-        pytest.skip(f"host {kvm_peer.name}: needs bridge: {why}")
     source = boot_vm(VMSpec(memory_mib=512, nics=(Nic(), Nic(bridged=True))))
-    address = bring_up_bridged_nic(source, 1, kvm_host.caps.bridge_cidr)
+    address = source.bring_up_bridged(1, kvm_host.caps.bridge_cidr)
     session = source.session_to(address)
     try:
         shell_pid = session.run("echo $$", check=True).stdout.strip()
         GuestState.prepare(source)
         before = GuestState.read(source)
-        dest, uri = destination(boot_vm, kvm_run, kvm_peer, source, mode)
+        dest, uri = boot_vm.destination(source, kvm_peer, MODES[mode])
         info = migrate(source, uri, timeout=120, capabilities=MODES[mode], destination=dest)
         source.stop()
         kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name} ({mode}), session to {address}: {stats(info)}")
@@ -149,64 +142,58 @@ def test_guest_session_survives_live_migration(boot_vm, kvm_run, kvm_host, kvm_p
         session.close()
 
 
-def test_live_migration_same_backing_image(boot_vm, kvm_run, kvm_host, kvm_peer, kvm_note):
-    """Seed 4.3.4: both hosts hold the same base image and the guest runs on an overlay.
+def test_live_migration_same_backing_image(boot_vm, kvm_host, kvm_peer, kvm_note):
+    """Handbook 4.3.4: both hosts hold the same base image and the guest runs on an overlay.
 
     No shared storage: the destination gets an empty overlay of its own and the source's
     overlay travels by a block mirror to an NBD export there (what replaced ``migrate -b``),
     in write-blocking mode, so data written while the guest moves arrives too.
     """
     base_data = os.urandom(MIB)
-    bases = [place_base_image(h.transport, f"{h.host_run.run_dir}/shared", base_data, 32) for h in (kvm_host, kvm_peer)]
+    bases = [place_base_image(h.transport, f"{h.run_dir}/shared", base_data, 32) for h in (kvm_host, kvm_peer)]
     tag = secrets.token_hex(3)
-    overlay = create_overlay(kvm_host.transport, f"{kvm_host.host_run.run_dir}/shared/src-{tag}.qcow2", bases[0])
+    overlay = kvm_host.transport.qemu_img.create(f"{kvm_host.run_dir}/shared/src-{tag}.qcow2", backing=bases[0],
+                                                 backing_fmt="raw")
     source = boot_vm(VMSpec(memory_mib=512, disks=(Disk(path=overlay, serial="mirror0"),)))
-    disk = f"/dev/{block_device_by_serial(source, 'mirror0')}"
-    sha_base = source.run(f"dd if={disk} bs=1M count=1 2>/dev/null | sha256sum", check=True).stdout.split()[0]
+    disk = source.guest.block_device("mirror0")
+    sha_base = disk.checksum(1)
     assert sha_base == hashlib.sha256(base_data).hexdigest(), "the guest does not see the base image through its overlay"
-    source.run(f"head -c {2 * MIB} /dev/urandom > /tmp/d && dd if=/tmp/d of={disk} bs=1M seek=4 conv=fsync 2>/dev/null"
-               f" && sha256sum < /tmp/d > /tmp/overlay.sha && rm /tmp/d", check=True)
-    # A writer that keeps going while the guest moves: block at 8 MiB, then the count it wrote.
-    writer = source.run(f"(i=0; while :; do i=$((i+1)); printf '%-511s\\n' $i | dd of={disk} bs=512 seek=16384 conv=fsync "
-               f"2>/dev/null && echo $i > /tmp/written.new && mv /tmp/written.new /tmp/written; sleep 0.05; done) "
-               f">/dev/null 2>&1 </dev/null & "
-               f"echo $!", check=True)
+    sha_overlay = disk.write_pattern(2, offset_mib=4)
+    writer = DiskWriter(source, disk.path)  # keeps writing while the guest moves
     GuestState.prepare(source)
     before = GuestState.read(source)
 
-    dest_overlay = create_overlay(kvm_peer.transport, f"{kvm_peer.host_run.run_dir}/shared/dst-{tag}.qcow2", bases[1])
-    dest, uri = destination(boot_vm, kvm_run, kvm_peer, source, disk_paths=(dest_overlay,))
+    dest_overlay = kvm_peer.transport.qemu_img.create(f"{kvm_peer.run_dir}/shared/dst-{tag}.qcow2", backing=bases[1],
+                                                      backing_fmt="raw")
+    dest, uri = boot_vm.destination(source, kvm_peer, disk_paths=(dest_overlay,))
     address = kvm_peer.spec.migration_address
     port = export_disks(dest, address)
     mirror_disks(source, address, port)
-    written_before = int(source.run("cat /tmp/written", check=True).stdout)
+    written_before = writer.completed(source)
     info = migrate(source, uri, timeout=120, destination=dest, before_switchover=lambda: finish_mirrors(source))
     dest.qmp.cmd("nbd-server-stop")
     kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name} (same backing image, mirror to nbd:{address}:{port})"
                           f": {stats(info)}")
-    assert source.qmp.cmd("query-status")["status"] == "postmigrate"
+    assert status(source) == "postmigrate"
     problems = continuity_problems(before, dest)
     assert not problems, "continuity broken:\n" + "\n".join(problems)
 
     # The writer moved with the guest: stop it there, so the counts below are final.
-    writer_pid = writer.stdout.strip()
-    assert dest.run(["kill", writer_pid]).ok, f"the disk writer (pid {writer_pid}) is not running on the destination"
-    assert poll(lambda: not dest.run(["kill", "-0", writer_pid]).ok, 5, 0.1), f"the writer {writer_pid} did not stop"
-    reads = dest.run(f"dd if={disk} bs=1M count=1 2>/dev/null | sha256sum; dd if={disk} bs=1M skip=4 count=2 "
-                     f"2>/dev/null | sha256sum; cat /tmp/overlay.sha", check=True).stdout.split()
-    assert reads[0] == sha_base, "the base image's data changed on the destination"
-    assert reads[2] == reads[4], "data written to the overlay before the migration is not on the destination"
-    written = int(dest.run("cat /tmp/written", check=True).stdout)
-    on_disk = int(dest.run(f"dd if={disk} bs=512 skip=16384 count=1 2>/dev/null", check=True).stdout.split()[0])
+    assert writer.stop(dest), f"the disk writer (pid {writer.pid}) is not running on the destination"
+    moved = dest.guest.block_device("mirror0")
+    assert moved.checksum(1) == sha_base, "the base image's data changed on the destination"
+    assert moved.checksum(2, offset_mib=4) == sha_overlay, \
+        "data written to the overlay before the migration is not on the destination"
+    written, on_disk = writer.completed(dest), writer.on_disk(dest)
     assert written > written_before, "the writer did not write while the guest moved"
     assert on_disk >= written, f"the disk holds write {on_disk}, the guest last completed {written}: writes were lost"
-    allocated = sum(e["length"] for e in json.loads(kvm_peer.transport.run(
-        [kvm_peer.spec.qemu_img, "map", "-U", "--output=json", dest_overlay], timeout=30).check().stdout)
-        if e["depth"] == 0 and e["data"])
+    allocated = kvm_peer.transport.qemu_img.allocated_bytes(dest_overlay)
     assert allocated >= 2 * MIB, f"the destination's own overlay holds only {allocated} bytes: nothing was copied"
 
 
-def test_static_migration_savevm_loadvm(running_source, peer, boot_vm, kvm_run):
+@shared_storage
+def test_static_migration_savevm_loadvm(running_source, peer, boot_vm):
+    """Handbook 4.1: ``savevm TAG``, stop, ``loadvm TAG`` in a new QEMU (``-loadvm``): the guest carries on."""
     source = running_source
     before = GuestState.read(source)
     out = source.qmp.hmp("savevm kvmcheck-static")
@@ -214,81 +201,80 @@ def test_static_migration_savevm_loadvm(running_source, peer, boot_vm, kvm_run):
     snapshots = source.qmp.hmp("info snapshots")
     assert "kvmcheck-static" in snapshots, f"savevm left no snapshot:\n{snapshots}"
     source.stop()
-    restored = boot_vm.adopt(successor(kvm_run, peer.name, source, "-loadvm", "kvmcheck-static"))
-    restored.start()
-    assert restored.qmp.cmd("query-status")["status"] == "running"
+    restored = boot_vm.start(boot_vm.successor(source, peer, "-loadvm", "kvmcheck-static"))
+    assert status(restored) == "running"
     assert_continuity(before, restored)
 
 
-def test_static_migration_to_file(running_source, peer, boot_vm, kvm_run):
+@shared_storage
+def test_static_migration_to_file(running_source, peer, boot_vm):
+    """Handbook 4.1: migrate to a file, stop, restore from it (``-incoming exec:``): the guest carries on."""
     source = running_source
     state_file = source.path("state.bin")
     before = GuestState.read(source)
     migrate(source, f"exec:cat > {state_file}", timeout=120)
-    assert source.qmp.cmd("query-status")["status"] == "postmigrate"
+    assert status(source) == "postmigrate"
     source.stop()
-    restored = boot_vm.adopt(successor(kvm_run, peer.name, source, "-incoming", f"exec:cat {state_file}"))
-    restored.start()
-    assert poll(lambda: restored.qmp.cmd("query-status")["status"] == "running", 30, 0.1), \
-        f"the restored guest did not run: {restored.qmp.cmd('query-status')}"
+    restored = boot_vm.start(boot_vm.successor(source, peer, "-incoming", f"exec:cat {state_file}"))
+    wait_until(lambda: status(restored), 30, "the restored guest running", done=lambda s: s == "running")
     assert_continuity(before, restored)
 
 
 def test_handbook_block_migration(kvm_host, kvm_note):
-    """``migrate -b``: deprecated in 8.2, removed in 9.1; blockdev-mirror + NBD replaces it.
+    """Handbook 4.3.4: ``migrate -b``: deprecated in 8.2, removed in 9.1; blockdev-mirror + NBD replaces it.
 
     The host's QEMU schema must agree with the table: a ``blk`` argument to ``migrate``
     exactly when the table says block migration is not yet removed.
     """
     row = form("migrate -b tcp:HOST:PORT")
     kvm_note("handbook", describe(row))
-    arguments = command_arguments(kvm_host, "migrate")
+    arguments = kvm_host.qmp_arguments("migrate")
     assert "uri" in arguments, f"QMP migrate without a uri argument? {sorted(arguments)}"
     removed = row.removed_in(kvm_host.caps.qemu_version)
     assert ("blk" not in arguments) == removed, \
         f"QEMU {kvm_host.caps.qemu_version_text}: migrate arguments {sorted(arguments)}; the table says block " \
         f"migration is {'removed' if removed else 'still there'}"
-    mirror = command_arguments(kvm_host, "blockdev-mirror")
+    mirror = kvm_host.qmp_arguments("blockdev-mirror")
     assert {"device", "target", "sync"} <= mirror, f"blockdev-mirror lacks what replaces migrate -b: {sorted(mirror)}"
 
 
 # --------------------------------------------------------------------------- what must fail, and how
 
-def test_mismatched_destination_is_refused_and_the_source_survives(running_source, peer, boot_vm, kvm_run):
-    """A destination with another device layout: the pre-flight names it, QEMU refuses the stream."""
+@shared_storage
+def test_mismatched_destination_is_refused_and_the_source_survives(running_source, peer, boot_vm):
+    """Handbook 4.3.2: a destination with another device layout: the pre-flight names it, QEMU
+    refuses the stream with both sides' reasons, and the source guest carries on."""
     source = running_source
     before = GuestState.read(source)
-    other = successor(kvm_run, peer.name, source, "-incoming", "defer")
-    other.spec = other.spec.with_(balloon=False)
-    boot_vm.adopt(other).start()
+    other = boot_vm.start(boot_vm.successor(source, peer, "-incoming", "defer", balloon=False))
     mismatch = layout_mismatch(source, other)
     assert "lacks virtio-balloon-pci#balloon0" in mismatch, f"the pre-flight did not name the balloon: {mismatch!r}"
-    other.qmp.cmd("migrate-incoming", uri=f"tcp:{peer.spec.migration_address}:0")
-    address = other.qmp.cmd("query-migrate")["socket-address"][0]
+    uri = listen(other, peer.spec.migration_address)
     with pytest.raises(MigrationFailed, match="lacks virtio-balloon-pci#balloon0") as failed:
-        migrate(source, f"tcp:{address['host']}:{address['port']}", timeout=60, destination=other)
+        migrate(source, uri, timeout=60, destination=other)
     # Both sides' words: the destination QEMU's own reason, not just "failed".
     assert f"the destination {other.name}" in str(failed.value) and "its QEMU stderr:\n" in str(failed.value), \
         f"the failure does not carry the destination's reason: {failed.value}"
-    assert poll(lambda: source.qmp.cmd("query-status")["status"] == "running", 10, 0.1), \
-        f"the source must resume: {source.qmp.cmd('query-status')}"
+    wait_until(lambda: status(source), 10, "the source resuming", done=lambda s: s == "running")
     after = GuestState.read(source)
     assert after.marker == before.marker and after.counter > before.counter, "the source guest did not carry on"
 
 
 def test_unreachable_destination_fails_in_bounded_time(running_source):
+    """Handbook 4.3: a migration to where nothing listens fails within its bound; the source runs on."""
     source = running_source
     started = time.monotonic()
     with pytest.raises(MigrationFailed, match="failed"):
         migrate(source, "tcp:127.0.0.1:9", timeout=30)  # the discard port: nothing listens there
     assert time.monotonic() - started < 30
-    assert source.qmp.cmd("query-status")["status"] == "running"
-    assert source.run("true").ok, "the source guest must stay reachable"
+    assert status(source) == "running"
+    assert source.run(["true"]).ok, "the source guest must stay reachable"
 
 
+@shared_storage
 @pytest.mark.parametrize("auto_converge", [False, True], ids=["plain", "auto-converge"])
-def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_run, auto_converge, kvm_note):
-    """Seed: migration cannot finish while pages are dirtied faster than they are sent.
+def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, auto_converge, kvm_note):
+    """Handbook 4.3: migration cannot finish while pages are dirtied faster than they are sent.
 
     The premise is established under the migration's own conditions: the guest rewrites a
     small set of its RAM, and while the first pass runs (dirty logging on, which slows a
@@ -300,8 +286,8 @@ def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_
     """
     source = running_source
     dirtier = Dirtier(source)
-    poll(dirtier.count, 10, 0.1)  # the loop is writing
-    dest, uri = destination(boot_vm, kvm_run, peer, source)
+    wait_until(dirtier.count, 10, "the guest's dirtying loop writing")
+    dest, uri = boot_vm.destination(source, peer)
     deadline = FIRST_PASS_S + 2 * (PASSES + 2) * Dirtier.SET_MIB / MIN_LINK_MIB
     seen: dict = {}  # the measured rate and link, and the sync count when the link was limited
 
@@ -315,7 +301,7 @@ def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_
             if seen["rate"] < DIRTY_MARGIN * MIN_LINK_MIB:
                 return "the guest is too slow to outpace any link"
             seen["link"] = min(DIRTY_LINK_MIB, seen["rate"] / DIRTY_MARGIN)
-            source.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": int(seen["link"] * MIB)})
+            source.qmp.cmd("migrate-set-parameters", max_bandwidth=int(seen["link"] * MIB))
             seen["limited_at"] = syncs
             return ""
         if auto_converge:
@@ -343,10 +329,10 @@ def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, kvm_
             f"({outcome} after {elapsed:.1f} s), less than {DIRTY_MARGIN}x the slowest link ({MIN_LINK_MIB} MiB/s)")
     assert elapsed < deadline + 15, f"cancelling took too long: {elapsed:.1f} s"
     if outcome == "did not converge":
-        assert source.qmp.cmd("query-status")["status"] == "running", "a cancelled migration leaves the source running"
-        assert source.run("true").ok, "the source guest must stay reachable"
+        assert status(source) == "running", "a cancelled migration leaves the source running"
+        assert source.run(["true"]).ok, "the source guest must stay reachable"
     else:
-        assert dest.qmp.cmd("query-status")["status"] == "running"
+        assert status(dest) == "running"
     if auto_converge:
         assert throttle > 0, f"auto-converge never throttled a guest rewriting {rate:.1f} MiB/s over a " \
                              f"{link:.2f} MiB/s link ({outcome} after {elapsed:.1f} s)"

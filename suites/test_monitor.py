@@ -10,9 +10,8 @@ import re
 
 import pytest
 
-from pytest_kvmcheck import Disk, VMSpec, vm_fixture
-from pytest_kvmcheck.guestinfo import MIB, pci_ids
-from pytest_kvmcheck.vm import poll
+from pytest_kvmcheck import Disk, VMSpec, vm_fixture, wait_until
+from pytest_kvmcheck.guests.shows import MIB
 
 MEMORY_MIB = 512
 
@@ -40,6 +39,7 @@ def qmp_pci(vm) -> set[tuple[int, int, int, str]]:
 
 
 def test_info_status_stop_cont(monitored):
+    """Handbook 8: ``stop``, ``info status``, ``cont``: HMP and query-status agree, and the guest carries on."""
     vm = monitored
     assert "VM status: running" in hmp_ok(vm, "info status")
     assert vm.qmp.cmd("query-status")["status"] == "running"
@@ -50,53 +50,63 @@ def test_info_status_stop_cont(monitored):
     finally:
         hmp_ok(vm, "cont")
     assert vm.qmp.cmd("query-status")["status"] == "running"
-    assert vm.run("true").ok, "the guest did not carry on after cont"
+    assert vm.run(["true"]).ok, "the guest did not carry on after cont"
+
+
+def balloon_bytes(vm) -> int:
+    return vm.qmp.cmd("query-balloon")["actual"]
 
 
 def test_info_balloon_and_balloon_n(monitored):
+    """Handbook 8: ``balloon N`` (MiB) moves what query-balloon (bytes) and ``info balloon`` report."""
     vm = monitored
     assert hmp_ok(vm, "info balloon").strip() == f"balloon: actual={MEMORY_MIB}"
     hmp_ok(vm, "balloon 384")  # HMP takes MiB, QMP bytes
     try:
-        assert poll(lambda: vm.qmp.cmd("query-balloon")["actual"] == 384 * MIB, 20, 0.2), \
-            f"HMP 'balloon 384' left QMP query-balloon at {vm.qmp.cmd('query-balloon')}"
+        wait_until(lambda: balloon_bytes(vm), 20, "query-balloon at 384 MiB after HMP 'balloon 384'",
+                   done=lambda actual: actual == 384 * MIB)
         assert hmp_ok(vm, "info balloon").strip() == "balloon: actual=384"
     finally:
         hmp_ok(vm, f"balloon {MEMORY_MIB}")
-        poll(lambda: vm.qmp.cmd("query-balloon")["actual"] == MEMORY_MIB * MIB, 20, 0.2)
+        wait_until(lambda: balloon_bytes(vm), 20, f"the balloon back at {MEMORY_MIB} MiB",
+                   done=lambda actual: actual == MEMORY_MIB * MIB)
 
 
 def test_info_pci_agrees_with_query_pci_and_the_guest(monitored):
+    """Handbook 8: ``info pci``, query-pci and the guest's lspci list the same functions."""
     vm = monitored
     hmp, qmp = hmp_pci(vm), qmp_pci(vm)
     assert hmp == qmp, f"info pci and query-pci differ: only HMP {sorted(hmp - qmp)}, only QMP {sorted(qmp - hmp)}"
-    guest = set(pci_ids(vm))
+    guest = set(vm.guest.pci_ids())
     missing = {vd for *_, vd in qmp} - guest
     assert not missing, f"the guest's lspci lacks {sorted(missing)} that QMP lists"
 
 
 def test_device_add_and_device_del(monitored):
+    """Handbook 8: ``device_add``/``device_del`` in HMP: QEMU and the guest see the device come and go."""
     vm = monitored
     hmp_ok(vm, "device_add virtio-rng-pci,id=hmprng0")
     vm.qmp.clear_events()
     try:
         assert "1af4:1005" in {vd for *_, vd in qmp_pci(vm)}, "query-pci does not list the device HMP added"
-        assert poll(lambda: "1af4:1005" in pci_ids(vm), 15, 0.2), "the guest never saw it"
+        wait_until(vm.guest.pci_ids, 15, "the guest's lspci showing the added 1af4:1005",
+                   done=lambda ids: "1af4:1005" in ids)
     finally:
         hmp_ok(vm, "device_del hmprng0")
-    vm.qmp.wait_event("DEVICE_DELETED", timeout=20, match=lambda e: e["data"].get("device") == "hmprng0")
+    vm.qmp.wait_event("DEVICE_DELETED", timeout=20, match={"data": {"device": "hmprng0"}})
     assert "1af4:1005" not in {vd for *_, vd in qmp_pci(vm)}
-    assert poll(lambda: "1af4:1005" not in pci_ids(vm), 15, 0.2), "the guest still shows it"
+    wait_until(vm.guest.pci_ids, 15, "the guest's lspci without the deleted 1af4:1005",
+               done=lambda ids: "1af4:1005" not in ids)
 
 
 def test_savevm_loadvm_and_their_qmp_jobs(boot_vm):
-    """``savevm``/``loadvm`` (HMP) and ``snapshot-save`` (a QMP job) see one snapshot list."""
+    """Handbook 8: ``savevm``/``loadvm`` (HMP) and ``snapshot-save`` (a QMP job) see one snapshot list."""
     vm = boot_vm(VMSpec(disks=(Disk(size_mib=16, serial="snap0"),)))  # the snapshots live in its qcow2
-    vm.run("echo before > /tmp/snapshot-marker", check=True)
+    vm.guest.write("/tmp/snapshot-marker", "before")
     hmp_ok(vm, "savevm kvmcheck-hmp")
-    vm.qmp.cmd("snapshot-save", **{"job-id": "save-qmp", "tag": "kvmcheck-qmp", "vmstate": "disk0",
-                                   "devices": ["disk0"]})
-    assert poll(lambda: not [j for j in vm.qmp.cmd("query-jobs") if j["status"] != "concluded"], 60, 0.2)
+    vm.qmp.cmd("snapshot-save", job_id="save-qmp", tag="kvmcheck-qmp", vmstate="disk0", devices=["disk0"])
+    wait_until(lambda: [j for j in vm.qmp.cmd("query-jobs") if j["status"] != "concluded"], 60,
+               "snapshot-save to conclude", done=lambda running: not running)
     jobs = {j["id"]: j for j in vm.qmp.cmd("query-jobs")}
     assert "error" not in jobs["save-qmp"], f"snapshot-save failed: {jobs['save-qmp']}"
     vm.qmp.cmd("job-dismiss", id="save-qmp")
@@ -106,31 +116,31 @@ def test_savevm_loadvm_and_their_qmp_jobs(boot_vm):
     for tag in ("kvmcheck-hmp", "kvmcheck-qmp"):
         assert tag in listed, f"HMP info snapshots lacks {tag}:\n{listed}"
         assert tag in qmp_tags, f"QMP query-block lacks snapshot {tag}: {sorted(qmp_tags)}"
-    vm.run("echo after > /tmp/snapshot-marker", check=True)
+    vm.guest.write("/tmp/snapshot-marker", "after")
     hmp_ok(vm, "loadvm kvmcheck-hmp")
     vm.reconnect_guest()  # the guest's TCP state went back in time with its RAM
-    assert vm.run("cat /tmp/snapshot-marker", check=True).stdout.strip() == "before", \
+    assert vm.guest.read("/tmp/snapshot-marker").strip() == "before", \
         "loadvm did not bring back the guest's RAM as it was at savevm"
     for tag in ("kvmcheck-hmp", "kvmcheck-qmp"):
         hmp_ok(vm, f"delvm {tag}")
 
 
 def test_migrate_and_info_migrate(boot_vm, kvm_note):
-    """``migrate`` (HMP) to a file; ``info migrate`` and query-migrate tell the same end."""
+    """Handbook 8: ``migrate`` (HMP) to a file; ``info migrate`` and query-migrate tell the same end."""
     vm = boot_vm(VMSpec())
     target = vm.path("hmp-migrate.bin")
     hmp_ok(vm, f"migrate exec:cat>{target}")
-    assert poll(lambda: vm.qmp.cmd("query-migrate").get("status") == "completed", 60, 0.1), \
-        f"HMP migrate did not complete: {vm.qmp.cmd('query-migrate')}"
+    wait_until(lambda: vm.qmp.cmd("query-migrate"), 60, "HMP migrate to complete",
+               done=lambda info: info.get("status") == "completed")
     info = hmp_ok(vm, "info migrate")
     assert re.search(r"Migration status: completed", info), f"info migrate disagrees with QMP:\n{info}"
     assert vm.qmp.cmd("query-status")["status"] == "postmigrate"
-    size = int(vm.host.run(["stat", "-c", "%s", target], timeout=10).check().stdout)
+    size = vm.host.size(target)
     kvm_note("hmp migrate", f"{size} bytes of migration stream written by HMP migrate")
     assert size > MIB, f"the migration stream is only {size} bytes"
 
 
 @pytest.mark.parametrize("command", ["info kvm", "info cpus", "info network", "info version", "info mtree -f"])
 def test_info_commands_answer(monitored, command):
-    """Informational commands the handbook's readers type: they answer, without an error."""
+    """Handbook 8: the informational commands the handbook's readers type answer, without an error."""
     assert hmp_ok(monitored, command).strip(), f"HMP {command!r} printed nothing"

@@ -13,11 +13,9 @@ import re
 
 import pytest
 
-from pytest_kvmcheck import VMSpec
-from pytest_kvmcheck.guestinfo import pci_driver
-from pytest_kvmcheck.handbook import describe, form
-from pytest_kvmcheck.hostsettings import NotAssignable, VfioBinding, link_name
-from pytest_kvmcheck.vm import poll
+from pytest_kvmcheck import VMSpec, wait_until
+from pytest_kvmcheck.hosts.settings import NotAssignable, VfioBinding, link_name
+from pytest_kvmcheck.qemu.legacy import describe, form
 
 needs_assignment = pytest.mark.kvm_requires("kvm", "iommu", "assignable")
 
@@ -26,17 +24,10 @@ IOMMU_ON = re.compile(r"DMAR: IOMMU enabled|AMD-Vi: .*(Interrupt remapping|IOMMU
 GUEST_DRIVER_S = 30.0
 
 
-def assignable_device(kvm_host) -> str:
-    """The first assignable device that is not an SR-IOV physical function (the SR-IOV suite's)."""
-    devices = [d for d in kvm_host.caps.assignable if d not in kvm_host.caps.sriov_pfs]
-    if not devices:
-        pytest.skip(f"host {kvm_host.name}: needs assignable: every assignable device is an SR-IOV PF")
-    return devices[0]
-
-
 @pytest.fixture
 def binding(kvm_host):
-    device = VfioBinding(kvm_host.transport, assignable_device(kvm_host), kvm_host.caps.assignable)
+    """The first assignable device that is not an SR-IOV PF (the SR-IOV suite's), back on its driver afterwards."""
+    device = VfioBinding(kvm_host.transport, kvm_host.caps.plain_assignable()[0], kvm_host.caps.assignable)
     yield device
     now = device.restore()
     assert now == device.original_driver, \
@@ -45,6 +36,7 @@ def binding(kvm_host):
 
 @pytest.mark.kvm_requires("iommu")
 def test_host_iommu_is_on(kvm_host):
+    """Handbook 2.1: the host booted with its IOMMU on (dmesg says so) and has IOMMU groups."""
     dmesg = kvm_host.transport.run(["dmesg"], timeout=60).check("dmesg").stdout
     lines = [line for line in dmesg.splitlines() if re.search(r"DMAR|AMD-Vi|iommu", line, re.I)]
     assert any(IOMMU_ON.search(line) for line in lines), \
@@ -54,6 +46,7 @@ def test_host_iommu_is_on(kvm_host):
 
 @needs_assignment
 def test_iommu_group_is_viable_once_bound(binding, kvm_host):
+    """Handbook 2.1: once the device is on vfio-pci its IOMMU group is viable and /dev/vfio/GROUP exists."""
     assert binding.iommu_group, f"{binding.bdf} has no IOMMU group"
     with binding:
         members = binding.group_members()
@@ -66,30 +59,32 @@ def test_iommu_group_is_viable_once_bound(binding, kvm_host):
 
 @needs_assignment
 def test_guest_sees_assigned_device_and_binds_its_driver(binding, boot_vm, kvm_host, kvm_note):
+    """Handbook 2.1: a device given to vfio-pci and assigned with ``-device vfio-pci,host=BDF`` shows in the
+    guest's lspci and gets a guest driver; afterwards the host's own driver has it back."""
     kvm_note("handbook", describe(form("-device pci-assign,host=BDF")))
     ids = binding.ids
     with binding:
         vm = boot_vm(VMSpec(host_devices=(binding.bdf,)))
-        listed = vm.run(f"lspci -n -d {ids}", check=True).stdout.strip()
+        listed = vm.guest.pci(vendor_device=ids)
         assert listed, f"the guest's lspci does not show the assigned {ids} ({binding.bdf} on the host)"
-        driver = poll(lambda: pci_driver(vm, ids), GUEST_DRIVER_S, 0.5)
+        function = wait_until(lambda: vm.guest.pci(vendor_device=ids), GUEST_DRIVER_S,
+                              f"a guest driver bound to the assigned {ids}", done=lambda f: f and f.driver,
+                              interval=0.5)
         kvm_note("passthrough", f"{binding.bdf} ({ids}) from host driver {binding.original_driver} -> guest: "
-                                f"{listed}, driver {driver or 'none'}")
-        assert driver, f"no guest driver bound the assigned {ids} within {GUEST_DRIVER_S:.0f} s"
+                                f"{function}")
         assert binding.driver() == "vfio-pci", "the device left vfio-pci while the guest held it"
         vm.destroy()
     assert binding.driver() == binding.original_driver, \
         f"after the guest, {binding.bdf} should be back on {binding.original_driver}, it is on {binding.driver() or 'none'}"
 
 
+@pytest.mark.kvm_requires("pci-unlisted")
 def test_unlisted_devices_are_never_touched(kvm_host):
-    """Safety: binding a device missing from assignable= is refused before anything is written.
+    """Handbook 2.1, safety: binding a device missing from assignable= is refused before anything is written.
 
     Needs nothing but a PCI bus: it checks kvmcheck's own guard, on every host.
     """
-    unlisted = [d for d in kvm_host.transport.listdir("/sys/bus/pci/devices") if d not in kvm_host.caps.assignable]
-    if not unlisted:
-        pytest.skip(f"host {kvm_host.name}: needs an unlisted PCI device: every PCI device is listed as assignable")
+    unlisted = [d for d in kvm_host.caps.pci_devices if d not in kvm_host.caps.assignable]
     device = f"/sys/bus/pci/devices/{unlisted[0]}"
     before = {name: kvm_host.transport.read_text(f"{device}/{name}", default="")
               for name in ("driver_override", "uevent")}

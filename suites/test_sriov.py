@@ -9,11 +9,10 @@ own driver does not grab the VFs, and leaves sriov_numvfs and autoprobe as it fo
 """
 import pytest
 
-from pytest_kvmcheck import VMSpec
-from pytest_kvmcheck.hostsettings import SysfsSettings, VfioBinding, link_name
-from pytest_kvmcheck.vm import poll
+from pytest_kvmcheck import VMSpec, wait_until
+from pytest_kvmcheck.hosts.settings import SysfsSettings, VfioBinding, link_name
 
-pytestmark = pytest.mark.kvm_requires("kvm", "iommu", "sriov", "assignable")
+pytestmark = pytest.mark.kvm_requires("kvm", "iommu", "sriov")
 
 VFS = 2
 SETTLE_S = 20.0
@@ -21,17 +20,13 @@ SETTLE_S = 20.0
 
 @pytest.fixture
 def pf(kvm_host):
-    listed = [d for d in kvm_host.caps.sriov_pfs if d in kvm_host.caps.assignable]
-    if not listed:
-        pytest.skip(f"host {kvm_host.name}: needs sriov: no SR-IOV PF is listed as assignable "
-                    f"(PFs: {', '.join(kvm_host.caps.sriov_pfs)})")
-    settings = SysfsSettings(kvm_host.transport, f"/sys/bus/pci/devices/{listed[0]}",
+    """The first idle SR-IOV PF listed as assignable; its sriov_numvfs and autoprobe as found, afterwards."""
+    device = kvm_host.caps.idle_assignable_pfs()[0]
+    settings = SysfsSettings(kvm_host.transport, f"/sys/bus/pci/devices/{device}",
                              ("sriov_drivers_autoprobe", "sriov_numvfs"))
-    if settings.read_int("sriov_numvfs"):
-        pytest.skip(f"host {kvm_host.name}: needs an idle SR-IOV PF: {listed[0]} already has VFs in use")
     yield settings
     left = settings.restore(before={"sriov_numvfs": 0})
-    assert not left, f"host {kvm_host.name}: could not restore {listed[0]} (original, now): {left}"
+    assert not left, f"host {kvm_host.name}: could not restore {device} (original, now): {left}"
 
 
 def bdf(pf) -> str:
@@ -42,33 +37,40 @@ def virtfns(pf) -> list[str]:
     return sorted(name for name in pf.host.listdir(pf.directory) if name.startswith("virtfn"))
 
 
+def wait_for_vfs(pf, count: int, what: str) -> list[str]:
+    return wait_until(lambda: virtfns(pf), SETTLE_S, what, done=lambda links: len(links) == count, interval=0.2)
+
+
 def test_pf_shows_sriov_capability(pf, kvm_host):
+    """Handbook 2.2: the PF has the SR-IOV capability (lspci -vvv) and offers enough VFs."""
     lspci = kvm_host.transport.run(["lspci", "-vvv", "-s", bdf(pf)], timeout=30).check().stdout
     assert "Single Root I/O Virtualization (SR-IOV)" in lspci, f"lspci -vvv -s {bdf(pf)} shows no SR-IOV capability:\n{lspci}"
     assert pf.read_int("sriov_totalvfs") >= VFS, f"{bdf(pf)} offers {pf.read('sriov_totalvfs')} VFs, the suite needs {VFS}"
 
 
 def test_numvfs_creates_and_removes_vfs(pf):
+    """Handbook 2.2: writing N to sriov_numvfs (today's ``max_vfs``) makes N VFs; writing 0 removes them."""
     pf.write("sriov_drivers_autoprobe", 0)
     pf.write("sriov_numvfs", VFS)
-    links = poll(lambda: len(virtfns(pf)) == VFS and virtfns(pf), SETTLE_S, 0.2)
-    assert links == [f"virtfn{i}" for i in range(VFS)], f"writing {VFS} to sriov_numvfs made {virtfns(pf)}"
+    links = wait_for_vfs(pf, VFS, f"{VFS} VFs after writing {VFS} to sriov_numvfs")
+    assert links == [f"virtfn{i}" for i in range(VFS)], f"writing {VFS} to sriov_numvfs made {links}"
     pf.write("sriov_numvfs", 0)
-    assert poll(lambda: not virtfns(pf), SETTLE_S, 0.2), f"writing 0 to sriov_numvfs left {virtfns(pf)}"
+    wait_for_vfs(pf, 0, "no VFs after writing 0 to sriov_numvfs")
 
 
 def test_vf_assigned_to_guest_is_visible_there(pf, kvm_host, boot_vm, kvm_note):
+    """Handbook 2.2: a VF is assigned like any device (vfio-pci) and shows in the guest's lspci."""
     pf.write("sriov_drivers_autoprobe", 0)
     pf.write("sriov_numvfs", VFS)
-    assert poll(lambda: len(virtfns(pf)) == VFS, SETTLE_S, 0.2), f"no VFs appeared: {virtfns(pf)}"
+    wait_for_vfs(pf, VFS, f"{VFS} VFs")
     vf = link_name(kvm_host.transport, f"{pf.directory}/virtfn0")
     # A VF is assignable because its PF is: the inventory names PFs, the VFs come and go.
     with VfioBinding(kvm_host.transport, vf, (*kvm_host.caps.assignable, vf)) as binding:
         ids = binding.ids
         vm = boot_vm(VMSpec(host_devices=(vf,)))
-        listed = vm.run(f"lspci -n -d {ids}", check=True).stdout.strip()
+        listed = vm.guest.pci(vendor_device=ids)
         kvm_note("sriov", f"VF {vf} ({ids}) of PF {bdf(pf)} -> guest: {listed or 'not listed'}")
         assert listed, f"the guest's lspci does not show the assigned VF {vf} ({ids})"
         vm.destroy()
     pf.write("sriov_numvfs", 0)
-    assert poll(lambda: not virtfns(pf), SETTLE_S, 0.2), f"writing 0 to sriov_numvfs left {virtfns(pf)}"
+    wait_for_vfs(pf, 0, "no VFs after writing 0 to sriov_numvfs")

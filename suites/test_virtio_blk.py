@@ -9,8 +9,8 @@ block statistics must show the writes.
 import pytest
 
 from pytest_kvmcheck import Disk, VMSpec, vm_fixture
-from pytest_kvmcheck.guestinfo import MIB, block_device_by_serial, block_size_bytes, disk_round_trip, driver_of
-from pytest_kvmcheck.handbook import describe, form, try_options
+from pytest_kvmcheck.guests.shows import MIB
+from pytest_kvmcheck.qemu.legacy import describe, form
 
 SIZE_MIB = 64
 SERIAL = "kvmcheck0"
@@ -22,28 +22,33 @@ blk_guest = vm_fixture({
 })
 
 
-@pytest.fixture(scope="module")
-def data_disk(blk_guest) -> str:
+@pytest.fixture
+def data_disk(blk_guest):
     """The disk under test, found by its serial (a disk-image guest's boot disk is vda)."""
-    return block_device_by_serial(blk_guest, SERIAL)
+    return blk_guest.guest.block_device(SERIAL)
 
 
 def test_disk_shows_as_vd(data_disk):
-    assert data_disk.startswith("vd"), f"expected the virtio disk with serial {SERIAL} as /dev/vd*, it is {data_disk}"
+    """Handbook 1.x: a virtio disk appears in the guest as /dev/vd*."""
+    assert data_disk.name.startswith("vd"), \
+        f"expected the virtio disk with serial {SERIAL} as /dev/vd*, it is {data_disk.name}"
 
 
-def test_virtio_blk_driver_is_bound(blk_guest, data_disk):
-    driver = driver_of(blk_guest, f"/sys/block/{data_disk}/device")
-    assert driver == "virtio_blk", f"expected {data_disk} driven by virtio_blk, got {driver!r}"
+def test_virtio_blk_driver_is_bound(data_disk):
+    """Handbook 1.x: the guest drives the disk with virtio_blk."""
+    assert data_disk.driver == "virtio_blk", f"expected {data_disk.name} driven by virtio_blk, got {data_disk.driver!r}"
 
 
-def test_disk_has_the_configured_size(blk_guest, data_disk):
-    size = block_size_bytes(blk_guest, data_disk)
-    assert size == SIZE_MIB * MIB, f"expected {data_disk} of {SIZE_MIB} MiB, the guest sees {size / MIB:.1f} MiB"
+def test_disk_has_the_configured_size(data_disk):
+    """Handbook 1.x: the guest sees the image's size (64 MiB), in qcow2 and raw alike."""
+    size = data_disk.size_bytes
+    assert size == SIZE_MIB * MIB, f"expected {data_disk.name} of {SIZE_MIB} MiB, the guest sees {size / MIB:.1f} MiB"
 
 
 def test_written_pattern_reads_back(blk_guest, data_disk):
-    written, read = disk_round_trip(blk_guest, f"/dev/{data_disk}", mib=4)
+    """Handbook 1.x: 4 MiB written through virtio-blk read back intact, and QEMU counted the writes."""
+    written = data_disk.write_pattern(4)
+    read = data_disk.checksum(4)
     assert read == written, f"wrote 4 MiB with sha256 {written}, read back {read}"
     # QEMU's own count for this disk only (its qdev id), not any other disk's (a boot disk).
     stats = {s.get("qdev", ""): s["stats"] for s in blk_guest.qmp.cmd("query-blockstats")}
@@ -54,19 +59,16 @@ def test_written_pattern_reads_back(blk_guest, data_disk):
                           f"{wr} bytes"
 
 
-def test_handbook_drive_option(kvm_host, kvm_note, tmp_path_factory):
-    """``-drive file=IMG,if=virtio``: still accepted; -blockdev + -device is the explicit form."""
-    row = form("-drive file=IMG,if=virtio")
-    kvm_note("handbook", describe(row))
-    image = kvm_host.host_run.run_dir + "/handbook-drive.qcow2"
-    kvm_host.transport.run([kvm_host.spec.qemu_img, "create", "-q", "-f", "qcow2", image, "16M"]).check()
+def test_handbook_drive_option(kvm_host, kvm_note):
+    """Handbook 1.x: ``-drive file=IMG,if=virtio`` is still accepted; -blockdev + -device is the explicit form."""
+    kvm_note("handbook", describe(form("-drive file=IMG,if=virtio")))
+    image = kvm_host.transport.qemu_img.create(f"{kvm_host.run_dir}/handbook-drive-{kvm_host.name}.qcow2", 16)
     try:
-        legacy = try_options(kvm_host, ["-machine", "pc", "-drive", f"file={image},if=virtio,format=qcow2"])
+        legacy = kvm_host.accepts(["-machine", "pc", "-drive", f"file={image},if=virtio,format=qcow2"])
         assert legacy.ok, f"expected -drive ...,if=virtio to be accepted: {legacy.stderr.strip()}"
-        modern = try_options(kvm_host, ["-machine", "pc",
-                                         "-blockdev", f"driver=file,filename={image},node-name=f0",
-                                         "-blockdev", "driver=qcow2,file=f0,node-name=d0",
-                                         "-device", "virtio-blk-pci,drive=d0"])
+        modern = kvm_host.accepts(["-machine", "pc", "-blockdev", f"driver=file,filename={image},node-name=f0",
+                                   "-blockdev", "driver=qcow2,file=f0,node-name=d0",
+                                   "-device", "virtio-blk-pci,drive=d0"])
         assert modern.ok, f"expected the -blockdev form to be accepted: {modern.stderr.strip()}"
     finally:
         kvm_host.transport.run(["rm", "-f", image])

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from pytest_kvmcheck.errors import GuestBootError, QMPLost
-from pytest_kvmcheck.hostspec import parse_host
-from pytest_kvmcheck.session import KvmRun
-from pytest_kvmcheck.vmspec import VMSpec
+from pytest_kvmcheck.hosts.spec import parse_host
+from pytest_kvmcheck.run import KvmRun
+from pytest_kvmcheck.qemu.spec import VMSpec
 
 from .conftest import SUITES, assert_nothing_left, interruptible, qemu_processes, run_pytest
 

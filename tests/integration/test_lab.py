@@ -39,7 +39,7 @@ def lab_dir(monkeypatch):
 
 
 def lab_leftovers(lab_dir: Path) -> list[str]:
-    from pytest_kvmcheck.lab import Lab
+    from pytest_kvmcheck.lab.control import Lab
     lab = Lab(lab_dir)
     left = [f"QEMU {pid}" for pid in qemu_processes(str(lab_dir))]
     if lab.netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
@@ -109,7 +109,7 @@ exec qemu-system-x86_64 "$@"
 def assert_lab_mutants_caught(pytester, lab_dir: Path) -> None:
     """Each lab mutant, as a host of its own on lab-1 (one run, in parallel): its check FAILs."""
     import tomllib
-    from pytest_kvmcheck.lab import SHARED_PATH, Lab
+    from pytest_kvmcheck.lab.control import SHARED_PATH, Lab
     lab = Lab(lab_dir)
     lab_1 = next(h for h in lab.hosts() if h.name == "lab-1")
     inventory = tomllib.loads((lab_dir / "inventory.toml").read_text())["hosts"]["lab-1"]

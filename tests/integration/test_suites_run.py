@@ -73,7 +73,7 @@ def cloud_image():
     """A Debian qcow2 cloud image with cloud-init, built from packages (cached; root only)."""
     if os.geteuid() != 0:
         pytest.skip("host local: building the cloud test image needs root (mmdebstrap, loop mount)")
-    from pytest_kvmcheck.cloudimage import build_cloud
+    from pytest_kvmcheck.images.cloud import build_cloud
     return build_cloud().path
 
 

@@ -1,8 +1,8 @@
 """Capability parsing and requirement matching: every miss names host and capability."""
 import pytest
 
-from pytest_kvmcheck.capabilities import (Capabilities, parse_accel_help, parse_device_help, parse_machine_help,
-                                          parse_qemu_version, unmet)
+from pytest_kvmcheck.hosts.capabilities import (NEEDS, Capabilities, parse_accel_help, parse_device_help,
+                                                parse_machine_help, parse_qemu_version, unmet)
 from pytest_kvmcheck.errors import HostError
 
 
@@ -26,9 +26,45 @@ def test_parsers():
 
 def test_all_met():
     c = caps(accel="kvm", vhost_net=True, tap=True, iommu_groups=3, sriov_pfs=["0000:01:00.0"], ksm=True,
-             nested="1", mem_available_mib=4096)
-    assert unmet(c, ["kvm", "vhost-net", "tap", "iommu", "sriov", "ksm", "nested", "device:e1000", "machine:q35",
-                     "memory:2048", "qemu>=7.2"]) == []
+             nested="1", mem_available_mib=4096, assignable=["0000:00:03.0", "0000:01:00.0"],
+             pci_devices=["0000:00:00.0", "0000:00:03.0", "0000:01:00.0"], root=True, seccomp=True,
+             migration=["multifd", "postcopy-ram"], guest="disk-image", bridge_cidr="10.0.0.1/24")
+    assert unmet(c, ["kvm", "vhost-net", "tap", "bridge", "iommu", "assignable", "sriov", "pci-unlisted", "ksm",
+                     "nested", "root", "seccomp", "multifd", "postcopy", "disk-image-guest", "device:e1000",
+                     "machine:q35", "memory:2048", "qemu>=7.2"]) == []
+
+
+def test_every_need_is_checked_here():
+    """NEEDS lists what kvm_requires accepts; each has a check (libvirt is never met: kvmcheck runs QEMU itself)."""
+    c = caps()
+    for need in NEEDS:
+        ok, why = c.has(need)
+        assert not ok and why, need
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({}, "no assignable PCI device configured"),
+    ({"assignable": ["0000:01:00.0"], "sriov_pfs": ["0000:01:00.0"]}, "every assignable device is an SR-IOV PF"),
+])
+def test_assignable_means_a_plain_device(changes, reason):
+    (why,) = unmet(caps(**changes), ["assignable"])
+    assert reason in why
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"sriov_pfs": ["0000:01:00.0"]}, "no SR-IOV PF is listed as assignable"),
+    ({"sriov_pfs": ["0000:01:00.0"], "assignable": ["0000:01:00.0"], "busy_pfs": ["0000:01:00.0"]},
+     "every assignable SR-IOV PF has VFs in use"),
+])
+def test_sriov_means_an_idle_listed_pf(changes, reason):
+    (why,) = unmet(caps(**changes), ["sriov"])
+    assert reason in why
+
+
+def test_a_probe_reason_wins():
+    c = caps(reasons={"postcopy": "QEMU 7.2.22 refused the postcopy-ram capability: Userfaultfd not available"})
+    (why,) = unmet(c, ["postcopy"])
+    assert why.endswith("Userfaultfd not available")
 
 
 @pytest.mark.parametrize("need, fragment", [

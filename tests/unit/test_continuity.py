@@ -1,5 +1,5 @@
 """Continuity across a migration: what differs is named, on the guest's side and QEMU's."""
-from pytest_kvmcheck.migration import GuestState, MachineState
+from pytest_kvmcheck.qemu.migration import GuestState, MachineState
 
 PCI = ("00:00.0 8086:1237 class 0x0600 id=", "00:02.0 1af4:1000 class 0x0200 id=nic0")
 MACHINE = MachineState("pc-i440fx-7.2-machine", PCI, ("balloon0", "nic0"), 1, 512 << 20, 384 << 20)

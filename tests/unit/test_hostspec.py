@@ -2,7 +2,7 @@
 import pytest
 
 from pytest_kvmcheck.errors import HostSpecError
-from pytest_kvmcheck.hostspec import load_inventory, parse_host, parse_hosts
+from pytest_kvmcheck.hosts.spec import load_inventory, parse_host, parse_hosts
 
 
 def test_default_is_local():
@@ -80,7 +80,7 @@ def test_missing_inventory(tmp_path):
 
 
 def test_example_inventory_parses():
-    from pytest_kvmcheck.image import fixtures_dir
+    from pytest_kvmcheck.paths import fixtures_dir
     specs = load_inventory(fixtures_dir() / "inventory.example.toml")
     assert [s.name for s in specs] == ["this-machine", "rack12-node3"]
 

@@ -1,5 +1,5 @@
 """The pure parts of the image build: module closure and the initramfs writer."""
-from pytest_kvmcheck.image import CpioWriter, module_closure
+from pytest_kvmcheck.images.build import CpioWriter, module_closure
 
 DEP = """kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko
 kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko

@@ -1,9 +1,9 @@
 """The lab's QEMU command line and inventory: pure logic, no QEMU started."""
 from pathlib import Path
 
-from pytest_kvmcheck.hostspec import load_inventory
-from pytest_kvmcheck.lab import Lab, LabHost
-from pytest_kvmcheck.labimage import LabImage
+from pytest_kvmcheck.hosts.spec import load_inventory
+from pytest_kvmcheck.lab.control import Lab, LabHost
+from pytest_kvmcheck.lab.image import LabImage
 
 
 def lab_and_host(tmp_path):

@@ -1,9 +1,9 @@
 """The seed's pre-flight checks (4.3.2) as pure logic: what each mismatch is called."""
 from types import SimpleNamespace
 
-from pytest_kvmcheck.capabilities import Capabilities
-from pytest_kvmcheck.migration import layout_mismatch, preflight
-from pytest_kvmcheck.vmspec import VMSpec
+from pytest_kvmcheck.hosts.capabilities import Capabilities
+from pytest_kvmcheck.qemu.migration import layout_mismatch, preflight
+from pytest_kvmcheck.qemu.spec import VMSpec
 
 FLAGS = ["fpu", "lm", "nx", "sse2", "svm"]
 

@@ -3,8 +3,8 @@ import shlex
 
 import pytest
 
-from pytest_kvmcheck.vmspec import (LEGACY_FORMS, Disk, Nic, RenderContext, VMSpec, kernel_cmdline, render_argv,
-                                    tap_name, translate_legacy)
+from pytest_kvmcheck.qemu.legacy import LEGACY_FORMS, translate_legacy
+from pytest_kvmcheck.qemu.spec import Disk, Nic, RenderContext, VMSpec, kernel_cmdline, render_argv, tap_name
 
 CTX = RenderContext(accel="tcg", kernel="/k", initrd="/i", workdir="/w", qmp_socket="/w/qmp.sock",
                     console_log="/w/console.log", pidfile="/w/qemu.pid", ssh_public_key="ssh-ed25519 AAAA run",

@@ -19,59 +19,45 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .capabilities import Capabilities
-from .errors import KvmCheckError, MigrationDidNotConverge, MigrationFailed, QMPCommandError, VMError
-from .session import KvmRun, PreparedHost
-from .transport import Host
-from .vm import VM, poll
-from .vmspec import nic_mac
+from ..hosts.capabilities import Capabilities
+from ..errors import KvmCheckError, MigrationDidNotConverge, MigrationFailed, QMPCommandError, VMError
+from ..hosts.transport import Host
+from ..guests.shows import BlockDevice
+from ..waiting import poll
+from .vm import VM
+from .spec import VMSpec
 
 OPTIONAL_CAPABILITIES = ("auto-converge", "multifd", "postcopy-ram")
 MARKER_PATH = "/tmp/kvmcheck-migration-marker"  # tmpfs: it lives in guest RAM
 COUNTER_PATH = "/tmp/kvmcheck-counter"
 
 
-def destination_spec(source: VM, disk_paths: tuple[str, ...] | None = None):
-    """The source's spec with its disks pointing at the source's images (shared storage), or
-    at ``disk_paths``, and its NICs keeping the source's MACs (the guest's network identity
-    moves with it)."""
+def destination_spec(source: VM, disk_paths: tuple[str, ...] | None = None, extra_args: tuple[str, ...] = (),
+                     **changes) -> VMSpec:
+    """The spec of a VM taking over ``source``: the source's own, with its disks pointing at
+    the source's images (shared storage) or at ``disk_paths``, its NICs keeping the source's
+    MACs (the guest's network identity moves with it), ``extra_args`` added (``-incoming``,
+    ``-loadvm``), and ``changes`` (a deliberately different destination)."""
     paths = source.disk_paths if disk_paths is None else disk_paths
     disks = tuple(replace(d, path=p) for d, p in zip(source.spec.disks, paths, strict=True))
-    nics = tuple(replace(n, mac=nic_mac(source.spec, i, source.seed)) for i, n in enumerate(source.spec.nics))
-    return source.spec.with_(disks=disks, nics=nics)
+    nics = tuple(replace(n, mac=source.mac(i)) for i, n in enumerate(source.spec.nics))
+    return source.spec.with_(disks=disks, nics=nics, extra_args=source.spec.extra_args + tuple(extra_args),
+                             **changes)
 
 
-def successor(run: KvmRun, host_name: str, source: VM, *extra_args: str,
-              disk_paths: tuple[str, ...] | None = None) -> VM:
-    """A VM made to take over ``source``: same spec, the same disk images (shared storage)
-    unless ``disk_paths`` gives it images of its own (a block mirror fills them)."""
-    spec = destination_spec(source, disk_paths)
-    vm = run.new_vm(host_name, spec.with_(extra_args=spec.extra_args + tuple(extra_args)))
-    vm.reuse_boot_disk = source.boot_disk
-    return vm
+def listen(dest: VM, address: str, capabilities: tuple[str, ...] = ()) -> str:
+    """Have ``dest`` (started with ``-incoming defer``) listen on ``address``, port chosen by
+    QEMU; returns the URI to migrate to.
 
-
-def start_destination(run: KvmRun, dest_host: PreparedHost, source: VM, capabilities: tuple[str, ...] = (),
-                      disk_paths: tuple[str, ...] | None = None) -> tuple[VM, str]:
-    """Start the destination QEMU on ``dest_host`` waiting for the stream; returns it and the URI.
-
-    It listens on the host's migration address (loopback for the local host), never on
-    every interface. ``capabilities`` that both sides must enable (multifd, postcopy-ram)
-    are set before it listens; a QEMU or host without them raises :class:`VMError`.
-    ``disk_paths``: the destination's own images (same backing image) instead of the source's.
+    ``capabilities`` that both sides must enable (multifd, postcopy-ram) are set first; a
+    QEMU without them refuses with :class:`QMPCommandError`.
     """
-    dest = successor(run, dest_host.name, source, "-incoming", "defer", disk_paths=disk_paths)
-    dest.start()
-    try:
-        if capabilities:
-            dest.qmp.cmd("migrate-set-capabilities",
-                         capabilities=[{"capability": c, "state": True} for c in capabilities])
-        dest.qmp.cmd("migrate-incoming", uri=f"tcp:{dest_host.spec.migration_address}:0")
-        address = dest.qmp.cmd("query-migrate")["socket-address"][0]
-    except BaseException:
-        dest.destroy()
-        raise
-    return dest, f"tcp:{address['host']}:{address['port']}"
+    if capabilities:
+        dest.qmp.cmd("migrate-set-capabilities",
+                     capabilities=[{"capability": c, "state": True} for c in capabilities])
+    dest.qmp.cmd("migrate-incoming", uri=f"tcp:{address}:0")
+    socket_address = dest.qmp.cmd("query-migrate")["socket-address"][0]
+    return f"tcp:{socket_address['host']}:{socket_address['port']}"
 
 
 def preflight(source: VM, source_caps: Capabilities, dest_caps: Capabilities,
@@ -153,7 +139,7 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
     if bandwidth_bytes is not None:
         parameters["max-bandwidth"] = bandwidth_bytes
     if parameters:
-        q.cmd("migrate-set-parameters", **parameters)
+        q.cmd("migrate-set-parameters", parameters)
     q.clear_events()
     q.cmd("migrate", uri=uri)
     deadline = time.monotonic() + timeout
@@ -232,15 +218,7 @@ def place_base_image(host: Host, directory: str, data: bytes, size_mib: int) -> 
     if not host.exists(path):
         host.makedirs(posixpath.dirname(path))
         host.write_bytes(path, data)
-        host.run([host.spec.qemu_img, "resize", "-q", "-f", "raw", path, f"{size_mib}M"],
-                 timeout=30).check(f"qemu-img resize on {host.name}")
-    return path
-
-
-def create_overlay(host: Host, path: str, base: str) -> str:
-    """A qcow2 overlay on ``base``: the guest writes here, the base stays as it was."""
-    host.run([host.spec.qemu_img, "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", path],
-             timeout=30).check(f"qemu-img create on {host.name}")
+        host.qemu_img.resize(path, size_mib)
     return path
 
 
@@ -261,7 +239,7 @@ def export_disks(dest: VM, address: str, attempts: int = 20) -> int:
         raise VMError(f"VM {dest.name}: no free port for the NBD server on {address} after {attempts} tries")
     for i in range(len(dest.spec.disks)):
         dest.qmp.cmd("block-export-add", type="nbd", id=f"mirror-export{i}", name=f"disk{i}",
-                     writable=True, **{"node-name": f"disk{i}"})
+                     writable=True, node_name=f"disk{i}")
     return port
 
 
@@ -272,10 +250,10 @@ def mirror_disks(source: VM, address: str, port: int, timeout: float = 60.0) -> 
     destination too, so data written during the migration is there as well.
     """
     for i in range(len(source.spec.disks)):
-        source.qmp.cmd("blockdev-add", driver="nbd", export=f"disk{i}", **{"node-name": f"mirror-target{i}"},
+        source.qmp.cmd("blockdev-add", driver="nbd", export=f"disk{i}", node_name=f"mirror-target{i}",
                        server={"type": "inet", "host": address, "port": str(port)})
         source.qmp.cmd("blockdev-mirror", sync="top", target=f"mirror-target{i}", device=f"disk{i}",
-                       **{"job-id": f"mirror{i}", "copy-mode": "write-blocking"})
+                       job_id=f"mirror{i}", copy_mode="write-blocking")
     ready = poll(lambda: all(j["ready"] for j in source.qmp.cmd("query-block-jobs")), timeout, 0.1)
     if not ready:
         raise VMError(f"VM {source.name}: block mirrors not in sync within {timeout:.0f} s: "
@@ -432,6 +410,35 @@ class Dirtier:
         """How many times the guest has rewritten the set so far (0 before the first)."""
         counts = self._COUNT.findall(self.vm.console()[-4096:])
         return int(counts[-1]) if counts else 0
+
+
+class DiskWriter:
+    """A guest process writing a rising count to one sector of a disk, synced each time, and
+    recording the last count it completed: writes made while the guest moves must arrive."""
+
+    SECTOR = 16384  # 8 MiB into the disk
+    _DONE = "/tmp/kvmcheck-written"
+
+    def __init__(self, vm: VM, device: str):
+        self.device = device
+        self.pid = vm.guest.start(
+            f"i=0; while :; do i=$((i+1)); printf '%-511s\\n' $i | dd of={device} bs=512 seek={self.SECTOR} "
+            f"conv=fsync 2>/dev/null && echo $i > {self._DONE}.new && mv {self._DONE}.new {self._DONE}; "
+            f"sleep 0.05; done")
+
+    def completed(self, vm: VM) -> int:
+        """The last count the writer finished writing, as the guest on ``vm`` shows it."""
+        return int(vm.guest.read(self._DONE))
+
+    def on_disk(self, vm: VM) -> int:
+        """The count in the sector now."""
+        return int(BlockDevice(vm.guest, self.device.removeprefix("/dev/")).read_sector(self.SECTOR).split()[0])
+
+    def stop(self, vm: VM) -> bool:
+        """Stop it (on whichever VM the guest now runs); False if it was not running there."""
+        if not vm.guest.stop(self.pid):
+            return False
+        return bool(poll(lambda: not vm.guest.running(self.pid), 5, 0.1))
 
 
 def stats(info: dict) -> dict:

@@ -4,8 +4,10 @@ Hosts advertise capabilities (probed once per run, shared with xdist workers as 
 tests declare needs with ``@pytest.mark.kvm_requires(...)``; :func:`unmet` matches them and
 explains every miss, naming the host and the capability, so a skip always says why.
 
-Need names: ``kvm``, ``vhost-net``, ``tap``, ``iommu``, ``assignable``, ``sriov``, ``ksm``, ``nested``,
-``device:NAME``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``.
+Need names (see :data:`NEEDS`): ``kvm``, ``vhost-net``, ``tap``, ``bridge``, ``iommu``, ``assignable``,
+``sriov``, ``pci-unlisted``, ``ksm``, ``nested``, ``root``, ``seccomp``, ``multifd``, ``postcopy``,
+``disk-image-guest``, ``libvirt``, ``device:NAME``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``;
+and of a host pair, ``shared-storage`` (see :func:`pair_has`).
 """
 from __future__ import annotations
 
@@ -16,12 +18,17 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
-from .errors import HostError, QemuNotFound
-from .run import kill_vm_dir
+from ..errors import HostError, KvmCheckError, QemuNotFound, QMPCommandError
+from .footprint import kill_vm_dir
 from .transport import Host
-from .vm import poll
+from ..qemu.noguest import NoGuestQemu, try_options
+from ..qemu.spec import qemu_argv
+from .tools import sriov_pfs
+from ..waiting import poll
 
 KVM_PROBE_TIMEOUT = 10.0
+OPTIONAL_MIGRATION = ("multifd", "postcopy-ram")  # what a migration mode needs on both QEMUs
+NEED_OF = {"multifd": "multifd", "postcopy-ram": "postcopy"}
 
 
 @dataclass
@@ -40,14 +47,21 @@ class Capabilities:
     tap: bool = False
     iommu_groups: int = 0
     sriov_pfs: list[str] = field(default_factory=list)
+    busy_pfs: list[str] = field(default_factory=list)  # PFs with VFs enabled (in use by someone)
+    pci_devices: list[str] = field(default_factory=list)
     assignable: list[str] = field(default_factory=list)  # from the host spec: devices tests may take
     ksm: bool = False
     nested: str = ""  # the kvm_amd/kvm_intel 'nested' parameter, "" if absent
     mem_available_mib: int = 0
+    memory_budget_mib: int | None = None  # from the host spec: at most this much for the tests' guests
     kernel: str = ""
     boot_id: str = ""
     cpu_flags: list[str] = field(default_factory=list)  # the host CPU's, from /proc/cpuinfo
     bridge_cidr: str = ""  # the address/prefix of the host's bridge= (guests' bridged NICs join it)
+    root: bool = False  # commands run as root there
+    seccomp: bool = False  # QEMU takes -sandbox on
+    migration: list[str] = field(default_factory=list)  # optional migration capabilities QEMU enables there
+    guest: str = "tiny"  # what this run boots there: "tiny" or "disk-image"
     reasons: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -61,37 +75,31 @@ class Capabilities:
 
     def has(self, need: str) -> tuple[bool, str]:
         """Whether the host meets ``need``, and if not, why (a phrase naming the capability)."""
-        if need == "kvm":
-            return self.accel == "kvm", self.reasons.get("kvm", "this run uses TCG on it")
-        if need == "vhost-net":
-            return self.vhost_net, self.reasons.get("vhost-net", "/dev/vhost-net is missing")
-        if need == "tap":
-            return self.tap, self.reasons.get("tap", "cannot create tap devices")
-        if need == "bridge":
-            return bool(self.bridge_cidr), self.reasons.get("bridge", "no bridge= given for the host")
-        if need == "assignable":
-            return bool(self.assignable), "no assignable PCI device configured (assignable= in the host spec)"
-        if need == "iommu":
-            return self.iommu_groups > 0, "no IOMMU groups (/sys/kernel/iommu_groups is empty)"
-        if need == "sriov":
-            return bool(self.sriov_pfs), "no SR-IOV physical function (no sriov_totalvfs > 0)"
-        if need == "ksm":
-            return self.ksm, "no /sys/kernel/mm/ksm"
-        if need == "nested":
-            return self.nested in ("1", "Y", "y"), f"nested virtualization is off (nested={self.nested or 'absent'})"
-        if need.startswith("device:"):
-            name = need.split(":", 1)[1]
-            return name in self.devices, f"QEMU {self.qemu_version_text} has no device {name!r}"
-        if need.startswith("machine:"):
-            name = need.split(":", 1)[1]
-            return name in self.machines, f"QEMU {self.qemu_version_text} has no machine type {name!r}"
-        if need.startswith("memory:"):
-            mib = int(need.split(":", 1)[1])
-            return self.mem_available_mib >= mib, f"needs {mib} MiB free, has {self.mem_available_mib} MiB"
+        if need in _CHECKS:
+            ok, why = _CHECKS[need](self)
+            return ok, self.reasons.get(need, why)
+        kind, _, arg = need.partition(":")
+        if kind == "device":
+            return arg in self.devices, f"QEMU {self.qemu_version_text} has no device {arg!r}"
+        if kind == "machine":
+            return arg in self.machines, f"QEMU {self.qemu_version_text} has no machine type {arg!r}"
+        if kind == "memory":
+            if self.memory_budget_mib is not None and int(arg) > self.memory_budget_mib:
+                return False, f"needs {arg} MiB, more than its memory_budget_mib={self.memory_budget_mib}"
+            return self.mem_available_mib >= int(arg), f"needs {arg} MiB free, has {self.mem_available_mib} MiB"
         if need.startswith("qemu>="):
             want = tuple(int(x) for x in need[6:].split("."))
             return self.qemu_version[:len(want)] >= want, f"QEMU {self.qemu_version_text} is older than {need[6:]}"
-        raise ValueError(f"unknown capability {need!r} in kvm_requires (see pytest_kvmcheck.capabilities)")
+        raise ValueError(f"unknown capability {need!r} in kvm_requires (known: {', '.join(NEEDS)}, device:NAME, "
+                         "machine:NAME, memory:MIB, qemu>=X.Y; see pytest_kvmcheck.hosts.capabilities)")
+
+    def plain_assignable(self) -> list[str]:
+        """Devices listed as assignable that are not SR-IOV PFs (the SR-IOV suite's)."""
+        return [d for d in self.assignable if d not in self.sriov_pfs]
+
+    def idle_assignable_pfs(self) -> list[str]:
+        """SR-IOV PFs listed as assignable with no VFs enabled."""
+        return [d for d in self.sriov_pfs if d in self.assignable and d not in self.busy_pfs]
 
     def summary(self) -> str:
         kvm = "kvm" if self.accel == "kvm" else f"tcg ({self.reasons.get('kvm', 'by choice')})"
@@ -99,6 +107,44 @@ class Capabilities:
                 f"IOMMU groups {self.iommu_groups}, SR-IOV PFs {len(self.sriov_pfs)}, "
                 f"KSM {'yes' if self.ksm else 'no'}, nested {self.nested or '-'}, "
                 f"{self.mem_available_mib} MiB free, kernel {self.kernel}")
+
+
+def _assignable(c: Capabilities) -> tuple[bool, str]:
+    if not c.assignable:
+        return False, "no assignable PCI device configured (assignable= in the host spec)"
+    return bool(c.plain_assignable()), "every assignable device is an SR-IOV PF (the SR-IOV suite's)"
+
+
+def _sriov(c: Capabilities) -> tuple[bool, str]:
+    if not c.sriov_pfs:
+        return False, "no SR-IOV physical function (no sriov_totalvfs > 0)"
+    if not [d for d in c.sriov_pfs if d in c.assignable]:
+        return False, f"no SR-IOV PF is listed as assignable (PFs: {', '.join(c.sriov_pfs)})"
+    return bool(c.idle_assignable_pfs()), f"every assignable SR-IOV PF has VFs in use: {', '.join(c.busy_pfs)}"
+
+
+# need -> (capabilities -> (met, why not)); a probe's own reason, in Capabilities.reasons, wins.
+_CHECKS = {
+    "kvm": lambda c: (c.accel == "kvm", "this run uses TCG on it"),
+    "vhost-net": lambda c: (c.vhost_net, "/dev/vhost-net is missing"),
+    "tap": lambda c: (c.tap, "cannot create tap devices"),
+    "bridge": lambda c: (bool(c.bridge_cidr), "no bridge= given for the host"),
+    "assignable": _assignable,
+    "iommu": lambda c: (c.iommu_groups > 0, "no IOMMU groups (/sys/kernel/iommu_groups is empty)"),
+    "sriov": _sriov,
+    "pci-unlisted": lambda c: (bool(set(c.pci_devices) - set(c.assignable)),
+                               "every PCI device is listed as assignable"),
+    "ksm": lambda c: (c.ksm, "no /sys/kernel/mm/ksm"),
+    "nested": lambda c: (c.nested in ("1", "Y", "y"), f"nested virtualization is off (nested={c.nested or 'absent'})"),
+    "root": lambda c: (c.root, "commands run there as another user; QEMU must start as root to drop privileges"),
+    "seccomp": lambda c: (c.seccomp, f"QEMU {c.qemu_version_text} was built without -sandbox"),
+    "multifd": lambda c: ("multifd" in c.migration, "QEMU there refused the multifd capability"),
+    "postcopy": lambda c: ("postcopy-ram" in c.migration, "QEMU there refused the postcopy-ram capability"),
+    "disk-image-guest": lambda c: (c.guest == "disk-image", "the tiny guest has no system disk (--kvm-guest=IMAGE)"),
+    "libvirt": lambda c: (False, "sVirt/AppArmor labels are applied by libvirt, and kvmcheck starts QEMU directly"),
+}
+NEEDS = tuple(_CHECKS)
+PAIR_NEEDS = ("shared-storage",)
 
 
 def unmet(caps: Capabilities, needs: list[str]) -> list[str]:
@@ -166,18 +212,16 @@ def _probe_kernel(host: Host, caps: Capabilities) -> None:
     caps.vhost_net = host.exists("/dev/vhost-net")
     if not caps.vhost_net:
         caps.reasons["vhost-net"] = "/dev/vhost-net is missing (vhost_net module not loaded or not available)"
-    is_root = host.run(["id", "-u"], timeout=10).stdout.strip() == "0"
+    is_root = caps.root = host.run(["id", "-u"], timeout=10).stdout.strip() == "0"
     caps.tap = host.exists("/dev/net/tun") and is_root
     if not caps.tap:
         caps.reasons["tap"] = "/dev/net/tun is missing" if is_root else "tap devices need root (CAP_NET_ADMIN)"
     _probe_bridge(host, caps)
     caps.iommu_groups = len(host.listdir("/sys/kernel/iommu_groups"))
-    pfs = []
-    for bdf in host.listdir("/sys/bus/pci/devices"):
-        total = host.read_text(f"/sys/bus/pci/devices/{bdf}/sriov_totalvfs", default="0").strip()
-        if total.isdigit() and int(total) > 0:
-            pfs.append(bdf)
-    caps.sriov_pfs = pfs
+    caps.pci_devices = sorted(host.listdir("/sys/bus/pci/devices"))
+    pfs = sriov_pfs(host)
+    caps.sriov_pfs = sorted(pfs)
+    caps.busy_pfs = sorted(bdf for bdf, vfs in pfs.items() if vfs)
     caps.ksm = host.exists("/sys/kernel/mm/ksm/run")
     for module in ("kvm_amd", "kvm_intel"):
         value = host.read_text(f"/sys/module/{module}/parameters/nested", default="").strip()
@@ -196,12 +240,27 @@ def _probe_bridge(host: Host, caps: Capabilities) -> None:
     elif not caps.tap:
         caps.reasons["bridge"] = f"bridge={bridge}, but {caps.reasons.get('tap', 'no tap devices')}"
     else:
-        m = re.search(r"inet (\d+\.\d+\.\d+\.\d+/\d+)", host.run(["ip", "-4", "-o", "addr", "show", "dev", bridge],
-                                                              timeout=10).stdout)
-        if m:
-            caps.bridge_cidr = m.group(1)
-        else:
+        caps.bridge_cidr = host.ip.ipv4_cidr(bridge)
+        if not caps.bridge_cidr:
             caps.reasons["bridge"] = f"bridge {bridge} has no IPv4 address"
+
+
+def _probe_qemu_features(host: Host, caps: Capabilities, workdir: str) -> None:
+    """What QEMU enables there without a guest: ``-sandbox on``, the optional migration capabilities."""
+    caps.seccomp = try_options(host, ["-sandbox", "on"]).ok
+    # As a destination does (-incoming): only then does QEMU check the host for postcopy-ram (userfaultfd).
+    try:
+        with NoGuestQemu(host, workdir, ("-incoming", "defer")) as monitor:
+            for capability in OPTIONAL_MIGRATION:
+                try:
+                    monitor.cmd("migrate-set-capabilities", capabilities=[{"capability": capability, "state": True}])
+                    caps.migration.append(capability)
+                except QMPCommandError as exc:
+                    caps.reasons[NEED_OF[capability]] = \
+                        f"QEMU {caps.qemu_version_text} refused the {capability} capability: {exc.desc}"
+    except KvmCheckError as exc:  # the host stays usable; only what needs these capabilities skips
+        for capability in OPTIONAL_MIGRATION:
+            caps.reasons[NEED_OF[capability]] = f"QEMU without a guest, waiting for a migration, did not start: {exc}"
 
 
 def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tuple[bool, str]:
@@ -216,9 +275,10 @@ def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tupl
         return False, "/dev/kvm is missing (no hardware virtualization, or kvm module not loaded)"
     host.makedirs(workdir)
     console, pidfile = posixpath.join(workdir, "console.log"), posixpath.join(workdir, "qemu.pid")
-    argv = [host.spec.qemu, "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "256", "-nodefaults",
-            "-display", "none", "-no-reboot", "-kernel", kernel, "-append", "console=ttyS0 panic=-1",
-            "-serial", f"file:{console}", "-pidfile", pidfile, "-daemonize"]
+    # Not quiet: the kernel's first console line ("Linux version") is the proof.
+    argv = qemu_argv(host.spec.qemu, name="kvmcheck-kvm-probe", machine="pc", accel="kvm", cpu="host", memory="256",
+                     smp="", console_log=console, qmp=f"unix:{posixpath.join(workdir, 'qmp.sock')},server=on,wait=off",
+                     pidfile=pidfile) + ["-kernel", kernel, "-append", "console=ttyS0 panic=-1"]
     started = time.monotonic()
     # A slow host (boot_timeout= in its spec: nested, emulated) gets a deadline in proportion.
     deadline = max(KVM_PROBE_TIMEOUT, (host.spec.boot_timeout or 0) / 5)
@@ -242,9 +302,20 @@ def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tupl
 def probe(host: Host, requested_accel: str, kernel: str, workdir: str, cache: dict | None = None) -> Capabilities:
     """Probe one host. ``cache`` (a dict persisted by the caller) keeps the slow KVM
     verdict per host boot and QEMU version, so it is paid once per host boot."""
-    caps = Capabilities(host=host.name, assignable=list(host.spec.assignable))
+    caps = Capabilities(host=host.name, assignable=list(host.spec.assignable),
+                        memory_budget_mib=host.spec.memory_budget_mib)
     _probe_qemu(host, caps)
     _probe_kernel(host, caps)
+    key = hashlib.sha256(f"features|{host.spec.url}|{caps.boot_id}|{caps.qemu_version_text}|{host.spec.qemu}"
+                         .encode()).hexdigest()[:16]
+    if cache is not None and key in cache:
+        caps.seccomp, caps.migration, reasons = cache[key]
+        caps.reasons.update(reasons)
+    else:
+        _probe_qemu_features(host, caps, workdir)
+        if cache is not None:
+            cache[key] = [caps.seccomp, caps.migration,
+                          {k: v for k, v in caps.reasons.items() if k in ("multifd", "postcopy", "auto-converge")}]
     accel = host.spec.accel or requested_accel
     if accel == "tcg":
         caps.kvm_usable, why = False, "not probed: TCG requested"

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .errors import HostSpecError
+from .. import paths
+from ..errors import HostSpecError
 
 try:
     import tomllib
@@ -49,7 +50,7 @@ class HostSpec:
     qemu_img: str = "qemu-img"
     accel: str | None = None  # overrides --kvm-accel for this host
     workdir: str | None = None
-    memory_budget_mib: int | None = None
+    memory_budget_mib: int | None = None  # tests needing more memory (kvm_requires("memory:N")) skip here
     assignable: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     migrate_address: str | None = None  # where other hosts reach this one's migration listener
@@ -202,10 +203,8 @@ def parse_hosts(value: str | None, lab_inventory: Path | None = None) -> list[Ho
         if entry.startswith("@"):
             specs.extend(load_inventory(entry[1:]))
         elif entry == "lab":
-            if lab_inventory is None:
-                from .lab import inventory_path
-                lab_inventory = inventory_path()
-            if lab_inventory is None or not Path(lab_inventory).is_file():
+            lab_inventory = lab_inventory or paths.lab_inventory()
+            if not Path(lab_inventory).is_file():
                 raise HostSpecError("host 'lab': the virtual KVM lab is not up; run 'kvmcheck lab up' first")
             specs.extend(load_inventory(lab_inventory))
         else:

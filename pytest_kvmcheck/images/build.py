@@ -1,26 +1,25 @@
-"""Guest images: the ``tiny`` guest (Debian kernel + busybox initramfs + dropbear).
+"""What every image build shares: recipes, Debian packages, initramfs archives, the image cache.
 
-The recipe lives in ``fixtures/tiny``. Everything comes from the system's configured
-Debian package sources: the kernel package is fetched with ``apt-get download``, the
-programs are taken from installed Debian packages together with the shared libraries
-they link. The result is cached by content hash under the user's cache dir, so the
-first run builds it (about 10 s) and later runs reuse it.
+Images are made only from the system's configured Debian package sources (``apt-get
+download``, installed packages and the shared libraries they link), cached by content hash
+under the user's cache dir: built once, then reused by every run and xdist worker.
 """
 from __future__ import annotations
 
 import fcntl
+import glob
 import lzma
-import hashlib
 import io
-import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageBuildError
+from ..errors import ImageBuildError
+from ..paths import cache_dir, fixtures_dir
 
 try:  # Python 3.11+
     import tomllib
@@ -28,21 +27,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 READY_MARKER = "KVMCHECK-READY"
-HOST_KEY_NAME = "dropbear_ed25519_host_key"
-
-
-def fixtures_dir() -> Path:
-    """Where image recipes and example inventories live (``fixtures/`` of the checkout)."""
-    env = os.environ.get("KVMCHECK_FIXTURES")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "fixtures"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("KVMCHECK_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pytest-kvmcheck")
-    return Path(base)
 
 
 @dataclass(frozen=True)
@@ -72,20 +56,9 @@ class KernelImage:
         return " ".join((self.directory / "host_key.pub").read_text().split()[:2])
 
 
-
-@dataclass(frozen=True)
-class TinyImage(KernelImage):
-    """The tiny guest: a Debian kernel with a busybox initramfs and dropbear."""
-
-    @classmethod
-    def load(cls, directory: Path) -> "TinyImage":
-        manifest = json.loads((directory / "manifest.json").read_text())
-        return cls(directory, manifest["digest"], manifest["kernel_version"])
-
-
 # --------------------------------------------------------------------------- helpers
 
-def _run(argv: list[str], cwd: str | Path | None = None, timeout: float = 600) -> str:
+def run_tool(argv: list[str], cwd: str | Path | None = None, timeout: float = 600) -> str:
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
@@ -110,7 +83,7 @@ def load_recipe(name: str = "tiny") -> dict:
 
 def resolve_kernel_package(metapackage: str) -> str:
     """``linux-image-amd64`` -> ``linux-image-6.1.0-NN-amd64`` via the configured sources."""
-    out = _run(["apt-cache", "depends", metapackage])
+    out = run_tool(["apt-cache", "depends", metapackage])
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("Depends:") and "linux-image-" in line:
@@ -119,9 +92,9 @@ def resolve_kernel_package(metapackage: str) -> str:
         f"apt-cache knows no kernel behind {metapackage!r}: run 'apt-get update' first")
 
 
-def _package_version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
-        return _run(["dpkg-query", "-W", "-f=${Version}", package]).strip()
+        return run_tool(["dpkg-query", "-W", "-f=${Version}", package]).strip()
     except ImageBuildError:
         raise ImageBuildError(
             f"the Debian package {package!r} is not installed; the tiny guest takes its "
@@ -206,19 +179,27 @@ class CpioWriter:
     def add_chardev(self, name: str, major: int, minor: int) -> None:
         self._entry(name, 0o020600, rdev=(major, minor))
 
-    def add_tree(self, root: Path) -> None:
+    def add_tree(self, root: Path, empty_dirs: tuple[str, ...] = ("dev",)) -> None:
+        """Every directory, regular file and symlink under ``root``, in a reproducible order.
+
+        ``empty_dirs`` are added without their contents (device nodes are added by hand).
+        """
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
             rel_dir = os.path.relpath(dirpath, root)
+            if rel_dir in empty_dirs:
+                dirnames[:] = []
+                filenames = []
+            dirnames.sort()
             if rel_dir != ".":
                 self.add_dir(rel_dir)
-            for fname in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
-                full = os.path.join(dirpath, fname)
-                rel = os.path.normpath(os.path.join(rel_dir, fname))
-                if os.path.islink(full):
+            for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+                full = os.path.join(dirpath, name)
+                rel = os.path.normpath(os.path.join(rel_dir, name))
+                st = os.lstat(full)
+                if stat.S_ISLNK(st.st_mode):
                     self.add_symlink(rel, os.readlink(full))
-                else:
-                    self.add_file(rel, Path(full).read_bytes(), os.stat(full).st_mode & 0o7777)
+                elif stat.S_ISREG(st.st_mode):
+                    self.add_file(rel, Path(full).read_bytes(), st.st_mode & 0o7777)
 
     def finish(self) -> bytes:
         self._entry("TRAILER!!!", 0)
@@ -242,17 +223,6 @@ def pvh_kernel(bzimage: Path) -> bytes | None:
 
 
 # --------------------------------------------------------------------------- build
-
-def _digest(recipe_dir: Path, kernel_pkg: str, recipe: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(recipe_dir)):
-        h.update(name.encode() + (recipe_dir / name).read_bytes())
-    h.update(Path(__file__).read_bytes())
-    h.update(kernel_pkg.encode())
-    for package in sorted(recipe.get("programs", {})) + sorted(recipe.get("data", {})):
-        h.update(f"{package}={_package_version(package)}".encode())
-    return h.hexdigest()[:16]
-
 
 def cached_build(kind: str, final_name: str, build, force: bool = False) -> Path:
     """The image cache's one protocol: build once under a lock, publish atomically, prune.
@@ -282,118 +252,11 @@ def cached_build(kind: str, final_name: str, build, force: bool = False) -> Path
         return final
 
 
-def build_tiny(force: bool = False, progress=None) -> TinyImage:
-    """Return the cached tiny image, building it first if its inputs changed (about 6 s)."""
-    say = progress or (lambda msg: None)
-    recipe_dir = fixtures_dir() / "tiny"
-    recipe = load_recipe("tiny")
-    kernel_pkg = resolve_kernel_package(recipe["kernel_package"])
-    digest = _digest(recipe_dir, kernel_pkg, recipe)
-
-    def build(work: Path) -> Path:
-        say(f"building the tiny guest image {digest} (kernel {kernel_pkg})")
-        _build_into(work, recipe_dir, recipe, kernel_pkg, digest, say)
-        return work / "out"
-    return TinyImage.load(cached_build("tiny", f"tiny-{digest}", build, force))
-
-
-def _build_into(work: Path, recipe_dir: Path, recipe: dict, kernel_pkg: str, digest: str, say) -> None:
-    debs = work / "debs"
-    debs.mkdir()
-    say(f"apt-get download {kernel_pkg}")
-    _run(["apt-get", "download", kernel_pkg], cwd=debs)
-    deb = next(debs.glob("*.deb"))
-    kroot = work / "kernel"
-    _run(["dpkg-deb", "-x", str(deb), str(kroot)])
-    kver = next((kroot / "lib/modules").iterdir()).name
-    _run(["depmod", "-b", str(kroot), kver])
-    moddir = kroot / "lib/modules" / kver
-    modules = module_closure((moddir / "modules.dep").read_text(), recipe["modules"])
-
-    root = work / "root"
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/dropbear", "etc/kvmcheck", "root/.ssh",
-              "proc", "sys", "dev", "tmp", "run", "var/log", "lib/modules"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-
-    def copy(src: str) -> None:
-        dst = root / src.lstrip("/")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-
-    for package, programs in recipe.get("programs", {}).items():
-        _package_version(package)  # fails with an install hint if missing
-        for prog in programs:
-            copy(prog)
-            for lib in shared_libraries(prog):
-                copy(lib)
-    for package, files in recipe.get("data", {}).items():
-        _package_version(package)
-        for f in files:
-            copy(f)
-    for source, target in recipe.get("compiled", {}).items():
-        if shutil.which("gcc") is None:
-            raise ImageBuildError(f"the tiny guest's {target} is built from {source} with gcc: "
-                                  "apt-get install gcc libc6-dev")
-        _run(["gcc", "-static", "-O2", "-Wall", "-o", str(root / target.lstrip("/")), str(recipe_dir / source)])
-    # /lib64 loader path and /lib -> usr merge as Debian has it.
-    if (root / "lib/x86_64-linux-gnu").is_dir() and not (root / "lib64").exists():
-        (root / "lib64").mkdir()
-        loader = root / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
-        if loader.exists():
-            os.symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", root / "lib64/ld-linux-x86-64.so.2")
-
-    # busybox applets, except those a real program provides (and never "busybox" itself).
-    applets = _run([str(root / "bin/busybox"), "--list-full"]).split()
-    provided = {p.name for d in ("bin", "sbin", "usr/bin", "usr/sbin") for p in (root / d).iterdir()}
-    for applet in applets:
-        name = Path(applet).name
-        if name == "busybox" or name in provided:
-            continue
-        link = root / applet
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            os.symlink("/bin/busybox", link)
-
-    # Kernel modules through modules.dep, then depmod over the reduced tree.
-    kmods = root / "lib/modules" / kver
-    for rel in modules:
-        dst = kmods / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(moddir / rel, dst)
-    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-        if (moddir / f).exists():
-            shutil.copy2(moddir / f, kmods / f)
-    _run(["depmod", "-b", str(root), kver])
-    (root / "etc/kvmcheck/modules").write_text("\n".join(recipe["modules"]) + "\n")
-
-    # Users, init, host key.
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc/group").write_text("root:x:0:\n")
-    (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")  # no password can log in
-    (root / "etc/shells").write_text("/bin/sh\n")
-    shutil.copy2(recipe_dir / "inittab", root / "etc/inittab")
-    shutil.copy2(recipe_dir / "init.sh", root / "etc/kvmcheck/init.sh")
-    os.chmod(root / "etc/kvmcheck/init.sh", 0o755)
-    os.symlink("/bin/busybox", root / "init")
-    hostkey = root / "etc/dropbear" / HOST_KEY_NAME
-    keyout = _run(["dropbearkey", "-t", "ed25519", "-f", str(hostkey)])
-    pub = next(line for line in keyout.splitlines() if line.startswith("ssh-ed25519 "))
-
-    say(f"packing the initramfs ({len(modules)} modules)")
-    cpio = CpioWriter()
-    cpio.add_tree(root)
-    cpio.add_chardev("dev/console", 5, 1)
-    cpio.add_chardev("dev/null", 1, 3)
-    out = work / "out"
-    out.mkdir()
-    # Uncompressed: unpacking a gzip initramfs under TCG costs more than reading the bigger file.
-    (out / "initrd.img").write_bytes(cpio.finish())
-    shutil.copy2(kroot / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
-    elf = pvh_kernel(out / "vmlinuz")
-    if elf is not None:
-        (out / "vmlinux").write_bytes(elf)
-    (out / "host_key.pub").write_text(pub.strip() + "\n")
-    (out / "manifest.json").write_text(json.dumps({
-        "digest": digest, "kernel_package": kernel_pkg, "kernel_version": kver,
-        "modules": modules, "initrd_bytes": (out / "initrd.img").stat().st_size,
-    }, indent=2))
+def apt_source_files() -> list[str]:
+    """The system's apt source files: images are built from these and nothing else."""
+    candidates = ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.sources") +
+                                                     glob.glob("/etc/apt/sources.list.d/*.list"))
+    files = [f for f in candidates if os.path.isfile(f) and os.path.getsize(f) > 0]
+    if not files:
+        raise ImageBuildError("no apt sources configured (/etc/apt/sources.list*): cannot build from packages")
+    return files

@@ -4,13 +4,12 @@ A :class:`VMSpec` is declarative and host-independent; :func:`render_argv` turns
 an argv for one host's QEMU. Migration needs the destination's command line to match
 the source's device for device, which is why both are always rendered from one spec.
 
-The handbook's 2016 command lines map to today's QEMU through :data:`LEGACY_FORMS`.
+The handbook's 2016 command lines map to today's QEMU in :mod:`.legacy`.
 """
 from __future__ import annotations
 
 import base64
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
@@ -67,7 +66,7 @@ class VMSpec:
     kernel_args: tuple[str, ...] = ()
 
     def with_(self, **changes) -> "VMSpec":
-        from dataclasses import replace
+        """A new spec with ``changes`` (specs are frozen: a VM's spec never changes after creation)."""
         return replace(self, **changes)
 
 
@@ -124,23 +123,51 @@ def kernel_cmdline(spec: VMSpec, ctx: RenderContext) -> str:
     return " ".join(args)
 
 
+def qemu_argv(qemu: str, *, name: str, machine: str, accel: str | None, cpu: str | None, memory: str, smp: str,
+              console_log: str, qmp: str, pidfile: str | None = None, log: str = "",
+              no_reboot: bool = True) -> list[str]:
+    """The part of every command line this project starts: a headless QEMU with no default
+    devices, its serial console in a file, QMP where ``qmp`` says, daemonized with a pidfile.
+
+    Guests (:func:`render_argv`), the KVM probe, the lab's hosts and a QEMU without a guest
+    (:func:`noguest_argv`) all begin here; each then adds its own devices.
+    """
+    argv = [qemu, "-name", name, "-machine", machine + (f",accel={accel}" if accel else "")]
+    if cpu:
+        argv += ["-cpu", cpu]
+    if memory:
+        argv += ["-m", memory]
+    if smp:
+        argv += ["-smp", smp]
+    argv += ["-nodefaults", "-no-user-config", "-display", "none"]
+    if no_reboot:
+        argv.append("-no-reboot")
+    if console_log:
+        argv += ["-serial", f"file:{console_log}"]
+    argv += ["-qmp", qmp]
+    if pidfile:
+        argv += ["-pidfile", pidfile, "-daemonize"]
+    if log:
+        argv += ["-D", log]
+    return argv
+
+
+def noguest_argv(qemu: str, qmp: str, pidfile: str | None = None) -> list[str]:
+    """QEMU with no machine and no guest, stopped (``-S``): asked about options or over QMP, then told to quit."""
+    return qemu_argv(qemu, name="kvmcheck-noguest", machine="none", accel=None, cpu=None, memory="", smp="",
+                     console_log="", qmp=qmp, pidfile=pidfile, no_reboot=False) + ["-S"]
+
+
 def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
     """The full argv for ``spec`` on one host. Device order is fixed by the spec."""
-    cpu = spec.cpu or ("host" if ctx.accel == "kvm" else "max")
-    argv = [
-        qemu, "-name", "kvmcheck,debug-threads=on",
-        "-machine", f"{spec.machine},accel={ctx.accel}",
-        "-cpu", cpu,
-        "-m", str(spec.memory_mib) + (f",slots={spec.memory_slots},maxmem={spec.max_memory_mib}M"
-                                      if spec.max_memory_mib else ""),
-        "-smp", str(spec.smp) + (f",maxcpus={spec.max_cpus}" if spec.max_cpus else ""),
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-serial", f"file:{ctx.console_log}",
-        "-qmp", f"unix:{ctx.qmp_socket},server=on,wait=off",
-        "-pidfile", ctx.pidfile, "-daemonize",
-    ]
-    if ctx.qemu_log:
-        argv += ["-D", ctx.qemu_log]
+    argv = qemu_argv(
+        qemu, name="kvmcheck,debug-threads=on", machine=spec.machine, accel=ctx.accel,
+        cpu=spec.cpu or ("host" if ctx.accel == "kvm" else "max"),
+        memory=str(spec.memory_mib) + (f",slots={spec.memory_slots},maxmem={spec.max_memory_mib}M"
+                                       if spec.max_memory_mib else ""),
+        smp=str(spec.smp) + (f",maxcpus={spec.max_cpus}" if spec.max_cpus else ""),
+        console_log=ctx.console_log, qmp=f"unix:{ctx.qmp_socket},server=on,wait=off", pidfile=ctx.pidfile,
+        log=ctx.qemu_log)
     if ctx.boot_disk:
         argv += ["-blockdev", f"driver=file,filename={ctx.boot_disk},node-name=bootfile",
                  "-blockdev", "driver=qcow2,file=bootfile,node-name=boot",
@@ -183,123 +210,3 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
         argv += ["-device", f"vfio-pci,host={bdf},id=hostdev{i}"]
     argv += list(spec.extra_args)
     return argv
-
-
-# --------------------------------------------------------------------------- legacy forms
-
-@dataclass(frozen=True)
-class LegacyForm:
-    """One command of the 2016 handbook and what it means on today's QEMU and kernels."""
-
-    legacy: str
-    modern: str
-    status: str  # "removed", "deprecated", "accepted"
-    since: str  # the QEMU (or kernel) version where the status began
-    note: str
-    pattern: re.Pattern | None = None
-
-    def removed_in(self, qemu_version: tuple[int, int, int]) -> bool:
-        if self.status != "removed" or not self.since.startswith("QEMU "):
-            return False
-        major, minor = (int(x) for x in self.since.split()[1].split(".")[:2])
-        return qemu_version[:2] >= (major, minor)
-
-
-LEGACY_FORMS: tuple[LegacyForm, ...] = (
-    LegacyForm("-balloon virtio", "-device virtio-balloon-pci", "removed", "QEMU 3.1",
-               "the balloon is an ordinary PCI device now", re.compile(r"^-balloon$")),
-    LegacyForm("-net nic,model=virtio", "-netdev user,id=n0 -device virtio-net-pci,netdev=n0",
-               "accepted", "QEMU 2.12",
-               "-net still works (hub-based), -netdev/-device is the supported form; 'vlan=' was removed in 3.0",
-               re.compile(r"^-net$")),
-    LegacyForm("-net tap,vhost=on", "-netdev tap,id=n0,vhost=on -device virtio-net-pci,netdev=n0",
-               "accepted", "QEMU 2.12", "vhost needs /dev/vhost-net on the host", None),
-    LegacyForm("-drive file=IMG,if=virtio",
-               "-blockdev driver=file,filename=IMG,node-name=f0 -blockdev driver=qcow2,file=f0,node-name=d0 "
-               "-device virtio-blk-pci,drive=d0",
-               "accepted", "QEMU 2.9", "-drive still works; -blockdev is the modern, explicit form", None),
-    LegacyForm("-device pci-assign,host=BDF", "-device vfio-pci,host=BDF", "removed", "QEMU 2.12",
-               "legacy KVM device assignment is gone from QEMU and Linux (KVM_ASSIGN_PCI_DEVICE removed in 4.12); "
-               "VFIO replaces it", re.compile(r"pci-assign")),
-    LegacyForm("echo VENDOR DEVICE > /sys/bus/pci/drivers/pci-stub/new_id",
-               "echo vfio-pci > /sys/bus/pci/devices/BDF/driver_override; echo BDF > /sys/bus/pci/drivers_probe",
-               "accepted", "Linux 3.16", "pci-stub still exists but cannot hand a device to QEMU; vfio-pci binds "
-               "per device with driver_override", None),
-    LegacyForm("migrate -b tcp:HOST:PORT", "blockdev-mirror to an NBD export on the destination, then migrate",
-               "removed", "QEMU 9.1", "block migration (-b/-i) was deprecated in 8.2", None),
-    LegacyForm("-incoming tcp:0:6666", "-incoming tcp:ADDRESS:6666", "accepted", "QEMU 0.12",
-               "tcp:0 listens on every address; bind the migration listener to one address", None),
-    LegacyForm("qemu-kvm ... (or -enable-kvm)", "qemu-system-x86_64 -accel kvm", "accepted", "QEMU 1.3",
-               "qemu-kvm was merged into QEMU; -enable-kvm is an alias of -accel kvm", None),
-)
-
-
-def translate_legacy(argv: list[str]) -> tuple[list[str], list[LegacyForm]]:
-    """Rewrite the handbook's legacy options in ``argv`` to modern ones.
-
-    Returns the new argv and the table rows that applied. Options that are still
-    accepted verbatim are rewritten too, so the suites always exercise the modern form.
-    """
-    out: list[str] = []
-    used: list[LegacyForm] = []
-    counter = 0
-    i = 0
-    while i < len(argv):
-        opt = argv[i]
-        val = argv[i + 1] if i + 1 < len(argv) else ""
-        if opt == "-balloon" and val.startswith("virtio"):
-            out += ["-device", "virtio-balloon-pci"]
-            used.append(LEGACY_FORMS[0])
-            i += 2
-            continue
-        if opt == "-balloon" and val == "none":
-            used.append(LEGACY_FORMS[0])
-            i += 2
-            continue
-        if opt == "-net" and val.startswith("nic"):
-            params = dict(p.split("=", 1) for p in val.split(",")[1:] if "=" in p)
-            model = {"virtio": "virtio-net-pci"}.get(params.get("model", "e1000"), params.get("model", "e1000"))
-            netdev = f"legacynet{counter}"
-            counter += 1
-            out += ["-netdev", f"user,id={netdev}", "-device", f"{model},netdev={netdev}"]
-            used.append(LEGACY_FORMS[1])
-            i += 2
-            continue
-        if opt == "-net" and val.startswith("tap"):
-            params = val.split(",", 1)[1] if "," in val else ""
-            netdev = f"legacynet{counter}"
-            counter += 1
-            out += ["-netdev", f"tap,id={netdev}" + (f",{params}" if params else ""),
-                    "-device", f"virtio-net-pci,netdev={netdev}"]
-            used.append(LEGACY_FORMS[2])
-            i += 2
-            continue
-        if opt == "-drive" and "if=virtio" in val:
-            params = dict(p.split("=", 1) for p in val.split(",") if "=" in p)
-            node = f"legacydisk{counter}"
-            counter += 1
-            fmt = params.get("format", "qcow2")
-            out += ["-blockdev", f"driver=file,filename={params['file']},node-name={node}f",
-                    "-blockdev", f"driver={fmt},file={node}f,node-name={node}",
-                    "-device", f"virtio-blk-pci,drive={node}"]
-            used.append(LEGACY_FORMS[3])
-            i += 2
-            continue
-        if opt == "-device" and val.startswith("pci-assign"):
-            out += ["-device", "vfio-pci" + val[len("pci-assign"):]]
-            used.append(LEGACY_FORMS[4])
-            i += 2
-            continue
-        if opt == "-enable-kvm":
-            out += ["-accel", "kvm"]
-            used.append(LEGACY_FORMS[8])
-            i += 1
-            continue
-        if opt == "-incoming" and val.startswith("tcp:0:"):
-            out += ["-incoming", "tcp:127.0.0.1:" + val.split(":", 2)[2]]
-            used.append(LEGACY_FORMS[7])
-            i += 2
-            continue
-        out.append(opt)
-        i += 1
-    return out, used

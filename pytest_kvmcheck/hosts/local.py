@@ -1,7 +1,9 @@
 """The local transport: subprocesses and the local filesystem."""
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -11,7 +13,9 @@ import time
 from typing import Sequence
 
 from ..errors import CommandTimeout, HostError
-from . import DEFAULT_TIMEOUT, CommandResult, Host
+from .transport import DEFAULT_TIMEOUT, CommandResult, Host
+
+log = logging.getLogger(__name__)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -43,7 +47,9 @@ class LocalHost(Host):
             _kill_group(proc)
             proc.wait()
             raise
-        return CommandResult(argv, proc.returncode, out, err, time.monotonic() - start)
+        result = CommandResult(argv, proc.returncode, out, err, time.monotonic() - start)
+        log.debug("host %s: %s -> exit %s in %.2f s", self.name, shlex.join(argv), result.exit_status, result.duration)
+        return result
 
     def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as f:

@@ -14,7 +14,7 @@ import posixpath
 import socket
 import time
 
-from .errors import HostError
+from ..errors import HostError
 from .transport import Host
 
 LOCK_STALE_S = 1800.0  # a lock older than this was left by a run that was killed

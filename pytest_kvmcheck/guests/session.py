@@ -6,31 +6,39 @@ trusted on first use; the guest accepts only this run's key.
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
-import select
 import shlex
 import time
 from pathlib import Path
 from typing import Sequence
 
-import paramiko
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from typing import TYPE_CHECKING
 
-from .errors import CommandTimeout, GuestCommandError, VMError
-from .transport import CommandResult
+from ..errors import CommandTimeout, GuestCommandError, VMError
+from ..hosts.channel import read_channel
+from ..hosts.transport import CommandResult
+from .shows import GuestShows
+
+if TYPE_CHECKING:  # paramiko is imported when a guest is first reached, not when the plugin loads
+    import paramiko
+
+log = logging.getLogger(__name__)
 
 
 class RunKey:
     """The run's SSH key pair (ed25519), made once per run and shared with workers by path."""
 
     def __init__(self, path: Path):
+        import paramiko
         self.path = path
         self.pkey = paramiko.Ed25519Key.from_private_key_file(str(path))
         self.public_line = (path.parent / (path.name + ".pub")).read_text().strip()
 
     @classmethod
     def create(cls, path: Path) -> "RunKey":
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
         key = ed25519.Ed25519PrivateKey.generate()
         private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                     serialization.NoEncryption())
@@ -42,10 +50,11 @@ class RunKey:
         return cls(path)
 
 
-class GuestSession:
-    """Commands in a guest over one SSH connection (a channel per command)."""
+class GuestSession(GuestShows):
+    """Commands in a guest over one SSH connection, and what the guest shows (:class:`GuestShows`)."""
 
     def __init__(self, sock, run_key: RunKey, host_public_key: str, name: str, timeout: float = 15.0):
+        import paramiko
         self.name = name
         self._client = paramiko.SSHClient()
         keytype, b64 = host_public_key.split()[:2]
@@ -78,6 +87,7 @@ class GuestSession:
         else:
             status, out, err = self._run_in_channel(text, timeout, input)
         result = CommandResult(argv, status, out, err, time.monotonic() - start)
+        log.debug("guest %s: %s -> exit %s in %.3f s", self.name, text[:200], status, result.duration)
         if check and not result.ok:
             raise GuestCommandError(f"guest {self.name}: {text!r} exited {status}: "
                                     f"{result.stderr.strip()[-400:] or result.stdout.strip()[-400:]}",
@@ -85,6 +95,7 @@ class GuestSession:
         return result
 
     def _open_channel(self) -> paramiko.Channel:
+        import paramiko
         try:
             return self._client.get_transport().open_session(timeout=10)
         except (paramiko.SSHException, AttributeError, OSError) as exc:
@@ -92,23 +103,10 @@ class GuestSession:
 
     def _pump(self, channel: paramiko.Channel, done, deadline: float, text: str) -> tuple[bytearray, bytearray]:
         """Read both streams of ``channel`` until ``done(out, err)`` or the deadline."""
-        out, err = bytearray(), bytearray()
-        while not done(out, err):
-            if channel.recv_ready():
-                out += channel.recv(65536)
-            elif channel.recv_stderr_ready():
-                err += channel.recv_stderr(65536)
-            elif channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
-                if done(out, err) or channel.eof_received:
-                    break
-            elif channel.closed:
-                raise VMError(f"guest {self.name}: SSH channel closed during {text!r}")
-            elif time.monotonic() > deadline:
-                raise CommandTimeout(f"guest {self.name}: {text!r} did not finish within "
-                                     f"{deadline - self._started:.0f} s")
-            else:
-                select.select([channel], [], [], 0.05)
-        return out, err
+        return read_channel(channel, deadline, done=done,
+                            timed_out=CommandTimeout(f"guest {self.name}: {text!r} did not finish within "
+                                                     f"{deadline - self._started:.0f} s"),
+                            closed=VMError(f"guest {self.name}: SSH channel closed during {text!r}"))
 
     def _run_in_channel(self, text: str, timeout: float, input: str) -> tuple[int, str, str]:
         channel = self._open_channel()

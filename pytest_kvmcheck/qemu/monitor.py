@@ -1,25 +1,54 @@
 """The QEMU monitor of one VM: QMP through qemu.qmp, HMP through human-monitor-command.
 
 A thin layer over qemu.qmp's synchronous adapter that keeps a transcript (attached to
-reports), turns QMP errors into :class:`QMPCommandError` and a broken connection
-into :class:`QMPLost`, and waits for events with a deadline.
+reports, and logged to the ``pytest_kvmcheck.qemu.monitor`` logger), turns QMP errors into
+:class:`QMPCommandError` and a broken connection into :class:`QMPLost`, and waits for events
+with a deadline. Arguments are Python keywords: ``node_name=`` is sent as ``node-name``, as
+QEMU's own ``QEMUMachine.qmp`` does; a dict passes names that must keep an underscore.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from .errors import EventTimeout, QMPCommandError, QMPLost
+from ..errors import EventTimeout, QMPCommandError, QMPLost
 
 __all__ = ["Monitor", "QMPCommandError"]
 
 READ_LIMIT = 16 * 1024 * 1024  # one QMP message, at most
+log = logging.getLogger(__name__)
+
+
+def qmp_arguments(args: dict | None, keywords: dict) -> dict:
+    """``args`` as given, then ``keywords`` with ``_`` turned into ``-`` (QMP's own spelling)."""
+    out = dict(args or {})
+    out.update({key.replace("_", "-"): value for key, value in keywords.items()})
+    return out
+
+
+def event_matches(event: dict, match: dict | Callable[[dict], bool] | None) -> bool:
+    """Whether ``event`` has every key and value of ``match`` (nested dicts compared the same way)."""
+    if match is None:
+        return True
+    if callable(match):
+        return bool(match(event))
+    for key, want in match.items():
+        if key not in event:
+            return False
+        have = event[key]
+        if isinstance(want, dict):
+            if not isinstance(have, dict) or not event_matches(have, want):
+                return False
+        elif have != want:
+            return False
+    return True
 
 
 class Monitor:
@@ -36,15 +65,21 @@ class Monitor:
             greeting = self._qmp.connect(negotiate=True)
         except (QMPError, OSError, EOFError) as exc:
             raise QMPLost(f"VM {vm_name}: no QMP greeting: {exc}") from None
-        self.version = greeting["QMP"]["version"]["qemu"] if greeting else {}
         self._log("<-", greeting)
 
     def _log(self, direction: str, message: Any) -> None:
         stamp = time.strftime("%H:%M:%S")
-        self.transcript.append(f"{stamp} {direction} {json.dumps(message, default=str)}")
+        text = json.dumps(message, default=str)
+        self.transcript.append(f"{stamp} {direction} {text}")
+        log.debug("%s %s %s", self.vm_name, direction, text if len(text) < 2000 else text[:2000] + " ...")
 
-    def cmd(self, name: str, /, **args: Any) -> Any:
-        """Run a QMP command and return its ``return`` value."""
+    def cmd(self, name: str, args: dict | None = None, /, **keywords: Any) -> Any:
+        """Run a QMP command and return its ``return`` value.
+
+        ``cmd("blockdev-del", node_name="d0")`` sends ``{"node-name": "d0"}``; names with an
+        underscore of their own (some device properties) go in ``args``, sent as they are.
+        """
+        args = qmp_arguments(args, keywords)
         self._log("->", {"execute": name, "arguments": args} if args else {"execute": name})
         try:
             result = self._qmp.cmd(name, **args)
@@ -62,7 +97,7 @@ class Monitor:
 
     def hmp(self, command_line: str) -> str:
         """Run an HMP command (as the handbook types them) and return its text output."""
-        return self.cmd("human-monitor-command", **{"command-line": command_line})
+        return self.cmd("human-monitor-command", command_line=command_line)
 
     def _drain(self, wait: float = 0.0) -> None:
         try:
@@ -83,18 +118,24 @@ class Monitor:
         self._drain()
         self._events.clear()
 
-    def wait_event(self, name: str, timeout: float = 10.0, match=None) -> dict:
-        """Wait for an event ``name`` (seen since the last clear_events) until ``timeout``."""
+    def wait_event(self, name: str, timeout: float = 10.0,
+                   match: dict | Callable[[dict], bool] | None = None) -> dict:
+        """Wait for an event ``name`` (seen since the last clear_events) until ``timeout``.
+
+        ``match`` narrows it: ``{"data": {"device": "nic1"}}`` (every key and value present),
+        or a predicate over the event.
+        """
         deadline = time.monotonic() + timeout
         while True:
             self._drain()
             for event in self._events:
-                if event.get("event") == name and (match is None or match(event)):
+                if event.get("event") == name and event_matches(event, match):
                     self._events.remove(event)
                     return event
             left = deadline - time.monotonic()
             if left <= 0:
-                raise EventTimeout(f"VM {self.vm_name}: no {name} event within {timeout:.1f} s")
+                what = f" matching {match}" if isinstance(match, dict) else ""
+                raise EventTimeout(f"VM {self.vm_name}: no {name} event{what} within {timeout:.1f} s")
             self._drain(wait=min(left, 0.5))
 
     def close(self) -> None:

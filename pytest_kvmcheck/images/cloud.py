@@ -8,7 +8,6 @@ is done. ``kvmcheck image build --cloud`` makes such an image from Debian packag
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import shutil
@@ -16,8 +15,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageBuildError, KvmCheckError
-from .image import READY_MARKER, _run, cached_build, fixtures_dir, load_recipe
+from ..errors import ImageBuildError, KvmCheckError
+from ..paths import fixtures_dir
+from .build import READY_MARKER, apt_source_files, cached_build, load_recipe, run_tool
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -85,15 +85,6 @@ def seed_iso(output: Path, instance_id: str, authorized_key: str, host_key_priva
 
 # --------------------------------------------------------------------------- building one
 
-def _apt_source_files() -> list[str]:
-    candidates = ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.sources") +
-                                                     glob.glob("/etc/apt/sources.list.d/*.list"))
-    files = [f for f in candidates if os.path.isfile(f) and os.path.getsize(f) > 0]
-    if not files:
-        raise ImageBuildError("no apt sources configured (/etc/apt/sources.list*): cannot build from packages")
-    return files
-
-
 def build_cloud(force: bool = False, progress=None) -> CloudImage:
     """Build (or reuse) a Debian cloud-style qcow2 from the configured package sources.
 
@@ -119,17 +110,17 @@ def build_cloud(force: bool = False, progress=None) -> CloudImage:
 def _build_cloud_into(work: Path, recipe: dict, say) -> None:
     tar = work / "rootfs.tar"
     say(f"mmdebstrap {recipe['suite']} with {len(recipe['packages'])} packages (a few minutes)")
-    _run(["mmdebstrap", "--quiet", f"--variant={recipe['variant']}", "--include=" + ",".join(recipe["packages"]),
-          recipe["suite"], str(tar), *_apt_source_files()], timeout=1800)
+    run_tool(["mmdebstrap", "--quiet", f"--variant={recipe['variant']}", "--include=" + ",".join(recipe["packages"]),
+          recipe["suite"], str(tar), *apt_source_files()], timeout=1800)
     raw, mnt = work / "disk.raw", work / "mnt"
     mnt.mkdir()
-    _run(["qemu-img", "create", "-q", "-f", "raw", str(raw), recipe["size"]])
-    _run(["mkfs.ext4", "-q", "-F", "-L", "root", str(raw)])
-    loop = _run(["losetup", "--find", "--show", str(raw)]).strip()
+    run_tool(["qemu-img", "create", "-q", "-f", "raw", str(raw), recipe["size"]])
+    run_tool(["mkfs.ext4", "-q", "-F", "-L", "root", str(raw)])
+    loop = run_tool(["losetup", "--find", "--show", str(raw)]).strip()
     try:
-        _run(["mount", loop, str(mnt)])
+        run_tool(["mount", loop, str(mnt)])
         try:
-            _run(["tar", "-C", str(mnt), "-xf", str(tar)], timeout=600)
+            run_tool(["tar", "-C", str(mnt), "-xf", str(tar)], timeout=600)
             kernel = sorted((mnt / "boot").glob("vmlinuz-*"))[-1].name
             initrd = sorted((mnt / "boot").glob("initrd.img-*"))[-1].name
             (mnt / "boot/extlinux").mkdir(parents=True, exist_ok=True)
@@ -140,10 +131,10 @@ def _build_cloud_into(work: Path, recipe: dict, say) -> None:
             (mnt / "etc/hostname").write_text("kvmcheck-cloud\n")
             (mnt / "etc/cloud/cloud.cfg.d/90-kvmcheck.cfg").write_text("datasource_list: [ NoCloud, None ]\n")
             # Unpartitioned disk: extlinux's boot sector is the filesystem's first sector.
-            _run(["extlinux", "--install", str(mnt / "boot/extlinux")])
+            run_tool(["extlinux", "--install", str(mnt / "boot/extlinux")])
         finally:
             subprocess.run(["umount", str(mnt)], check=False)
     finally:
         subprocess.run(["losetup", "-d", loop], check=False)
     say("converting to a compressed qcow2")
-    _run(["qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(work / "disk.qcow2")], timeout=900)
+    run_tool(["qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(work / "disk.qcow2")], timeout=900)

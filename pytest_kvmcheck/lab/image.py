@@ -14,16 +14,15 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cloudimage import _apt_source_files
-from .errors import ImageBuildError
-from .image import CpioWriter, KernelImage, _run, cached_build, fixtures_dir, load_recipe, module_closure, pvh_kernel
+from ..errors import ImageBuildError
+from ..images.build import (CpioWriter, KernelImage, apt_source_files, cached_build, load_recipe,
+                             module_closure, pvh_kernel, run_tool)
+from ..paths import fixtures_dir
 
-READY_MARKER = "KVMCHECK-LAB-READY"
 SHARED_MARKER = "KVMCHECK-SHARED"
 
 
@@ -88,8 +87,8 @@ def _drop(root: Path, patterns: list[str]) -> None:
 def _build_lab_into(work: Path, recipe: dict, digest: str, say) -> None:
     recipe_dir = fixtures_dir() / "lab"
     root = work / "root"
-    _run(["mmdebstrap", "--quiet", f"--variant={recipe['variant']}", "--include=" + ",".join(recipe["packages"]),
-          "--dpkgopt=path-exclude=/usr/share/doc/*", recipe["suite"], str(root), *_apt_source_files()],
+    run_tool(["mmdebstrap", "--quiet", f"--variant={recipe['variant']}", "--include=" + ",".join(recipe["packages"]),
+          "--dpkgopt=path-exclude=/usr/share/doc/*", recipe["suite"], str(root), *apt_source_files()],
          timeout=1800)
     moddirs = sorted((root / "usr/lib/modules").iterdir())
     if not moddirs:
@@ -101,7 +100,7 @@ def _build_lab_into(work: Path, recipe: dict, digest: str, say) -> None:
     for path in list(moddir.rglob("*.ko*")):
         if str(path.relative_to(moddir)) not in keep:
             path.unlink()
-    _run(["depmod", "-b", str(root), kver])
+    run_tool(["depmod", "-b", str(root), kver])
     kernel = root / "boot" / f"vmlinuz-{kver}"
     out = work / "out"
     out.mkdir()
@@ -117,7 +116,7 @@ def _build_lab_into(work: Path, recipe: dict, digest: str, say) -> None:
     shutil.copy2(recipe_dir / "sshd_config", etc / "ssh/sshd_config")
     for old in (etc / "ssh").glob("ssh_host_*"):
         old.unlink()
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kvmcheck-lab",
+    run_tool(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kvmcheck-lab",
           "-f", str(etc / "ssh/ssh_host_ed25519_key")])
     shutil.copy2(etc / "ssh/ssh_host_ed25519_key.pub", out / "host_key.pub")
     (etc / "fstab").write_text("")
@@ -126,7 +125,7 @@ def _build_lab_into(work: Path, recipe: dict, digest: str, say) -> None:
 
     say("packing the lab host initramfs")
     cpio = CpioWriter()
-    _add_root(cpio, root)
+    cpio.add_tree(root)
     cpio.add_chardev("dev/console", 5, 1)
     cpio.add_chardev("dev/null", 1, 3)
     (out / "initrd.img").write_bytes(cpio.finish())
@@ -137,22 +136,3 @@ def _build_lab_into(work: Path, recipe: dict, digest: str, say) -> None:
         "digest": digest, "kernel_version": kver, "kernel_args": recipe["kernel_args"],
         "modules": len(keep), "initrd_bytes": (out / "initrd.img").stat().st_size,
     }, indent=2))
-
-
-def _add_root(cpio: CpioWriter, root: Path) -> None:
-    """Every directory, regular file and symlink of ``root``; /dev gets only the nodes added by hand."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == "dev":
-            dirnames[:] = []
-        dirnames.sort()
-        if rel_dir != ".":
-            cpio.add_dir(rel_dir)
-        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
-            full = os.path.join(dirpath, name)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                cpio.add_symlink(rel, os.readlink(full))
-            elif stat.S_ISREG(st.st_mode) and rel_dir != "dev":
-                cpio.add_file(rel, Path(full).read_bytes(), st.st_mode & 0o7777)

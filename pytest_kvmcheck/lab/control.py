@@ -32,9 +32,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import KvmCheckError, LabError
-from .image import cache_dir
-from .labimage import READY_MARKER, SHARED_MARKER, LabImage, build_lab_image
+from ..errors import KvmCheckError, LabError
+from ..paths import lab_dir
+from ..qemu.spec import qemu_argv
+from ..guests.session import RunKey
+from ..hosts.connect import connect
+from ..hosts.spec import parse_host
+from ..hosts.tools import sriov_pfs
+from ..images.build import READY_MARKER
+from .image import SHARED_MARKER, LabImage, build_lab_image
 
 PRIVATE_NET = ipaddress.ip_interface("10.77.0.10/24")  # host i gets .10+i
 SHARED_PATH = "/srv/kvmcheck"
@@ -43,14 +49,6 @@ BOOT_TIMEOUT = 180.0
 GUEST_BOOT_TIMEOUT = 300
 
 
-def lab_dir() -> Path:
-    """The lab's state: its key, known_hosts, inventory and each host's QEMU files."""
-    return Path(os.environ.get("KVMCHECK_LAB_DIR") or cache_dir() / "lab")
-
-
-def inventory_path() -> Path:
-    """What ``--kvm-hosts=lab`` reads."""
-    return lab_dir() / "inventory.toml"
 
 
 @dataclass
@@ -156,7 +154,6 @@ class Lab:
             raise
 
     def _boot(self, image: LabImage, count: int, memory_mib: int, cpus: int, started: float) -> list[LabHost]:
-        from .guest import RunKey
         self.dir.mkdir(parents=True, exist_ok=True)
         key = RunKey.create(self.dir / "id_ed25519")
         _sh(["ip", "netns", "add", self.netns])
@@ -198,10 +195,11 @@ class Lab:
             f"kvmcheck.lan={_mac(1, host.index)}", f"kvmcheck.ip={host.private_ip}",
             f"kvmcheck.nfs={storage_ip}", f"kvmcheck.shared={SHARED_PATH}",
         ])
-        return [
-            "qemu-system-x86_64", "-name", f"{host.name},process=kvmcheck-{host.name}",
-            "-machine", "q35,kernel-irqchip=split", "-accel", "tcg,thread=multi", "-cpu", "max",
-            "-smp", str(cpus), "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-display", "none",
+        return qemu_argv(
+            "qemu-system-x86_64", name=f"{host.name},process=kvmcheck-{host.name}", machine="q35,kernel-irqchip=split",
+            accel=None, cpu="max", memory=str(memory_mib), smp=str(cpus), console_log=host.console,
+            qmp=f"unix:{d}/qmp.sock,server=on,wait=off", pidfile=host.pidfile, no_reboot=False) + [
+            "-accel", "tcg,thread=multi",
             "-device", "intel-iommu,intremap=on",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", args,
             # SSH from this machine only: loopback, and restrict=on keeps the host from reaching out.
@@ -217,8 +215,6 @@ class Lab:
                        "sriov_vq_flexible=4,sriov_vi_flexible=2,max_ioqpairs=6,msix_qsize=4",
             "-device", "nvme-ns,drive=nvm0,nsid=1",
             "-device", "virtio-rng-pci",
-            "-serial", f"file:{host.console}", "-qmp", f"unix:{d}/qmp.sock,server=on,wait=off",
-            "-pidfile", host.pidfile, "-daemonize",
         ]
 
     def _start(self, host: LabHost, image: LabImage, public_key: str, storage_ip: str,
@@ -265,19 +261,15 @@ class Lab:
         try:
             out = transport.run(["lspci", "-D", "-n", "-d", PASSTHROUGH_NIC], timeout=30).check().stdout
             host.assignable = tuple(line.split()[0] for line in out.splitlines() if line.strip())
-            for bdf in transport.listdir("/sys/bus/pci/devices"):
-                if transport.read_text(f"/sys/bus/pci/devices/{bdf}/sriov_totalvfs", default="0").strip() not in ("", "0"):
-                    host.sriov_pf = bdf
+            host.sriov_pf = next(iter(sriov_pfs(transport)), "")
         finally:
             transport.close()
 
     def spec(self, host: LabHost):
-        from .hostspec import parse_host
         return parse_host(f"ssh://root@127.0.0.1:{host.ssh_port}?key={self.dir / 'id_ed25519'}"
                           f"&known_hosts={self.dir / 'known_hosts'}&name={host.name}")
 
     def connect(self, host: LabHost):
-        from .transport import connect
         return connect(self.spec(host))
 
     def _write_inventory(self, hosts: list[LabHost]) -> None:

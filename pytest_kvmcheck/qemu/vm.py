@@ -5,12 +5,17 @@ dir; QMP listens on a unix socket there, the serial console goes to a file there
 guest's SSH is a user-mode hostfwd on the host's loopback (port chosen by QEMU, read back
 through ``info usernet``, so parallel workers never collide). Shut-down is ``quit``, then
 SIGTERM, then SIGKILL. Every VM of the process is also stopped at exit, whatever happened.
+
+A VM is a context manager (``with VM(...) as vm:`` destroys it on the way out); its spec is
+frozen: a VM made to take over another (a migration destination) is a new VM of its own.
+Tests get VMs from the factory in :mod:`pytest_kvmcheck.fixtures`, which owns them.
 """
 from __future__ import annotations
 
 import atexit
 import ipaddress
 import json
+import logging
 import posixpath
 import re
 import secrets
@@ -18,19 +23,21 @@ import shlex
 import signal
 import threading
 import time
-from typing import Callable
 
-from .errors import GuestBootError, KvmCheckError, QemuNotFound, QMPLost, VMError
-from .guest import GuestSession, RunKey
-from .image import READY_MARKER
+from ..errors import GuestBootError, KvmCheckError, QemuNotFound, QMPLost, VMError
+from ..guests.session import GuestSession, RunKey
+from ..images.build import READY_MARKER
+from ..waiting import poll
 from .monitor import Monitor
-from .run import KEEP_MARKER, PIDFILE, HostRun
-from .transport import Host
-from .vmspec import RenderContext, VMSpec, render_argv, tap_name
+from ..hosts.footprint import KEEP_MARKER, PIDFILE, HostRun
+from ..hosts.tools import QemuProcess
+from ..hosts.transport import Host
+from .spec import RenderContext, VMSpec, nic_mac, render_argv, tap_name
 
 DEFAULT_BOOT_TIMEOUT = 60.0
 DISK_IMAGE_BOOT_TIMEOUT = 300.0  # a distribution with systemd and cloud-init, under TCG: about 30 s
 _UNIX_PATH_MAX = 107
+log = logging.getLogger(__name__)
 
 _live: set["VM"] = set()
 _live_lock = threading.Lock()
@@ -50,21 +57,13 @@ def stop_all_vms() -> None:
 atexit.register(stop_all_vms)
 
 
-def poll(predicate: Callable[[], object], timeout: float, interval: float = 0.05):
-    """Call ``predicate`` until it returns something truthy or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
 
 class VM:
     """One QEMU process on one host, with its monitor and its guest session."""
 
     def __init__(self, host: Host, spec: VMSpec, *, name: str, host_run: HostRun, run_key: RunKey,
-                 accel: str, qemu_version: tuple[int, int, int] = (7, 2, 0)):
+                 accel: str, qemu_version: tuple[int, int, int] = (7, 2, 0), boot_disk: str = "", mode: str = ""):
+        """``boot_disk``: take over another VM's overlay (a disk-image guest's migration)."""
         self.host, self.spec, self.name = host, spec, name
         self.host_run, self.run_key, self.accel = host_run, run_key, accel
         self.qemu_version = qemu_version
@@ -72,8 +71,7 @@ class VM:
         self.seed = secrets.randbits(24)
         self.argv: list[str] = []
         self.disk_paths: tuple[str, ...] = ()  # the data disks' images on the host, in spec order
-        self.boot_disk = ""  # a disk-image guest's overlay on the host
-        self.reuse_boot_disk = ""  # set to take over another VM's overlay (migration)
+        self.boot_disk = boot_disk  # a disk-image guest's overlay on the host (made at start if empty)
         self.pid: int | None = None
         self.start_stderr = ""
         self.boot_seconds: float | None = None
@@ -81,12 +79,22 @@ class VM:
         self._guest: GuestSession | None = None
         self._ssh_port: int | None = None
         self._stopped = False
-        self.failed = False  # a test using this VM failed (set by the plugin)
         self.kept = False  # left running on purpose (--kvm-keep-failed)
-        self.mode = ""  # the device mode a parametrized suite booted it in
+        self.mode = mode  # the device mode a parametrized suite booted it in
 
     def __repr__(self) -> str:
         return f"<VM {self.name} on {self.host.name} pid={self.pid}>"
+
+    def __enter__(self) -> "VM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped (or kept) by us: its QEMU is no one's to talk to any more."""
+        return self._stopped
 
     # ------------------------------------------------------------------ paths
     def path(self, name: str) -> str:
@@ -127,23 +135,12 @@ class VM:
             raise VMError(f"host {self.host.name}: work dir path too long for a unix socket "
                           f"({self.qmp_socket}); set a shorter workdir= for the host")
         self.host.makedirs(self.dir)
-        boot_disk = self.reuse_boot_disk
-        if self.host_run.boot_disk and not boot_disk:  # a disk-image guest writes to an overlay, never the image
-            boot_disk = self.path("boot.qcow2")
-            self.host.run([self.host.spec.qemu_img, "create", "-q", "-f", "qcow2", "-b", self.host_run.boot_disk,
-                           "-F", "qcow2", boot_disk], timeout=30).check(f"qemu-img create on {self.host.name}")
-        disk_paths = []
-        for i, disk in enumerate(self.spec.disks):
-            if disk.path:
-                disk_paths.append(disk.path)
-                continue
-            path = self.path(f"disk{i}.{disk.format}")
-            self.host.run([self.host.spec.qemu_img, "create", "-q", "-f", disk.format, path,
-                           f"{disk.size_mib}M"], timeout=30).check(f"qemu-img create on {self.host.name}")
-            disk_paths.append(path)
-        self.disk_paths = tuple(disk_paths)
-        self.boot_disk = boot_disk
-        self.argv = self.render(self.disk_paths, boot_disk)
+        if self.host_run.boot_disk and not self.boot_disk:  # a disk-image guest writes to an overlay, never the image
+            self.boot_disk = self.host.qemu_img.create(self.path("boot.qcow2"), backing=self.host_run.boot_disk)
+        self.disk_paths = tuple(disk.path or self.host.qemu_img.create(self.path(f"disk{i}.{disk.format}"),
+                                                                       disk.size_mib, disk.format)
+                                for i, disk in enumerate(self.spec.disks))
+        self.argv = self.render(self.disk_paths, self.boot_disk)
         self.host.write_bytes(self.path("argv.json"), json.dumps(self.argv).encode())
         with _live_lock:
             _live.add(self)
@@ -160,6 +157,7 @@ class VM:
         pid = self.host.read_text(self.path(PIDFILE), default="").strip()
         self.pid = int(pid) if pid.isdigit() else None
         self._started_at = time.monotonic()
+        log.info("VM %s on %s: QEMU %s started", self.name, self.host.name, self.pid)
         self._join_bridge()
         return self
 
@@ -170,8 +168,7 @@ class VM:
                 continue
             if not self.host.spec.bridge:
                 raise VMError(f"VM {self.name}: a bridged NIC, but host {self.host.name} has no bridge= option")
-            self.host.run(["ip", "link", "set", tap_name(self.seed, i), "master", self.host.spec.bridge, "up"],
-                          timeout=10).check(f"joining the bridge {self.host.spec.bridge} on {self.host.name}")
+            self.host.ip.link_up(self.tap(i), master=self.host.spec.bridge)
 
     def session_to(self, address: str, port: int = 22) -> GuestSession:
         """A second SSH session to the guest at ``address`` (a bridged NIC), from its host.
@@ -180,6 +177,27 @@ class VM:
         """
         return GuestSession(self.host.connect_tcp(address, port), self.run_key, self.host_run.host_public_key,
                             f"{self.name}@{address}")
+
+    def mac(self, index: int) -> str:
+        """The MAC of NIC ``index`` (the spec's, or one derived from this VM's seed)."""
+        return nic_mac(self.spec, index, self.seed)
+
+    def tap(self, index: int) -> str:
+        """The host's tap device behind NIC ``index`` (vhost and bridged NICs)."""
+        return tap_name(self.seed, index)
+
+    @property
+    def process(self) -> QemuProcess:
+        """This VM's QEMU as its host's kernel shows it (status, listeners, memory)."""
+        if self.pid is None:
+            raise VMError(f"VM {self.name}: not started")
+        return self.host.process(self.pid)
+
+    def bring_up_bridged(self, index: int, cidr: str) -> str:
+        """Give bridged NIC ``index`` its address on the bridge's subnet ``cidr``; returns the bare address."""
+        address = self.bridged_address(index, cidr)
+        self.guest.nic(self.mac(index)).up(address)
+        return address.split("/")[0]
 
     def bridged_address(self, index: int, cidr: str) -> str:
         """The guest's address for bridged NIC ``index`` on the bridge's subnet ``cidr``.
@@ -223,6 +241,7 @@ class VM:
                 f"--- QEMU stderr ---\n{self.log_tail() or '(empty)'}\n"
                 f"Reproduce with: {shlex.join(self.argv)}")
         self.boot_seconds = time.monotonic() - self._started_at
+        log.info("VM %s on %s: ready %.1f s after QEMU started", self.name, self.host.name, self.boot_seconds)
         return self
 
     def boot(self, timeout: float | None = None) -> "VM":
@@ -301,6 +320,7 @@ class VM:
         finally:
             if self._qmp is not None:
                 self._qmp.close()
+            log.info("VM %s on %s: stopped", self.name, self.host.name)
             with _live_lock:
                 _live.discard(self)
 
@@ -334,6 +354,8 @@ class VM:
     def artifacts(self) -> dict[str, str]:
         """Texts worth attaching to a report: argv, QMP transcript, console, stderr."""
         out = {"QEMU argv": shlex.join(self.argv) if self.argv else "(not started)"}
+        if self.boot_seconds is not None:
+            out["boot"] = f"ready {self.boot_seconds:.2f} s after QEMU started ({self.accel})"
         if self._qmp is not None:
             out["QMP transcript"] = "\n".join(self._qmp.transcript)
         try:

@@ -6,6 +6,7 @@ VM's unix socket, bridged to a local socketpair for qemu.qmp).
 """
 from __future__ import annotations
 
+import logging
 import os
 import select
 import shlex
@@ -17,7 +18,8 @@ from typing import Sequence
 import paramiko
 
 from ..errors import CommandTimeout, HostError, HostKeyUnknown, HostUnreachable
-from . import DEFAULT_TIMEOUT, CommandResult, Host
+from .channel import read_channel
+from .transport import DEFAULT_TIMEOUT, CommandResult, Host
 
 # Relays a unix socket over an exec channel; socat where the host has it, python3 otherwise.
 _PY_RELAY = (
@@ -65,6 +67,8 @@ def _bridge(channel: paramiko.Channel) -> socket.socket:
 
     threading.Thread(target=pump, name="kvmcheck-ssh-bridge", daemon=True).start()
     return ours
+
+log = logging.getLogger(__name__)
 
 
 class SSHHost(Host):
@@ -177,26 +181,15 @@ class SSHHost(Host):
             if input is not None:
                 channel.sendall(input.encode())
             channel.shutdown_write()
-            out, err = bytearray(), bytearray()
-            deadline = start + timeout
-            while True:
-                if channel.recv_ready():
-                    out += channel.recv(65536)
-                elif channel.recv_stderr_ready():
-                    err += channel.recv_stderr(65536)
-                elif channel.exit_status_ready() and not channel.recv_ready() \
-                        and not channel.recv_stderr_ready():
-                    break
-                else:
-                    if time.monotonic() > deadline:
-                        raise CommandTimeout(
-                            f"host {self.name}: {command} did not finish within {timeout:.0f} s")
-                    select.select([channel], [], [], 0.05)
+            out, err = read_channel(channel, start + timeout, timed_out=CommandTimeout(
+                f"host {self.name}: {command} did not finish within {timeout:.0f} s"))
             status = channel.recv_exit_status()
         finally:
             channel.close()
-        return CommandResult(argv, status, out.decode(errors="replace"), err.decode(errors="replace"),
-                             time.monotonic() - start)
+        result = CommandResult(argv, status, out.decode(errors="replace"), err.decode(errors="replace"),
+                               time.monotonic() - start)
+        log.debug("host %s: %s -> exit %s in %.2f s", self.name, command, status, result.duration)
+        return result
 
     def read_bytes(self, path: str) -> bytes:
         try:

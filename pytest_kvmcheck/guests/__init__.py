@@ -1,0 +1,1 @@
+"""Guests: SSH sessions into them and what they show."""

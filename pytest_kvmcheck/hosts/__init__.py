@@ -1,0 +1,1 @@
+"""Hosts: specs, transports, capabilities, host settings, a run's footprint."""

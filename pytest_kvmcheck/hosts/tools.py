@@ -1,0 +1,172 @@
+"""What suites ask of a host, in their words: its qemu-img, its network links, a QEMU process.
+
+``host.qemu_img.create(path, 32)``, ``host.ip.add_address("tap0", "10.0.0.1/30")``,
+``host.process(pid).listeners()``: the argv of each lives here, once, with its tests in
+tests/unit/test_tools.py. Every call checks its exit status and names the host on failure.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from typing import Protocol, Sequence
+
+
+class _Host(Protocol):  # what these need of a transport (hosts.transport.Host has it)
+    name: str
+    spec: object
+
+    def run(self, argv: Sequence[str], timeout: float = ..., input: str | None = ...): ...
+
+    def read_text(self, path: str, default: str | None = ...) -> str: ...
+
+    def listdir(self, path: str) -> list[str]: ...
+
+
+class QemuImg:
+    """The host's qemu-img (its ``qemu_img=`` option): the image steps of the handbook."""
+
+    def __init__(self, host: _Host):
+        self.host = host
+
+    def _run(self, *args: str, timeout: float = 120.0, check: bool = True):
+        result = self.host.run([self.host.spec.qemu_img, *args], timeout=timeout)
+        return result.check(f"qemu-img {args[0]} on {self.host.name}") if check else result
+
+    def create(self, path: str, size_mib: int | None = None, fmt: str = "qcow2", backing: str | None = None,
+               backing_fmt: str = "qcow2", options: str = "") -> str:
+        """A new image at ``path`` (over ``backing`` if given: an overlay); returns ``path``."""
+        args = ["create", "-q", "-f", fmt]
+        if backing:
+            args += ["-b", backing, "-F", backing_fmt]
+        if options:
+            args += ["-o", options]
+        args.append(path)
+        if size_mib is not None:
+            args.append(f"{size_mib}M")
+        self._run(*args, timeout=30)
+        return path
+
+    def resize(self, path: str, size_mib: int, fmt: str = "raw") -> None:
+        self._run("resize", "-q", "-f", fmt, path, f"{size_mib}M", timeout=30)
+
+    def convert(self, source: str, target: str, fmt: str = "qcow2", source_fmt: str | None = None,
+                options: str = "") -> str:
+        """``qemu-img convert``: ``source`` rewritten as a ``fmt`` image at ``target``; returns ``target``."""
+        args = ["convert", "-q", *(["-f", source_fmt] if source_fmt else []), "-O", fmt,
+                *(["-o", options] if options else []), source, target]
+        self._run(*args)
+        return target
+
+    def compare(self, first: str, second: str, first_fmt: str | None = None, second_fmt: str | None = None):
+        """``qemu-img compare``: the result (exit 0 identical, 1 different, 2+ error), unchecked."""
+        args = ["compare", *(["-f", first_fmt] if first_fmt else []), *(["-F", second_fmt] if second_fmt else []),
+                first, second]
+        return self._run(*args, check=False)
+
+    def info(self, path: str) -> dict:
+        """``qemu-img info --output=json`` (``-U``: the image may be in use by a running QEMU)."""
+        return json.loads(self._run("info", "-U", "--output=json", path, timeout=30).stdout)
+
+    def map(self, path: str) -> list[dict]:
+        """``qemu-img map --output=json``: the image's extents (``depth`` 0 is the top layer)."""
+        return json.loads(self._run("map", "-U", "--output=json", path, timeout=30).stdout)
+
+    def allocated_bytes(self, path: str) -> int:
+        """Bytes of data the top layer itself holds (not its backing image)."""
+        return sum(e["length"] for e in self.map(path) if e["depth"] == 0 and e["data"])
+
+
+class Ip:
+    """``ip`` on the host: addresses and links of the run's own taps and bridges."""
+
+    def __init__(self, host: _Host):
+        self.host = host
+
+    def _run(self, *args: str) -> None:
+        self.host.run(["ip", *args], timeout=10).check(f"ip {' '.join(args)} on {self.host.name}")
+
+    def add_address(self, device: str, cidr: str) -> None:
+        self._run("addr", "add", cidr, "dev", device)
+
+    def link_up(self, device: str, master: str | None = None) -> None:
+        """Set ``device`` up (into the bridge ``master`` first, if given)."""
+        self._run("link", "set", device, *(["master", master] if master else []), "up")
+
+    def ipv4_cidr(self, device: str) -> str:
+        """The first IPv4 address/prefix of ``device``, "" if it has none."""
+        out = self.host.run(["ip", "-4", "-o", "addr", "show", "dev", device], timeout=10).stdout
+        m = re.search(r"inet (\d+\.\d+\.\d+\.\d+/\d+)", out)
+        return m.group(1) if m else ""
+
+
+def parse_ss(text: str, pid: int, kind: str) -> list[str]:
+    """The local addresses (TCP) or paths (unix) in ``ss -lnpH`` output that belong to ``pid``."""
+    column = 3 if kind == "tcp" else 4
+    return [line.split()[column] for line in text.splitlines()
+            if f"pid={pid}," in line and len(line.split()) > column]
+
+
+def parse_status(text: str) -> dict[str, str]:
+    """/proc/PID/status as a dict of stripped values."""
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in text.splitlines()) if value}
+
+
+def mergeable_kib(smaps: str) -> int:
+    """KiB of mappings marked MADV_MERGEABLE ('mg' in VmFlags) in /proc/PID/smaps text."""
+    total, size = 0, 0
+    for line in smaps.splitlines():
+        if line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif line.startswith("VmFlags:") and "mg" in line[8:].split():
+            total += size
+    return total
+
+
+class QemuProcess:
+    """A QEMU process on its host, as the host's kernel shows it (not as its argv claims)."""
+
+    def __init__(self, host: _Host, pid: int):
+        self.host, self.pid = host, int(pid)
+
+    def status(self) -> dict[str, str]:
+        return parse_status(self.host.read_text(f"/proc/{self.pid}/status"))
+
+    def seccomp_mode(self) -> int:
+        """0 none, 1 strict, 2 filter."""
+        return int(self.status()["Seccomp"])
+
+    def ids(self) -> tuple[list[int], list[int], list[int]]:
+        """(uids, gids, supplementary groups): real, effective, saved, filesystem."""
+        status = self.status()
+        return ([int(x) for x in status["Uid"].split()], [int(x) for x in status["Gid"].split()],
+                [int(x) for x in status.get("Groups", "").split()])
+
+    def listeners(self, kind: str = "tcp") -> list[str]:
+        """Addresses (``tcp``) or socket paths (``unix``) the process listens on, from ``ss``."""
+        flags = {"tcp": "-ltnpH", "unix": "-lxpH"}[kind]
+        out = self.host.run(["ss", flags], timeout=10).check(f"ss on {self.host.name}").stdout
+        return parse_ss(out, self.pid, kind)
+
+    def mergeable_kib(self) -> int:
+        """KiB of its memory that KSM may merge."""
+        return mergeable_kib(self.host.read_text(f"/proc/{self.pid}/smaps"))
+
+    def has_task(self, name: str) -> bool:
+        """Whether a task called ``name`` runs (a kernel worker such as ``vhost-PID``, or a thread)."""
+        return self.host.run(["pgrep", "-x", name], timeout=10).ok
+
+    def file(self, path: str) -> str:
+        """A file of the process's /proc directory."""
+        return self.host.read_text(posixpath.join(f"/proc/{self.pid}", path))
+
+
+def sriov_pfs(host: _Host) -> dict[str, int]:
+    """The host's SR-IOV physical functions (PCI address -> VFs now enabled)."""
+    out = {}
+    for bdf in host.listdir("/sys/bus/pci/devices"):
+        total = host.read_text(f"/sys/bus/pci/devices/{bdf}/sriov_totalvfs", default="0").strip()
+        if total.isdigit() and int(total) > 0:
+            enabled = host.read_text(f"/sys/bus/pci/devices/{bdf}/sriov_numvfs", default="0").strip()
+            out[bdf] = int(enabled) if enabled.isdigit() else 0
+    return out

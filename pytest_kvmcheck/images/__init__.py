@@ -1,0 +1,1 @@
+"""Images built from Debian packages: the tiny guest, a disk-image guest."""

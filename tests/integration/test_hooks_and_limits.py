@@ -1,0 +1,58 @@
+"""What a user's conftest and a reviewer get from the plugin: its hooks, the test's description,
+a time limit on every kvmcheck test, and a hung test reported as ERROR, with nothing left behind."""
+import json
+
+from .conftest import assert_nothing_left, run_pytest, verdicts_of
+
+CONFTEST = """
+import json, os
+
+def _log(**record):
+    with open(os.environ["KVMCHECK_HOOK_LOG"], "a") as f:
+        f.write(json.dumps(record) + "\\n")
+
+def pytest_kvmcheck_host_prepared(host):
+    _log(hook="host", name=host.name, accel=host.caps.accel)
+
+def pytest_kvmcheck_vm_started(vm):
+    _log(hook="vm", name=vm.name, pid=vm.pid, host=vm.host.name)
+"""
+
+TESTS = '''
+import time
+from pytest_kvmcheck import VMSpec
+import pytest
+
+def test_boots(boot_vm):
+    """Handbook 0.1: a docstring that becomes the test's description."""
+    vm = boot_vm(VMSpec())
+    assert vm.run(["true"]).ok
+
+def test_has_the_default_limit(request, kvm_host):
+    assert request.node.get_closest_marker("timeout").args == (900.0,)
+
+@pytest.mark.timeout(2)
+def test_hangs(kvm_host):
+    time.sleep(30)
+'''
+
+
+def test_hooks_description_and_time_limit(pytester, workdir, tmp_path, monkeypatch):
+    log = tmp_path / "hooks.jsonl"
+    monkeypatch.setenv("KVMCHECK_HOOK_LOG", str(log))
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_plugin_api=TESTS)
+    junit = tmp_path / "junit.xml"
+    result = run_pytest(pytester, f"--kvm-hosts=local?workdir={workdir}", f"--junitxml={junit}")
+    out = result.stdout.str()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["name"] for r in records if r["hook"] == "host"] == ["local"], records
+    started = [r for r in records if r["hook"] == "vm"]
+    assert len(started) == 1 and started[0]["pid"] > 0 and started[0]["host"] == "local", records
+    verdicts = verdicts_of(junit)
+    assert verdicts["test_boots[local]"][0] == "PASS" and verdicts["test_has_the_default_limit[local]"][0] == "PASS", \
+        verdicts
+    verdict, text = verdicts["test_hangs[local]"]
+    assert verdict == "ERROR" and "Timeout" in text, (verdict, text)
+    assert "Handbook 0.1: a docstring that becomes the test's description." in junit.read_text()
+    assert_nothing_left(workdir, out)

@@ -1,0 +1,40 @@
+"""The guest vocabulary's parsers: what lspci, sysfs and /proc print, read into plain data."""
+from pytest_kvmcheck.guests.shows import PciFunction, first_checksum, parse_cpu_list, parse_lspci, parse_meminfo
+
+LSPCI = """\
+0000:00:00.0 Host bridge [0600]: Intel Corporation 440FX - 82441FX PMC [Natoma] [8086:1237] (rev 02)
+\tSubsystem: Red Hat, Inc. Qemu virtual machine [1af4:1100]
+0000:00:01.1 IDE interface [0101]: Intel Corporation 82371SB PIIX3 IDE [Natoma/Triton II] [8086:7010] (prog-if 80 [ISA Compatibility mode-only controller, supports bus mastering])
+\tSubsystem: Red Hat, Inc. Qemu virtual machine [1af4:1100]
+\tKernel driver in use: ata_piix
+0000:00:03.0 Ethernet controller [0200]: Red Hat, Inc. Virtio network device [1af4:1000]
+\tSubsystem: Red Hat, Inc. Device [1af4:0001]
+\tKernel driver in use: virtio-pci
+0000:00:04.0 Unclassified device [00ff]: Red Hat, Inc. Virtio memory balloon [1af4:1002]
+"""
+
+
+def test_lspci_functions_with_names_ids_and_drivers():
+    functions = parse_lspci(LSPCI)
+    assert [f.address for f in functions] == ["0000:00:00.0", "0000:00:01.1", "0000:00:03.0", "0000:00:04.0"]
+    assert functions[2] == PciFunction("0000:00:03.0", "Ethernet controller", "0200", "Red Hat, Inc. Virtio network device",
+                                       "1af4:1000", "virtio-pci")
+    assert functions[0].vendor_device == "8086:1237" and functions[0].driver == ""
+    assert functions[1].driver == "ata_piix" and functions[1].name.endswith("PIIX3 IDE [Natoma/Triton II]")
+    assert functions[3].driver == "" and "balloon" in str(functions[3])
+
+
+def test_cpu_lists():
+    assert parse_cpu_list("0\n") == {0}
+    assert parse_cpu_list("0-2,4,6-7") == {0, 1, 2, 4, 6, 7}
+    assert parse_cpu_list("") == set()
+
+
+def test_meminfo_in_kib():
+    info = parse_meminfo("MemTotal:         496456 kB\nMemFree:          455000 kB\nHugePages_Total:       0\n")
+    assert info == {"MemTotal": 496456, "MemFree": 455000, "HugePages_Total": 0}
+
+
+def test_checksum_of_sha256sum_output():
+    assert first_checksum("ab12  -\n") == "ab12"
+    assert first_checksum("") == ""

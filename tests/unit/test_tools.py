@@ -1,0 +1,85 @@
+"""The host vocabulary: qemu-img, ip and process readers build the argv they should and parse what they get."""
+from dataclasses import dataclass
+
+import pytest
+
+from pytest_kvmcheck.errors import HostError
+from pytest_kvmcheck.hosts.spec import HostSpec
+from pytest_kvmcheck.hosts.tools import Ip, QemuImg, mergeable_kib, parse_ss, parse_status
+from pytest_kvmcheck.hosts.transport import CommandResult
+
+
+@dataclass
+class RecordingHost:
+    """Records argv and answers with a canned result: the unit under test is the argv."""
+
+    stdout: str = ""
+    exit_status: int = 0
+
+    def __post_init__(self):
+        self.name, self.spec, self.calls = "h1", HostSpec(name="h1", qemu_img="/opt/qemu/bin/qemu-img"), []
+
+    def run(self, argv, timeout=60.0, input=None):
+        self.calls.append(list(argv))
+        return CommandResult(tuple(argv), self.exit_status, self.stdout, "boom" if self.exit_status else "")
+
+
+def test_qemu_img_create_and_overlay():
+    host = RecordingHost()
+    img = QemuImg(host)
+    assert img.create("/w/d.qcow2", 32) == "/w/d.qcow2"
+    img.create("/w/o.qcow2", backing="/w/base.raw", backing_fmt="raw")
+    img.create("/w/d.raw", 16, fmt="raw")
+    assert host.calls == [
+        ["/opt/qemu/bin/qemu-img", "create", "-q", "-f", "qcow2", "/w/d.qcow2", "32M"],
+        ["/opt/qemu/bin/qemu-img", "create", "-q", "-f", "qcow2", "-b", "/w/base.raw", "-F", "raw", "/w/o.qcow2"],
+        ["/opt/qemu/bin/qemu-img", "create", "-q", "-f", "raw", "/w/d.raw", "16M"]]
+
+
+def test_qemu_img_convert_compare_and_map():
+    host = RecordingHost(stdout='[{"start": 0, "length": 4096, "depth": 0, "data": true},'
+                                ' {"start": 4096, "length": 8192, "depth": 1, "data": true},'
+                                ' {"start": 12288, "length": 512, "depth": 0, "data": false}]')
+    img = QemuImg(host)
+    img.convert("/w/a.vmdk", "/w/a.qcow2", "qcow2", source_fmt="vmdk")
+    img.convert("/w/a.raw", "/w/b.vmdk", "vmdk", options="subformat=streamOptimized")
+    img.compare("/w/a.vmdk", "/w/a.qcow2", "vmdk", "qcow2")
+    assert img.allocated_bytes("/w/a.qcow2") == 4096
+    assert host.calls[:3] == [
+        ["/opt/qemu/bin/qemu-img", "convert", "-q", "-f", "vmdk", "-O", "qcow2", "/w/a.vmdk", "/w/a.qcow2"],
+        ["/opt/qemu/bin/qemu-img", "convert", "-q", "-O", "vmdk", "-o", "subformat=streamOptimized", "/w/a.raw",
+         "/w/b.vmdk"],
+        ["/opt/qemu/bin/qemu-img", "compare", "-f", "vmdk", "-F", "qcow2", "/w/a.vmdk", "/w/a.qcow2"]]
+    assert host.calls[3][1:4] == ["map", "-U", "--output=json"]
+
+
+def test_a_failed_step_names_the_host_and_qemu_img():
+    with pytest.raises(HostError, match="qemu-img create on h1 failed with exit status 1: boom"):
+        QemuImg(RecordingHost(exit_status=1)).create("/w/d.qcow2", 1)
+
+
+def test_ip():
+    host = RecordingHost()
+    Ip(host).add_address("kc0001n1", "10.201.0.1/30")
+    Ip(host).link_up("kc0001n1", master="br0")
+    assert host.calls == [["ip", "addr", "add", "10.201.0.1/30", "dev", "kc0001n1"],
+                          ["ip", "link", "set", "kc0001n1", "master", "br0", "up"]]
+    assert Ip(RecordingHost(stdout="5: br0    inet 10.77.0.1/24 brd 10.77.0.255 scope global br0\n")).ipv4_cidr("br0") \
+        == "10.77.0.1/24"
+
+
+def test_listeners_of_one_process():
+    tcp = ('LISTEN 0 1 127.0.0.1:40147 0.0.0.0:* users:(("qemu-system-x86",pid=4242,fd=12))\n'
+           'LISTEN 0 1 0.0.0.0:22 0.0.0.0:* users:(("sshd",pid=1,fd=3))\n'
+           'LISTEN 0 1 127.0.0.1:5900 0.0.0.0:* users:(("qemu-system-x86",pid=42420,fd=9))\n')
+    assert parse_ss(tcp, 4242, "tcp") == ["127.0.0.1:40147"]
+    unix = 'u_str LISTEN 0 1 /run/k/qmp.sock 123 * 0 users:(("qemu-system-x86",pid=4242,fd=5))\n'
+    assert parse_ss(unix, 4242, "unix") == ["/run/k/qmp.sock"]
+
+
+def test_status_and_mergeable_memory():
+    assert parse_status("Name:\tqemu\nSeccomp:\t2\nUid:\t65534\t65534\t65534\t65534\n")["Seccomp"] == "2"
+    smaps = ("7f00-7f10 rw-p 0 0:0 0\nSize:  1024 kB\nVmFlags: rd wr mr mw me ac sd mg\n"
+             "7f20-7f30 rw-p 0 0:0 0\nSize:  2048 kB\nVmFlags: rd wr mr mw me ac sd\n"
+             "7f40-7f50 rw-p 0 0:0 0\nSize:  4096 kB\nVmFlags: mg rd\n")
+    assert mergeable_kib(smaps) == 5120
