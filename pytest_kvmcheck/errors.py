@@ -109,7 +109,7 @@ class GuestCommandError(VMError):
     """
 
     verdict = "FAIL"
-    _USAGE = ("usage:", "invalid option", "unrecognized option", "invalid number", "syntax error")
+    _USAGE = ("usage:", "invalid option", "illegal option", "unrecognized option", "invalid number", "syntax error")
 
     def __init__(self, message: str, exit_status: int | None = None, stderr: str = ""):
         super().__init__(message)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 MIB = 1024 * 1024
-_SH = "set -o pipefail; "  # busybox ash: a failing dd in a pipeline fails the command
 
 
 @dataclass(frozen=True)
@@ -104,10 +103,14 @@ class BlockDevice:
         return first_checksum(out)
 
     def checksum(self, mib: int, offset_mib: int = 0) -> str:
-        """sha256 of ``mib`` MiB at ``offset_mib``, read from the disk (the page cache dropped first)."""
-        out = self.guest.run(f"{_SH}sync; echo 3 > /proc/sys/vm/drop_caches; "
-                             f"dd if={self.path} bs=1M skip={offset_mib} count={mib} 2>/dev/null | sha256sum",
-                             check=True, timeout=60).stdout
+        """sha256 of ``mib`` MiB at ``offset_mib``, read from the disk (the page cache dropped first).
+
+        Read into a file, not a pipe: a failed read must fail the command, and a disk-image
+        guest's /bin/sh (dash) has no ``pipefail``."""
+        f, err = "/tmp/kvmcheck-read", "/tmp/kvmcheck-dd.err"
+        out = self.guest.run(f"sync; echo 3 > /proc/sys/vm/drop_caches; "
+                             f"dd if={self.path} of={f} bs=1M skip={offset_mib} count={mib} 2>{err} "
+                             f"|| {{ cat {err} >&2; exit 1; }}; sha256sum < {f}; rm -f {f}", check=True, timeout=60).stdout
         return first_checksum(out)
 
     def read_sector(self, sector: int) -> str:
