@@ -227,7 +227,7 @@ class SSHHost(Host):
         try:
             return self.client.get_transport().open_channel(
                 "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout)
-        except paramiko.ChannelException as exc:
+        except paramiko.SSHException as exc:  # refused (ChannelException), or no answer within the timeout
             raise HostError(f"host {self.name}: cannot reach {address}:{port} from there: {exc}") from None
 
     def connect_unix(self, path: str, timeout: float = 10.0) -> socket.socket:

@@ -170,13 +170,24 @@ class VM:
                 raise VMError(f"VM {self.name}: a bridged NIC, but host {self.host.name} has no bridge= option")
             self.host.ip.link_up(self.tap(i), master=self.host.spec.bridge)
 
-    def session_to(self, address: str, port: int = 22) -> GuestSession:
+    def session_to(self, address: str, port: int = 22, timeout: float = 60.0) -> GuestSession:
         """A second SSH session to the guest at ``address`` (a bridged NIC), from its host.
 
-        It does not go through QEMU's user-mode network, so it can outlive this QEMU.
+        It does not go through QEMU's user-mode network, so it can outlive this QEMU. A link
+        just brought up can take a while to answer on a busy nested host (a 10 s channel open
+        timed out once in a lab run): tried until ``timeout``, then the last error stands.
         """
-        return GuestSession(self.host.connect_tcp(address, port), self.run_key, self.host_run.host_public_key,
-                            f"{self.name}@{address}")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return GuestSession(self.host.connect_tcp(address, port), self.run_key,
+                                    self.host_run.host_public_key, f"{self.name}@{address}")
+            except (KvmCheckError, OSError, EOFError) as exc:
+                if time.monotonic() > deadline or not self.alive():
+                    raise VMError(f"VM {self.name}: no SSH session to {address}:{port} from host {self.host.name} "
+                                  f"within {timeout:.0f} s: {exc}") from None
+                log.info("VM %s: SSH to %s not yet: %s", self.name, address, exc)
+                time.sleep(1)
 
     def mac(self, index: int) -> str:
         """The MAC of NIC ``index`` (the spec's, or one derived from this VM's seed)."""
