@@ -6,6 +6,9 @@
     kvmcheck lab up [--hosts N]           boot the virtual KVM lab (nested KVM hosts under TCG)
     kvmcheck lab status                   each lab host: alive, reachable, KVM, nested, shared storage
     kvmcheck lab down                     stop the lab and remove everything it made
+    kvmcheck compare BASELINE CANDIDATE   what changed between two runs (run.json or report dirs);
+                                          exit 1 on any regression
+    kvmcheck matrix RUN... [-o FILE]      several runs side by side: host x feature x run, one HTML file
 """
 from __future__ import annotations
 
@@ -36,7 +39,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="vCPUs per lab host (default 1: with more, 6.1 kernels under multi-threaded TCG can livelock in text patching when KVM starts guests)")
     lab_sub.add_parser("status", help="show each lab host")
     lab_sub.add_parser("down", help="stop the lab; leaves no process, device, namespace or dir")
+    cmp = sub.add_parser("compare", help="compare a candidate run with a baseline (exit 1 on a regression)")
+    cmp.add_argument("baseline", help="the baseline's run.json, or its report dir")
+    cmp.add_argument("candidate", help="the candidate's run.json, or its report dir")
+    cmp.add_argument("--host-map", default="", help="OLD=NEW,...: baseline host names as the candidate calls them")
+    cmp.add_argument("--threshold", type=float, default=None,
+                     help="noise threshold for every metric, as a fraction (default 0.05)")
+    cmp.add_argument("--metric-threshold", action="append", default=[], metavar="NAME=FRACTION",
+                     help="noise threshold for one metric (repeatable)")
+    cmp.add_argument("--html", default="", help="also write the comparison as an HTML page here")
+    history = sub.add_parser("matrix", help="several runs side by side (host x feature x run) as one HTML file")
+    history.add_argument("runs", nargs="+", help="run.json files or report dirs, oldest first")
+    history.add_argument("-o", "--output", default="reports/matrix.html", help="default reports/matrix.html")
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "matrix":
+        return _matrix(args)
     try:
         if args.command == "image":
             say = lambda m: print(f"kvmcheck: {m}", file=sys.stderr)  # noqa: E731
@@ -70,6 +89,44 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvmcheck: interrupted; nothing it started is left running", file=sys.stderr)
         return 130
+    return 0
+
+
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from .compare import DEFAULT_THRESHOLD, compare, parse_pairs, render_html, render_text
+    from .record import load
+    try:
+        baseline, candidate = load(args.baseline), load(args.candidate)
+        thresholds = {k: float(v) for k, v in parse_pairs(args.metric_threshold, "--metric-threshold").items()}
+        host_map = parse_pairs(args.host_map, "--host-map")
+    except ValueError as exc:
+        print(f"kvmcheck compare: {exc}", file=sys.stderr)
+        return 2
+    result = compare(baseline, candidate, host_map, thresholds,
+                     DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
+    print(render_text(result))
+    if args.html:
+        Path(args.html).write_text(render_html(result))
+        print(f"kvmcheck compare: {args.html}")
+    return 1 if result.regressed else 0
+
+
+def _matrix(args) -> int:
+    from pathlib import Path
+
+    from .matrix import history_page
+    from .record import load
+    try:
+        runs = [(name, load(name)) for name in args.runs]
+    except ValueError as exc:
+        print(f"kvmcheck matrix: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(history_page(runs))
+    print(f"kvmcheck matrix: {len(runs)} runs -> {out}")
     return 0
 
 
