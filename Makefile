@@ -13,7 +13,8 @@ suite: setup
 	  --alluredir=$(REPORTS)/allure --junitxml=$(REPORTS)/junit.xml \
 	  --kvm-artifacts=$(REPORTS)/artifacts $(PYTEST_ARGS); \
 	status=$$?; \
-	echo "reports: $(REPORTS)/report.html (HTML), $(REPORTS)/allure (Allure results), $(REPORTS)/junit.xml (JUnit)"; \
+	.tools/node_modules/.bin/allure generate $(REPORTS)/allure -o $(REPORTS)/allure-report --config allurerc.mjs >/dev/null; \
+	echo "reports: $(REPORTS)/report.html (HTML), $(REPORTS)/allure-report (Allure), $(REPORTS)/junit.xml (JUnit), $(REPORTS)/run.json (for kvmcheck compare)"; \
 	exit $$status
 
 # The full lab run: the virtual KVM lab's hosts (booted if not up), every suite, reports under reports/lab.
@@ -21,7 +22,7 @@ lab-suite: setup
 	.venv/bin/kvmcheck lab up
 	$(PYTEST) suites --kvm-hosts=lab -n 2 --dist loadscope \
 	  --html=$(REPORTS)/lab/report.html --self-contained-html \
-	  --alluredir=$(REPORTS)/lab/allure --junitxml=$(REPORTS)/lab/junit.xml $(PYTEST_ARGS)
+	  --alluredir=$(REPORTS)/lab/allure --junitxml=$(REPORTS)/lab/junit.xml --kvm-record=$(REPORTS)/lab/run.json $(PYTEST_ARGS)
 
 # loadgroup: each test goes to whichever worker is free (the lab's tests stay together on one).
 test: setup

@@ -8,12 +8,14 @@ the run's private key never leaves the local state dir.
 from __future__ import annotations
 
 import html
+import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from . import verdicts
+from .matrix import anchor
 
 
 def attach(item: pytest.Item, report: pytest.TestReport, texts: dict[str, str]) -> None:
@@ -29,6 +31,21 @@ def attach(item: pytest.Item, report: pytest.TestReport, texts: dict[str, str]) 
         import allure
         for name, text in texts.items():
             allure.attach(text, name=name, attachment_type=allure.attachment_type.TEXT)
+
+
+_ANCHORED: set[str] = set()
+
+
+def row_anchor(report: pytest.TestReport) -> str:
+    """An anchor on the first row of each host x feature, where its matrix cell links to."""
+    host = next((v for k, v in report.user_properties if k == "kvm_host"), None)
+    if host is None:
+        return ""
+    name = anchor(host, verdicts.feature_of(report.nodeid))
+    if name in _ANCHORED:
+        return ""
+    _ANCHORED.add(name)
+    return f'<a id="{name}"></a>'
 
 
 def description_cell(report: pytest.TestReport) -> str:
@@ -48,13 +65,14 @@ def write_artifacts(directory: str, nodeid: str, texts: dict[str, str]) -> Path:
 
 
 def environment_rows(states: dict[str, dict]) -> list[tuple[str, str]]:
-    """(key, value) rows describing each host, for report environments."""
+    """(key, value) rows describing each host (and its fingerprint), for report environments."""
     rows = []
     for name, state in states.items():
         if "caps" in state:
             caps = state["caps"]
             qemu = caps["qemu_version_text"]
             rows.append((f"host {name}", f"QEMU {qemu}, accel {caps['accel']}, kernel {caps['kernel']}"))
+            rows += [(f"host {name} {key}", str(value)) for key, value in caps.get("fingerprint", {}).items()]
         else:
             rows.append((f"host {name}", f"not usable: {state.get('error', 'not prepared')}"))
     return rows
@@ -77,11 +95,39 @@ def add_html_environment(config: pytest.Config, rows: list[tuple[str, str]]) -> 
         config.stash[metadata_key][key] = value
 
 
+def chapter(item: pytest.Item) -> str:
+    """The handbook chapter a suite checks: its module docstring's first line, up to the colon."""
+    module = getattr(item, "module", None)
+    doc = (module.__doc__ or "").strip().splitlines() if module is not None else []
+    return doc[0].split(":", 1)[0].strip() if doc else verdicts.feature_of(item.nodeid)
+
+
+def allure_labels(item: pytest.Item, host: str, description: str) -> None:
+    """Group the test in Allure by host (parent suite) and feature (suite), under its handbook
+    chapter (epic), titled by its docstring (story). Markers, so allure-pytest's own suite
+    labels (the package and module) are not added beside them."""
+    if not getattr(item.config.option, "allure_report_dir", None):
+        return
+    labels = [("parentSuite", host), ("suite", verdicts.feature_of(item.nodeid)), ("epic", chapter(item))]
+    if description:
+        labels.append(("story", description.splitlines()[0]))
+    for label_type, value in labels:
+        item.add_marker(pytest.mark.allure_label(value, label_type=label_type))
+
+
 def label_verdict(item: pytest.Item, verdict: str) -> None:
-    """Label the test's Allure result with its verdict (the controller maps it to a status)."""
-    if getattr(item.config.option, "allure_report_dir", None):
-        import allure
-        allure.dynamic.label(verdicts.VERDICT_PROPERTY, verdict)
+    """Label the test's Allure result with its verdict (the controller maps it to a status)
+    and its metrics (as parameters)."""
+    if not getattr(item.config.option, "allure_report_dir", None):
+        return
+    import allure
+    allure.dynamic.label(verdicts.VERDICT_PROPERTY, verdict)
+    for key, value in item.user_properties:
+        if key == "kvm_metric":
+            metric = json.loads(value)
+            samples = metric["samples"]
+            shown = f"{samples[0]:.4g}" if len(samples) == 1 else f"{sum(samples) / len(samples):.4g} (mean of {len(samples)})"
+            allure.dynamic.parameter(f"metric {metric['name']}", f"{shown} {metric['unit']}")
 
 
 def add_junit_verdict_counts(config: pytest.Config, totals: Counter) -> None:
@@ -91,14 +137,3 @@ def add_junit_verdict_counts(config: pytest.Config, totals: Counter) -> None:
     if xml is not None:
         for verdict in verdicts.ORDER:
             xml.add_global_property(f"kvm_{verdict}", str(totals[verdict]))
-
-
-def html_verdict_summary(collected: verdicts.Verdicts) -> str:
-    """The HTML report's verdict table per host and feature, above pytest-html's summary."""
-    rows = [f"<tr><td>{html.escape(host)}</td><td>{html.escape(feature)}</td>"
-            f"<td class=\"kvm-{cell}\">{cell}</td><td>{detail}</td></tr>"
-            for host, feature, cell, detail in collected.rows()]
-    return ("<h2>kvmcheck verdicts</h2>"
-            f"<p class=\"kvm-totals\">{html.escape(collected.summary())}</p>"
-            "<table class=\"kvm-verdicts\"><tr><th>host</th><th>feature</th><th>verdict</th><th>tests</th></tr>"
-            + "".join(rows) + "</table>")

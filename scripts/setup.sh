@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static dropbear-bin pciutils iproute2 kmod procps
           openssh-server openssh-client socat python3-venv ca-certificates
           gcc libc6-dev \
-          mmdebstrap extlinux syslinux-common e2fsprogs mount)  # gcc: the guest's KVM probe; the last line: images
+          mmdebstrap extlinux syslinux-common e2fsprogs mount \
+          chromium)  # gcc: the guest's KVM probe; mmdebstrap..mount: images; chromium: the reports' browser checks
+command -v npm >/dev/null || PACKAGES+=(nodejs npm)  # the Allure 3 command line (npm package "allure")
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -33,6 +35,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[lint]'
+if [ ! -x .tools/node_modules/.bin/allure ]; then
+  echo "setup: installing the Allure 3 command line (npm package allure) in .tools"
+  npm install --silent --no-fund --no-audit --prefix .tools allure@3 >/dev/null
+fi
 echo "setup: building (or reusing) the tiny guest image"
 .venv/bin/kvmcheck image build >/dev/null
 echo "setup: done"
