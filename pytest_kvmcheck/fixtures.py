@@ -17,6 +17,7 @@ from .hosts.capabilities import Capabilities
 from .qemu.migration import destination_spec, listen
 from .qemu.spec import VMSpec
 from .qemu.vm import VM
+from .record import record_metric
 from .run import RUN_KEY, KvmRun, PreparedHost
 
 TEST_VMS = pytest.StashKey[list]()  # on a test item: the VMs it used, for its report
@@ -50,6 +51,16 @@ def kvm_caps(kvm_host: PreparedHost) -> Capabilities:
 
 
 @pytest.fixture
+def kvm_metric(request: pytest.FixtureRequest):
+    """``kvm_metric(name, samples, unit, direction="lower", scope="test")``: a measured number (or
+    several samples of it) for run.json, compared across runs by ``kvmcheck compare``;
+    ``direction`` says which way is better; ``scope="host"`` pools samples of all tests per host."""
+    def metric(name: str, samples, unit: str, direction: str = "lower", scope: str = "test") -> None:
+        record_metric(request.node, name, samples, unit, direction, scope)
+    return metric
+
+
+@pytest.fixture
 def kvm_note(request: pytest.FixtureRequest):
     """``kvm_note(key, text)``: a note for every report (HTML/Allure attachment, JUnit property).
 
@@ -58,6 +69,24 @@ def kvm_note(request: pytest.FixtureRequest):
     def note(key: str, value) -> None:
         request.node.user_properties.append((key, str(value)))
     return note
+
+
+ROUND_TRIPS = 5
+
+
+def booted(item: pytest.Item | None, vm: VM) -> VM:
+    """Record on the test that booted it the VM's boot to ready and a few guest command round
+    trips (host-wide metrics: every boot of the run is a sample)."""
+    if item is None or vm.boot_seconds is None:
+        return vm
+    record_metric(item, "boot_to_ready", vm.boot_seconds, "s", "lower", scope="host")
+    try:
+        vm.run(["true"])  # the session's first command opens it: not a round trip
+        trips = [vm.run(["true"]).duration * 1000 for _ in range(ROUND_TRIPS)]
+    except KvmCheckError:
+        return vm  # the test will meet the guest's trouble itself, in its own words
+    record_metric(item, "guest_command_round_trip", trips, "ms", "lower", scope="host")
+    return vm
 
 
 def used_by(item: pytest.Item, vm: VM) -> VM:
@@ -101,7 +130,7 @@ class VMFactory:
         """A VM of ``spec`` booted until its guest is ready (a guest that does not boot: ERROR)."""
         vm = self.build(spec, on, mode=mode)
         try:
-            return self.start(vm).wait_ready(timeout)
+            return booted(self.item, self.start(vm).wait_ready(timeout))
         except BaseException:
             vm.stop()  # its console and stderr stay for the report; its files go with the factory
             raise
@@ -110,7 +139,7 @@ class VMFactory:
         """``count`` guests of one spec, started together and then awaited: their boots overlap."""
         vms = [self.start(self.build(spec)) for _ in range(count)]
         for vm in vms:
-            vm.wait_ready(timeout)
+            booted(self.item, vm.wait_ready(timeout))
         return vms
 
     def successor(self, source: VM, on: PreparedHost, *extra_args: str, disk_paths: tuple[str, ...] | None = None,
@@ -184,7 +213,8 @@ def vm_fixture(spec, name: str | None = None):
         if vm is None:
             value = specs[mode]
             try:
-                vm = kvm_module_vms(value if isinstance(value, VMSpec) else value.values[0], mode=mode)
+                vm = booted(request.node, kvm_module_vms(value if isinstance(value, VMSpec) else value.values[0],
+                                                         mode=mode))
             except KvmCheckError as exc:  # the module's other tests get the same error, without booting again
                 kvm_module_vms.shared[mode] = exc
                 raise

@@ -16,13 +16,18 @@ from . import hookspecs, reporting, verdicts
 from .errors import HostSpecError, KvmCheckError
 from .fixtures import *  # noqa: F401,F403 - registers the fixtures with pytest
 from .fixtures import vms_of
-from .hosts.capabilities import Capabilities
+from .hosts.capabilities import Capabilities, check_need_names
 from .hosts.spec import ACCELS, parse_hosts
 from .images.cloud import CloudImage, CloudImageError
+from .compare import compare, parse_pairs, render_html, render_text
+from .matrix import report_head
+from .record import RunRecorder, load
 from .run import RUN_KEY, KvmRun, worker_id
 
 VERDICTS_KEY = pytest.StashKey[verdicts.Verdicts]()
 SUMMARY_KEY = pytest.StashKey[list]()
+RECORD_KEY = pytest.StashKey[RunRecorder]()
+DOCUMENT_KEY = pytest.StashKey[dict]()
 DEFAULT_TIMEOUT_S = 900  # a hung guest or host never hangs a run (pytest-timeout; --timeout overrides)
 
 
@@ -50,6 +55,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="leave a failed test's VM running and print how to reach it")
     parser.addini("kvm_keep_failed", type="bool", default=False, help="as --kvm-keep-failed")
     parser.addini("kvm_max_downtime_ms", default="2000", help="live migration downtime bound (ms), default 2000")
+    for flag, ini, default, help_text in [
+        ("--kvm-record", "kvm_record", "reports/run.json", "where the run record goes (run.json: verdicts, reasons, "
+         "metrics, host fingerprints; what 'kvmcheck compare' reads); '' for none"),
+        ("--kvm-baseline", "kvm_baseline", "", "a baseline run.json (or report dir): compare this run with it at "
+         "the end (reports/compare.html); any regression makes the run fail"),
+        ("--kvm-host-map", "kvm_host_map", "", "OLD=NEW,...: the baseline's host names as this run calls them")]:
+        group.addoption(flag, dest=ini, default=None, help=help_text)
+        parser.addini(ini, help=help_text, default=default)
+    parser.addini("kvm_metric_thresholds", type="linelist", default=[],
+                  help="NAME=FRACTION lines: a metric's noise threshold for the baseline comparison (default 0.05)")
     parser.addini("kvm_timeout", default=str(DEFAULT_TIMEOUT_S),
                   help=f"seconds a kvmcheck test may take before it is stopped as ERROR (default {DEFAULT_TIMEOUT_S}; "
                        "pytest-timeout's --timeout overrides it)")
@@ -76,8 +91,12 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"--kvm-guest: {exc}") from None
     try:
         specs = parse_hosts(setting(config, "kvm_hosts"))
+        for spec in specs:
+            check_need_names(spec.expect)
     except HostSpecError as exc:
         raise pytest.UsageError(f"--kvm-hosts: {exc}") from None
+    except ValueError as exc:
+        raise pytest.UsageError(f"--kvm-hosts: host {spec.name}: expect: {exc}") from None
     level = str(setting(config, "kvm_log_level")).upper()
     if not isinstance(logging.getLevelName(level), int):
         raise pytest.UsageError(f"--kvm-log-level: {level!r} is not a logging level")
@@ -98,6 +117,8 @@ def pytest_configure(config: pytest.Config) -> None:
     collector = config.stash[VERDICTS_KEY] = verdicts.Verdicts()
     # On the controller, pytest_runtest_logreport sees every worker's reports too.
     config.pluginmanager.register(collector, "kvmcheck-verdicts")
+    if workerinput is None:
+        config.pluginmanager.register(config.stash.setdefault(RECORD_KEY, RunRecorder()), "kvmcheck-record")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -145,6 +166,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         text = description(item)
         if text:
             item.user_properties.append(("description", text))
+        reporting.allure_labels(item, _host_of(item), text)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -163,9 +185,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if on not in ("host", "peer"):
             raise ValueError(f"kvm_requires(on={on!r}): on is 'host' or 'peer'")  # the suite's bug: BROKEN
         (peer_needs if on == "peer" else needs).extend(marker.args)
-    reasons = run.unmet(name, needs, peer_needs)  # an unknown need is the suite's bug: its ValueError reads as BROKEN
-    if reasons:
-        pytest.skip("; ".join(reasons))
+    missing = run.unmet(name, needs, peer_needs)  # an unknown need is the suite's bug: its ValueError reads as BROKEN
+    expected = [m for m in missing if m.expected]
+    if expected:  # a production host that lost what it must have is not "skipped"
+        pytest.fail("; ".join(map(str, expected)), pytrace=False)
+    if missing:
+        pytest.skip("; ".join(map(str, missing)))
 
 
 _NOT_NOTES = ("kvm_host", "qemu", "accel", "description")
@@ -221,14 +246,47 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if getattr(config.option, "allure_report_dir", None) and rows:
         reporting.write_allure_environment(config.option.allure_report_dir, rows)
     summary = []
-    for name, state in run.prepared_states().items():
+    states = run.prepared_states()
+    for name, state in states.items():
         summary += [f"host {name}: {note}" for note in state.get("notes", [])]
         if "caps" in state:
             summary.append(f"host {name}: {Capabilities.from_dict(state['caps']).summary()}")
+    summary += write_record(session, run, states)
     config.stash[SUMMARY_KEY] = summary + run.finish()
     reporting.add_junit_verdict_counts(config, config.stash[VERDICTS_KEY].totals())
     if getattr(config.option, "allure_report_dir", None):
         verdicts.retag_allure_results(config.option.allure_report_dir)
+
+
+def write_record(session: pytest.Session, run: KvmRun, states: dict) -> list[str]:
+    """Write run.json if any kvmcheck test ran, and compare it with the baseline if one is given."""
+    config = session.config
+    recorder = config.stash.get(RECORD_KEY, None)
+    if recorder is None or not recorder.tests:
+        return []
+    config.stash[DOCUMENT_KEY] = recorder.document(run, states, session.exitstatus)  # the reports read it
+    target = setting(config, "kvm_record")
+    if not target:
+        return []
+    path = config.invocation_params.dir / target
+    document = config.stash[DOCUMENT_KEY]
+    recorder.write(path, document)
+    lines = [f"run record: {path}"]
+    baseline = setting(config, "kvm_baseline")
+    if baseline:
+        try:
+            thresholds = {k: float(v) for k, v in parse_pairs(config.getini("kvm_metric_thresholds"),
+                                                               "kvm_metric_thresholds").items()}
+            result = compare(load(config.invocation_params.dir / baseline), document,
+                             parse_pairs(setting(config, "kvm_host_map"), "--kvm-host-map"), thresholds)
+        except ValueError as exc:
+            return lines + [f"baseline: {exc}"]
+        html_path = path.with_name("compare.html")
+        html_path.write_text(render_html(result))
+        lines += render_text(result).splitlines() + [f"comparison: {html_path}"]
+        if result.regressed and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return lines
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -260,12 +318,12 @@ def pytest_html_results_table_header(cells: list) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_html_results_table_row(report, cells: list) -> None:
-    cells.insert(1, f'<td class="col-kvm-verdict">{verdicts.of(report) or ""}</td>')
+    cells.insert(1, f'<td class="col-kvm-verdict">{verdicts.of(report) or ""}{reporting.row_anchor(report)}</td>')
     cells.insert(3, f'<td class="col-kvm-description">{reporting.description_cell(report)}</td>')
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session) -> None:
-    collected = session.config.stash.get(VERDICTS_KEY, None)
-    if collected is not None and collected.tests:
-        prefix.append(reporting.html_verdict_summary(collected))
+    document = session.config.stash.get(DOCUMENT_KEY, None)
+    if document is not None and document["tests"]:
+        prefix.append(report_head(document["tests"], document["hosts"]))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from .hosts.capabilities import PAIR_NEEDS, Capabilities, load_probe_cache, probe, unmet
+from .hosts.capabilities import PAIR_NEEDS, Capabilities, load_probe_cache, probe, unmet_needs
 from .errors import KvmCheckError
 from .guests.session import RunKey
 from .hosts.spec import HostSpec
@@ -42,6 +42,21 @@ from .hosts.transport import CommandResult
 from .qemu.legacy import command_arguments
 from .qemu.noguest import try_options
 from .qemu.spec import VMSpec
+
+
+@dataclass(frozen=True)
+class Unmet:
+    """A need of a test that a host does not meet, and whether its inventory said it would."""
+
+    host: str
+    need: str
+    why: str
+    expected: bool = False
+
+    def __str__(self) -> str:
+        if self.expected:
+            return f"host {self.host}: expected {self.need} (its inventory's expect), but {self.why}"
+        return f"host {self.host}: needs {self.need}: {self.why}"
 
 
 @dataclass
@@ -229,22 +244,25 @@ class KvmRun:
         names = list(self.specs)
         return self.host(names[(names.index(name) + 1) % len(names)])
 
-    def unmet(self, name: str, needs: list[str], peer_needs: list[str] = ()) -> list[str]:
-        """Why the test cannot run on host ``name``: its unmet ``needs``, and ``peer_needs`` of
-        its migration peer (``shared-storage``: the peer sees this host's run files). Each
-        reason names the host and the need; empty when all are met."""
+    def unmet(self, name: str, needs: list[str], peer_needs: list[str] = ()) -> list[Unmet]:
+        """What keeps the test from running on host ``name``: its unmet ``needs``, and
+        ``peer_needs`` of its migration peer (``shared-storage``: the peer sees this host's run
+        files); each says whether that host's inventory expected it. Empty when all are met."""
         host = self.host(name)
-        reasons = unmet(host.caps, needs)
-        peer_host_needs = [n for n in peer_needs if n not in PAIR_NEEDS]
+        out = [Unmet(name, need, why, need in host.spec.expect) for need, why in unmet_needs(host.caps, needs)]
         if peer_needs:
             peer = self.peer(name)
-            reasons += [r for r in unmet(peer.caps, peer_host_needs) if r not in reasons]  # a host alone is its own peer
+            for need, why in unmet_needs(peer.caps, [n for n in peer_needs if n not in PAIR_NEEDS]):
+                missing = Unmet(peer.name, need, why, need in peer.spec.expect)
+                if missing not in out:  # a host alone is its own peer
+                    out.append(missing)
             if "shared-storage" in peer_needs and peer.name != name:
                 marker = f"{host.host_run.run_dir}/host-{name}"
                 if not peer.transport.exists(marker):
-                    reasons.append(f"host {peer.name}: needs shared-storage: it does not see host {name}'s run files "
-                                   f"({marker}): no storage shared with {name} at the same path")
-        return reasons
+                    out.append(Unmet(peer.name, "shared-storage", f"it does not see host {name}'s run files ({marker}): "
+                                     f"no storage shared with {name} at the same path",
+                                     "shared-storage" in peer.spec.expect))
+        return out
 
     def prepared_states(self) -> dict[str, dict]:
         out = {}

@@ -33,7 +33,9 @@ _TEST_RANK = {"BROKEN": 4, "FAIL": 3, "ERROR": 2, "SKIP": 1, "PASS": 0}
 _CELL_RANK = {"FAIL": 4, "BROKEN": 3, "ERROR": 2, "PASS": 1, "SKIP": 0}
 ALLURE_STATUS = {"PASS": "passed", "FAIL": "failed", "ERROR": "unknown", "BROKEN": "broken", "SKIP": "skipped"}
 VERDICT_PROPERTY = "kvm_verdict"
+REASON_PROPERTY = "kvm_reason"  # on the teardown report of a test that did not PASS: its one line
 _ITEM_VERDICT = pytest.StashKey[str]()
+_ITEM_REASON = pytest.StashKey[str]()
 
 # Exceptions from the world outside our code: a host or guest connection that broke.
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, EOFError)
@@ -98,8 +100,20 @@ def record(item: pytest.Item, report: pytest.TestReport, excinfo: pytest.Excepti
     else:
         final = max(previous, phase, key=_TEST_RANK.__getitem__)
     item.stash[_ITEM_VERDICT] = final
+    if phase != "PASS" and (final == phase or _ITEM_REASON not in item.stash):  # the phase that decided it
+        item.stash[_ITEM_REASON] = (skip_reason(report) if phase == "SKIP"
+                                    else short_reason(excinfo) if excinfo is not None else phase)
     report.user_properties.append((VERDICT_PROPERTY, final if report.when == "teardown" else phase))
+    if report.when == "teardown" and final != "PASS":
+        report.user_properties.append((REASON_PROPERTY, item.stash.get(_ITEM_REASON, final)))
     return final
+
+
+def skip_reason(report: pytest.TestReport) -> str:
+    """A skip's reason, as pytest keeps it (file, line, "Skipped: why")."""
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return text.removeprefix("Skipped: ")
 
 
 def of(report: pytest.TestReport) -> str | None:

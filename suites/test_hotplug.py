@@ -10,6 +10,7 @@ guest. The handbook's assigned-device hot-plug (``device_add pci-assign``, today
 """
 import hashlib
 import os
+import time
 
 import pytest
 
@@ -37,7 +38,7 @@ def unplug(vm, device_id: str) -> None:
 
 
 @pytest.mark.parametrize("form", ["qmp", "hmp"])
-def test_virtio_net_hotplug(hotplug_guest, form):
+def test_virtio_net_hotplug(hotplug_guest, form, kvm_metric):
     """Handbook 3: a virtio NIC plugged (QMP ``device_add``, or the handbook's HMP ``netdev_add`` +
     ``device_add``) appears in the guest, carries 256 KiB intact, and leaves without a trace."""
     vm = hotplug_guest
@@ -46,6 +47,7 @@ def test_virtio_net_hotplug(hotplug_guest, form):
     port = 7770 + n
     forward = f"tcp:127.0.0.1:0-{guest_ip}:{port}"
     before = pci_slots(vm)
+    plugged = time.monotonic()
     if form == "qmp":
         vm.qmp.cmd("netdev_add", type="user", id=netdev, net=f"10.0.{n + 2}.0/24", restrict=True,
                    hostfwd=[{"str": forward}])
@@ -57,6 +59,7 @@ def test_virtio_net_hotplug(hotplug_guest, form):
     try:
         nic = wait_until(lambda: vm.guest.find_nic(mac), APPEAR_S, f"the plugged NIC {mac} in the guest",
                          show=lambda _: f"the guest's MACs: {vm.guest.macs()}")
+        kvm_metric("hotplug_appear", time.monotonic() - plugged, "s")
         assert nic.driver == "virtio_net", f"the plugged NIC {nic.name} is driven by {nic.driver!r}"
         nic.up(f"{guest_ip}/24")
         wait_until(nic.carrier, 5, f"link on the plugged NIC {nic.name}", done=lambda c: c == "1")
@@ -78,6 +81,7 @@ def test_virtio_net_hotplug(hotplug_guest, form):
             vm.guest.stop(listener)
             vm.run(["rm", "-f", received])
     finally:
+        unplugged = time.monotonic()
         unplug(vm, nic_id)
         if form == "qmp":
             vm.qmp.cmd("netdev_del", id=netdev)
@@ -85,6 +89,7 @@ def test_virtio_net_hotplug(hotplug_guest, form):
             vm.qmp.hmp(f"netdev_del {netdev}")
     wait_until(lambda: vm.guest.find_nic(mac), APPEAR_S, f"the NIC {mac} gone from the guest after device_del",
                done=lambda found: found is None)
+    kvm_metric("hotplug_disappear", time.monotonic() - unplugged, "s")
     assert pci_slots(vm) == before, "query-pci after the unplug differs from before the plug"
 
 

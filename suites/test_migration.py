@@ -91,7 +91,7 @@ def status(vm) -> str:
 
 @shared_storage
 @pytest.mark.parametrize("mode", MODE_PARAMS)
-def test_live_migration_shared_storage(running_source, peer, boot_vm, kvm_host, kvm_note, request, mode):
+def test_live_migration_shared_storage(running_source, peer, boot_vm, kvm_host, kvm_note, kvm_metric, request, mode):
     """Handbook 4.3.3: live migration with shared storage (``migrate tcp:DEST:PORT``), in each mode:
     the guest runs on the destination with its RAM, processes, devices and disk data intact,
     within the downtime bound."""
@@ -101,6 +101,9 @@ def test_live_migration_shared_storage(running_source, peer, boot_vm, kvm_host, 
     info = migrate(source, uri, timeout=120, capabilities=MODES[mode], destination=dest)
     numbers = stats(info)
     kvm_note("migration", f"{kvm_host.name} -> {peer.name} ({mode}) over {uri}: {numbers}")
+    kvm_metric("migration_total_time", numbers["total_time_ms"], "ms")
+    kvm_metric("migration_downtime", numbers["downtime_ms"], "ms")
+    kvm_metric("migration_throughput", numbers["mbps"] or 0, "Mbit/s", "higher")
     assert status(source) == "postmigrate"
     assert status(dest) == "running"
     assert ("postcopy-active" in info["statuses"]) == (mode == "postcopy"), f"{mode}: went through {info['statuses']}"

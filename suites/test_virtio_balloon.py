@@ -5,6 +5,7 @@ is an ordinary PCI device, ``-device virtio-balloon-pci``. The guest must show t
 device, bind the virtio_balloon driver, and give up (and get back) the memory the
 monitor asks for.
 """
+import time
 
 from pytest_kvmcheck import VMSpec, vm_fixture, wait_until
 from pytest_kvmcheck.guests.shows import MIB
@@ -58,14 +59,16 @@ def balloon_changes_to(vm, target_mib: int, timeout: float = 180.0) -> None:
                done=lambda reported: target_mib in reported, stall=STALL_S)
 
 
-def test_shrink_and_grow_back(balloon_guest):
+def test_shrink_and_grow_back(balloon_guest, kvm_metric):
     """Handbook 1.x: ``balloon N`` in the monitor; the guest's MemTotal shrinks by what it gave up, then grows back."""
     vm = balloon_guest
     before = mem_total_mib(vm)
     target = MEMORY_MIB // 2
     vm.qmp.clear_events()
+    asked = time.monotonic()
     vm.qmp.cmd("balloon", value=target * MIB)
     balloon_changes_to(vm, target)
+    kvm_metric("balloon_response", time.monotonic() - asked, "s")
     expected = before - (MEMORY_MIB - target)
     wait_until(lambda: mem_total_mib(vm), 20,
                f"MemTotal about {expected} MiB (+-{TOLERANCE_MIB}) after ballooning to {target} MiB (was {before} MiB)",

@@ -62,6 +62,7 @@ class Capabilities:
     seccomp: bool = False  # QEMU takes -sandbox on
     migration: list[str] = field(default_factory=list)  # optional migration capabilities QEMU enables there
     guest: str = "tiny"  # what this run boots there: "tiny" or "disk-image"
+    fingerprint: dict = field(default_factory=dict)  # what identifies the host's build: see fingerprint()
     reasons: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -147,14 +148,23 @@ NEEDS = tuple(_CHECKS)
 PAIR_NEEDS = ("shared-storage",)
 
 
+def unmet_needs(caps: Capabilities, needs: list[str]) -> list[tuple[str, str]]:
+    """(need, why) for each need the host does not meet: empty when all are met."""
+    return [(need, why) for need in needs for ok, why in [caps.has(need)] if not ok]
+
+
 def unmet(caps: Capabilities, needs: list[str]) -> list[str]:
     """Reasons for each unmet need, each naming the host: empty when all are met."""
-    out = []
+    return [f"host {caps.host}: needs {need}: {why}" for need, why in unmet_needs(caps, needs)]
+
+
+def check_need_names(needs: list[str] | tuple[str, ...]) -> None:
+    """Raise ValueError if a need is not one kvm_requires knows."""
+    probe = Capabilities(host="-")
     for need in needs:
-        ok, why = caps.has(need)
-        if not ok:
-            out.append(f"host {caps.host}: needs {need}: {why}")
-    return out
+        if need not in PAIR_NEEDS:
+            probe.has(need)  # raises for an unknown name
+
 
 
 # --------------------------------------------------------------------------- probing
@@ -199,6 +209,45 @@ def _probe_qemu(host: Host, caps: Capabilities) -> None:
     if not img.ok:
         raise QemuNotFound(f"host {host.name}: {host.spec.qemu_img!r} not found. Install it "
                            f"(Debian: apt-get install qemu-utils) or set qemu_img= for the host")
+
+
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo."""
+    block = text.split("\n\n", 1)[0]
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines()) if _}
+
+
+def _package_version(host: Host, path: str) -> str:
+    """The version of the package that owns ``path`` (Debian's dpkg, or rpm), "" if neither knows it."""
+    owner = host.run(["dpkg-query", "-S", path], timeout=15)
+    if owner.ok:
+        package = owner.stdout.split(":", 1)[0].strip()
+        version = host.run(["dpkg-query", "-W", "-f", "${Version}", package], timeout=15)
+        return f"{package} {version.stdout.strip()}" if version.ok else package
+    rpm = host.run(["rpm", "-qf", path], timeout=15)
+    return rpm.stdout.strip() if rpm.ok else ""
+
+
+def fingerprint(host: Host, caps: Capabilities) -> dict[str, str]:
+    """What a release engineer compares between runs: CPU, microcode, kernel, QEMU (version,
+    package, binary path and sha256, machine types), firmware, accelerator."""
+    cpu = parse_cpuinfo(host.read_text("/proc/cpuinfo", default=""))
+    qemu = host.run(["sh", "-c", 'command -v "$1"', "sh", host.spec.qemu], timeout=15).stdout.strip() or host.spec.qemu
+    qemu = host.run(["readlink", "-f", qemu], timeout=15).stdout.strip() or qemu
+    digest = host.run(["sha256sum", qemu], timeout=60)
+    firmware = {name: _package_version(host, path) for name, path in
+                (("seabios", "/usr/share/seabios/bios-256k.bin"), ("ovmf", "/usr/share/OVMF/OVMF_CODE.fd"))}
+    return {
+        "cpu_vendor": cpu.get("vendor_id", ""), "cpu_model": cpu.get("model name", ""),
+        "cpu_family_model_stepping": "/".join(cpu.get(k, "?") for k in ("cpu family", "model", "stepping")),
+        "microcode": cpu.get("microcode", ""),
+        "cpu_flags_sha256": hashlib.sha256(" ".join(caps.cpu_flags).encode()).hexdigest()[:16],
+        "kernel": caps.kernel, "qemu_version": caps.qemu_version_text, "qemu_path": qemu,
+        "qemu_sha256": digest.stdout.split()[0] if digest.ok and digest.stdout else "",
+        "qemu_package": _package_version(host, qemu),
+        "machine_types_sha256": hashlib.sha256(" ".join(sorted(caps.machines)).encode()).hexdigest()[:16],
+        "seabios": firmware["seabios"], "ovmf": firmware["ovmf"], "accel": caps.accel,
+    }
 
 
 def _probe_kernel(host: Host, caps: Capabilities) -> None:
@@ -335,6 +384,7 @@ def probe(host: Host, requested_accel: str, kernel: str, workdir: str, cache: di
         caps.reasons["kvm"] = f"KVM not usable: {why}"
     else:
         caps.reasons["kvm-probe"] = why
+    caps.fingerprint = fingerprint(host, caps)
     return caps
 
 

@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 ACCELS = ("auto", "kvm", "tcg")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
-               "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address",
+               "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address", "expect",
                "bridge", "boot_timeout"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
@@ -53,6 +53,7 @@ class HostSpec:
     memory_budget_mib: int | None = None  # tests needing more memory (kvm_requires("memory:N")) skip here
     assignable: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    expect: tuple[str, ...] = ()  # capabilities the host must have: a test skipped for one of them FAILs
     migrate_address: str | None = None  # where other hosts reach this one's migration listener
     bridge: str | None = None  # a Linux bridge guests' bridged NICs join (it must have an IPv4 address)
     boot_timeout: int | None = None  # seconds a guest may take to boot there (slow hosts: nested, emulated)
@@ -110,7 +111,7 @@ def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:
             changes[key] = value if isinstance(value, bool) else _bool(value, what)
         elif key in ("memory_budget_mib", "boot_timeout"):
             changes[key] = _int(value, what)
-        elif key in ("tags", "assignable"):
+        elif key in ("tags", "assignable", "expect"):
             changes[key] = _list(value)
         elif key == "name":
             if not _NAME_RE.match(str(value)):

@@ -144,6 +144,7 @@ class VM:
         self.host.write_bytes(self.path("argv.json"), json.dumps(self.argv).encode())
         with _live_lock:
             _live.add(self)
+        self._started_at = time.monotonic()  # boot to ready counts QEMU's own start-up too
         result = self.host.run(self.argv, timeout=60)
         self.start_stderr = result.stderr
         if result.exit_status == 127:
@@ -156,7 +157,6 @@ class VM:
                           f"({how}): {result.stderr.strip()[-800:]}")
         pid = self.host.read_text(self.path(PIDFILE), default="").strip()
         self.pid = int(pid) if pid.isdigit() else None
-        self._started_at = time.monotonic()
         log.info("VM %s on %s: QEMU %s started", self.name, self.host.name, self.pid)
         self._join_bridge()
         return self
@@ -252,7 +252,7 @@ class VM:
                 f"--- QEMU stderr ---\n{self.log_tail() or '(empty)'}\n"
                 f"Reproduce with: {shlex.join(self.argv)}")
         self.boot_seconds = time.monotonic() - self._started_at
-        log.info("VM %s on %s: ready %.1f s after QEMU started", self.name, self.host.name, self.boot_seconds)
+        log.info("VM %s on %s: ready %.1f s after QEMU was launched", self.name, self.host.name, self.boot_seconds)
         return self
 
     def boot(self, timeout: float | None = None) -> "VM":
@@ -366,7 +366,7 @@ class VM:
         """Texts worth attaching to a report: argv, QMP transcript, console, stderr."""
         out = {"QEMU argv": shlex.join(self.argv) if self.argv else "(not started)"}
         if self.boot_seconds is not None:
-            out["boot"] = f"ready {self.boot_seconds:.2f} s after QEMU started ({self.accel})"
+            out["boot"] = f"ready {self.boot_seconds:.2f} s after QEMU was launched ({self.accel})"
         if self._qmp is not None:
             out["QMP transcript"] = "\n".join(self._qmp.transcript)
         try:

@@ -89,3 +89,18 @@ def test_migration_address_defaults_to_where_the_host_is_reached():
     assert parse_host("local").migration_address == "127.0.0.1"
     assert parse_host("ssh://qa@node3").migration_address == "node3"
     assert parse_host("ssh://qa@node3?migrate_address=10.20.0.3").migration_address == "10.20.0.3"
+
+
+def test_expect_lists_capabilities(tmp_path):
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('[hosts.prod-1]\nurl = "ssh://qa@node1"\nexpect = ["kvm", "vhost-net", "sriov"]\n')
+    (spec,) = load_inventory(inventory)
+    assert spec.expect == ("kvm", "vhost-net", "sriov")
+    assert parse_hosts("local?expect=kvm+ksm")[0].expect == ("kvm", "ksm")
+
+
+def test_an_unknown_expected_capability_is_named():
+    from pytest_kvmcheck.hosts.capabilities import check_need_names
+    check_need_names(("kvm", "device:e1000", "shared-storage"))
+    with pytest.raises(ValueError, match="unknown capability 'warp'"):
+        check_need_names(("kvm", "warp"))
