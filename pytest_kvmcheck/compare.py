@@ -140,7 +140,8 @@ def compare(baseline: dict, candidate: dict, host_map: dict[str, str] | None = N
         elif b is None:
             c.disappeared.append(f"{where} (was {a['verdict']})")
         elif a["verdict"] == "PASS" and b["verdict"] != "PASS":
-            c.regressions.append(f"{where}: PASS -> {b['verdict']}: {b.get('reason', '')}".rstrip(": "))
+            reason = (b.get("reason") or "").strip().splitlines()[:1]
+            c.regressions.append(f"{where}: PASS -> {b['verdict']}" + (f": {reason[0]}" if reason else ""))
         elif a["verdict"] != "PASS" and b["verdict"] == "PASS":
             c.fixes.append(f"{where}: {a['verdict']} -> PASS")
     old_hosts = {host_map.get(n, n): h for n, h in baseline.get("hosts", {}).items()}
