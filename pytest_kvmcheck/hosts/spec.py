@@ -4,7 +4,7 @@ Accepted forms, comma separated::
 
     local                                   this machine, via subprocesses
     ssh://user@host[:port][?key=..&qemu=..&qemu_img=..&workdir=..&accel=..&name=..&boot_timeout=..
-                                            &accept_new_host_key=1&known_hosts=..]
+                                            &max_downtime_ms=..&accept_new_host_key=1&known_hosts=..]
     @inventory.toml                         a TOML inventory (see fixtures/inventory.example.toml)
     lab                                     the virtual KVM lab's inventory, once it is up
 
@@ -30,7 +30,7 @@ ACCELS = ("auto", "kvm", "tcg")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
                "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address", "expect",
-               "bridge", "boot_timeout"}
+               "bridge", "boot_timeout", "max_downtime_ms"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
 
@@ -57,6 +57,7 @@ class HostSpec:
     migrate_address: str | None = None  # where other hosts reach this one's migration listener
     bridge: str | None = None  # a Linux bridge guests' bridged NICs join (it must have an IPv4 address)
     boot_timeout: int | None = None  # seconds a guest may take to boot there (slow hosts: nested, emulated)
+    max_downtime_ms: int | None = None  # live migration downtime bound to or from it (default: the ini's)
 
     @property
     def migration_address(self) -> str:
@@ -109,7 +110,7 @@ def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:
             changes["accel"] = None if value == "auto" else value
         elif key == "accept_new_host_key":
             changes[key] = value if isinstance(value, bool) else _bool(value, what)
-        elif key in ("memory_budget_mib", "boot_timeout"):
+        elif key in ("memory_budget_mib", "boot_timeout", "max_downtime_ms"):
             changes[key] = _int(value, what)
         elif key in ("tags", "assignable", "expect"):
             changes[key] = _list(value)

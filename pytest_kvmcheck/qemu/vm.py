@@ -153,8 +153,10 @@ class VM:
         if not result.ok:
             how = (f"killed by {signal.Signals(-result.exit_status).name}" if result.exit_status < 0
                    else f"exit {result.exit_status}")
-            raise VMError(f"VM {self.name} on host {self.host.name}: QEMU refused to start "
-                          f"({how}): {result.stderr.strip()[-800:]}")
+            # With -D, QEMU writes why it refused its command line to the log, not to stderr.
+            said = self.log_tail(lines=10)[-800:] or "(QEMU said nothing on stderr or in its log)"
+            raise VMError(f"VM {self.name} on host {self.host.name}: QEMU refused to start ({how}): {said}\n"
+                          f"Reproduce with: {shlex.join(self.argv)}")
         pid = self.host.read_text(self.path(PIDFILE), default="").strip()
         self.pid = int(pid) if pid.isdigit() else None
         log.info("VM %s on %s: QEMU %s started", self.name, self.host.name, self.pid)

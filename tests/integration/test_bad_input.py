@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pytest_kvmcheck.errors import GuestBootError, QMPLost
+from pytest_kvmcheck.errors import GuestBootError, QMPLost, VMError
 from pytest_kvmcheck.hosts.spec import parse_host
 from pytest_kvmcheck.run import KvmRun
 from pytest_kvmcheck.qemu.spec import VMSpec
@@ -86,6 +86,18 @@ def test_guest_whose_kernel_panics(local_run, workdir):
     with pytest.raises(GuestBootError, match="did not boot: QEMU exited") as info:
         vm.boot(timeout=30)
     assert "Kernel panic" in str(info.value), "the console tail should show why"
+    assert not qemu_processes(str(workdir))
+
+
+def test_qemu_that_refuses_its_command_line(local_run, workdir):
+    """QEMU's own words (written to its -D log, not stderr) and the command line, nothing left."""
+    vm = local_run.new_vm("local", VMSpec(extra_args=("-global", "migration.no-such-property=1")))
+    with pytest.raises(VMError) as info:
+        vm.boot(timeout=30)
+    message = str(info.value)
+    assert "QEMU refused to start (exit 1)" in message
+    assert "Property 'migration.no-such-property' not found" in message, message
+    assert "Reproduce with: qemu-system-x86_64" in message
     assert not qemu_processes(str(workdir))
 
 
