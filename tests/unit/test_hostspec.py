@@ -19,6 +19,11 @@ def test_ssh_url_with_options():
     assert spec.name == "node3-2222" and spec.url == "ssh://qa@node3:2222"
 
 
+def test_a_slow_host_sets_its_own_downtime_bound():
+    assert parse_host("local?max_downtime_ms=10000").max_downtime_ms == 10000
+    assert parse_host("local").max_downtime_ms is None  # the ini's kvm_max_downtime_ms applies
+
+
 @pytest.mark.parametrize("entry, fragment", [
     ("ftp://host", "unsupported scheme 'ftp'"),
     ("ssh://", "no host name"),
@@ -28,6 +33,7 @@ def test_ssh_url_with_options():
     ("ssh://h?colour=blue", "unknown option 'colour'"),
     ("ssh://h?accel=xen", "must be one of auto, kvm, tcg"),
     ("ssh://h?memory_budget_mib=lots", "expected a whole number"),
+    ("local?max_downtime_ms=0", "max_downtime_ms: must be positive"),
     ("ssh://h?accept_new_host_key=maybe", "expected a yes/no value"),
     ("myhost", "not understood"),
     ("local,,local", "empty host entry"),
