@@ -88,11 +88,11 @@ def assert_suites_passed(result, host: str, features: tuple[str, ...] = LOCAL_FE
 
 
 def verdicts_of(junit: Path) -> dict[str, tuple[str, str]]:
-    """test name -> (kvm_verdict, failure text) from a JUnit file."""
+    """test name -> (kvm_verdict, failure, error or skip text) from a JUnit file."""
     out = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        text = " ".join(f"{e.get('message', '')} {e.text or ''}" for e in case if e.tag in ("failure", "error"))
+        text = " ".join(f"{e.get('message', '')} {e.text or ''}" for e in case if e.tag in ("failure", "error", "skipped"))
         out[case.get("name")] = (props.get("kvm_verdict", "?"), text)
     return out
 

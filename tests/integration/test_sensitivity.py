@@ -5,6 +5,8 @@ the argv the suite renders (a device swapped or dropped, a capability turned off
 removed, a listener added or widened, a migration destination that differs) and execs the
 real binary. The suite's check for that property must end as FAIL, the host's fault, with a
 message naming the property; never PASS (a check that cannot fail), SKIP, ERROR or BROKEN.
+A QEMU that lacks what a check needs (seccomp, multifd, userfaultfd for postcopy) must make
+the check SKIP instead, naming the host and the capability.
 """
 from __future__ import annotations
 
@@ -58,6 +60,26 @@ def replace_value(option, old, new):
     for i in range(len(argv) - 1):
         if argv[i] == option and argv[i + 1] == old:
             argv[i + 1] = new
+
+
+def deny_syscall(number):
+    """Run QEMU where the kernel refuses one system call (EPERM), as a seccomp-confined
+    container does: a seccomp filter (inherited across exec) that allows everything else."""
+    import ctypes, struct
+    ret_errno_eperm, ret_allow, x86_64 = 0x00050001, 0x7fff0000, 0xc000003e
+    program = b"".join(struct.pack("HBBI", *insn) for insn in [
+        (0x20, 0, 0, 4), (0x15, 0, 3, x86_64),       # arch == x86_64, else allow
+        (0x20, 0, 0, 0), (0x15, 0, 1, number),       # nr == number: EPERM, else allow
+        (0x06, 0, 0, ret_errno_eperm), (0x06, 0, 0, ret_allow)])
+    buffer = ctypes.create_string_buffer(program)
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+    prog = Program(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0, ctypes.get_errno()  # PR_SET_SECCOMP, FILTER
 
 
 def is_guest():
@@ -132,6 +154,23 @@ MUTANTS = [
 ]
 
 
+# A host whose QEMU lacks what a check needs: the check must SKIP (never FAIL, never PASS),
+# its reason naming the host and the capability, as the capability probe found it missing.
+MISSING = [
+    Mutant("QEMU built without seccomp", "test_security.py", "test_sandbox_on_installs_a_seccomp_filter",
+           'if "-sandbox" in argv:\n'
+           '    print("qemu-system-x86_64: -sandbox on: seccomp support is disabled", file=sys.stderr)\n'
+           '    sys.exit(1)',
+           r"host local: needs seccomp: QEMU \S+ was built without -sandbox"),
+    Mutant("compression forced on, so no multifd", "test_migration.py", "test_live_migration_shared_storage and multifd",
+           'argv += ["-global", "migration.x-compress=on"]',
+           r"host local: needs multifd: .*refused the multifd capability: Multifd is not compatible with compress"),
+    Mutant("no userfaultfd, so no postcopy", "test_migration.py", "test_live_migration_shared_storage and postcopy",
+           "deny_syscall(323)  # userfaultfd(2) on x86_64",
+           r"host local: needs postcopy: .*refused the postcopy-ram capability"),
+]
+
+
 def write_wrapper(directory: Path, mutant: Mutant) -> Path:
     real = shutil.which("qemu-system-x86_64" if mutant.binary == "qemu" else "qemu-img")
     assert real, f"no real {mutant.binary} on this machine"
@@ -169,4 +208,19 @@ def test_mutant_is_caught(pytester, workdir, mutant):
     assert named, f"{mutant.name}: the FAIL does not name the property ({mutant.expect!r}):\n" + \
         "\n".join(f"{n}: {text[:1500]}" for n, (_, text) in caught.items())
     assert "AttributeError" not in junit.read_text(), f"{mutant.name}: an AttributeError reached the report"
+    assert_nothing_left(workdir, output)
+
+
+@pytest.mark.parametrize("mutant", MISSING, ids=[m.name.replace(" ", "-") for m in MISSING])
+def test_missing_capability_is_a_named_skip(pytester, workdir, mutant):
+    wrapper = write_wrapper(pytester.path, mutant)
+    junit = pytester.path / "junit.xml"
+    output = run_pytest(pytester, f"{SUITES}/{mutant.suite}", "-k", mutant.select, f"--junitxml={junit}",
+                        f"--kvm-hosts=local?workdir={workdir}&{mutant.binary}={wrapper}").stdout.str()
+    results = verdicts_of(junit)
+    assert results, f"{mutant.name}: nothing ran:\n{output[-3000:]}"
+    wrong = {n: v for n, (v, _) in results.items() if v != "SKIP"}
+    assert not wrong, f"{mutant.name}: expected SKIP, got {wrong}\n{output[-3000:]}"
+    unnamed = {n: text for n, (_, text) in results.items() if not re.search(mutant.expect, text)}
+    assert not unnamed, f"{mutant.name}: the skip does not name host and capability ({mutant.expect!r}): {unnamed}"
     assert_nothing_left(workdir, output)
