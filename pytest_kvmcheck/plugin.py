@@ -21,7 +21,7 @@ from .hosts.spec import ACCELS, parse_hosts
 from .images.cloud import CloudImage, CloudImageError
 from .compare import compare, parse_pairs, render_html, render_text
 from .matrix import report_head
-from .record import RunRecorder, load
+from .record import NOT_NOTES, RunRecorder, load
 from .run import RUN_KEY, KvmRun, worker_id
 
 VERDICTS_KEY = pytest.StashKey[verdicts.Verdicts]()
@@ -101,6 +101,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not isinstance(logging.getLevelName(level), int):
         raise pytest.UsageError(f"--kvm-log-level: {level!r} is not a logging level")
     logging.getLogger("pytest_kvmcheck").setLevel(level)
+    config.pluginmanager.register(reporting.HtmlRows(), "kvmcheck-html-rows")
 
     def progress(msg: str) -> None:  # the terminal reporter registers after us: look it up late
         reporter = config.pluginmanager.get_plugin("terminalreporter")
@@ -193,9 +194,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("; ".join(map(str, missing)))
 
 
-_NOT_NOTES = ("kvm_host", "qemu", "accel", "description")
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
     outcome = yield
@@ -210,7 +208,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     if not vms and name is None:
         return
     # Notes the test recorded (kvm_note): what the handbook's command means today, migration numbers.
-    texts: dict[str, str] = {key: value for key, value in item.user_properties if key not in _NOT_NOTES}
+    texts: dict[str, str] = {key: value for key, value in item.user_properties if key not in NOT_NOTES}
     run = item.config.stash[RUN_KEY]
     if name is not None:
         try:
@@ -308,18 +306,6 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_line(f"kvmcheck verdicts: {collected.summary()}")
     for line in config.stash.get(SUMMARY_KEY, []):
         terminalreporter.write_line(f"kvmcheck: {line}")
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_html_results_table_header(cells: list) -> None:
-    cells.insert(1, '<th class="sortable" data-column-type="kvm-verdict">Verdict</th>')
-    cells.insert(3, '<th data-column-type="kvm-description">Description</th>')
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_html_results_table_row(report, cells: list) -> None:
-    cells.insert(1, f'<td class="col-kvm-verdict">{verdicts.of(report) or ""}{reporting.row_anchor(report)}</td>')
-    cells.insert(3, f'<td class="col-kvm-description">{reporting.description_cell(report)}</td>')
 
 
 @pytest.hookimpl(optionalhook=True)

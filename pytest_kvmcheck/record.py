@@ -31,8 +31,9 @@ from .hosts.capabilities import NEEDS, Capabilities
 
 SCHEMA = "kvmcheck-run/1"
 METRIC_PROPERTY = "kvm_metric"
-_NOT_NOTES = {"kvm_host", "qemu", "accel", "description", METRIC_PROPERTY, verdicts.VERDICT_PROPERTY,
-              verdicts.REASON_PROPERTY}
+# A test's user properties that are not notes (kvm_note): labels, metrics and its verdict.
+NOT_NOTES = frozenset({"kvm_host", "qemu", "accel", "description", METRIC_PROPERTY, verdicts.VERDICT_PROPERTY,
+                       verdicts.REASON_PROPERTY})
 
 
 def record_metric(item: pytest.Item, name: str, samples, unit: str, direction: str = "lower",
@@ -80,7 +81,7 @@ class RunRecorder:
             "feature": verdicts.feature_of(report.nodeid), "verdict": verdicts.of(report) or "?",
             "reason": next((v for k, v in props if k == verdicts.REASON_PROPERTY), ""),
             "description": description.splitlines()[0] if description else "",
-            "notes": {k: v for k, v in props if k not in _NOT_NOTES}, "metrics": metrics,
+            "notes": {k: v for k, v in props if k not in NOT_NOTES}, "metrics": metrics,
         })
 
     def document(self, run, states: dict[str, dict], exitstatus: int) -> dict:

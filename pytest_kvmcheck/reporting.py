@@ -16,6 +16,7 @@ import pytest
 
 from . import verdicts
 from .matrix import anchor
+from .record import METRIC_PROPERTY
 
 
 def attach(item: pytest.Item, report: pytest.TestReport, texts: dict[str, str]) -> None:
@@ -33,19 +34,33 @@ def attach(item: pytest.Item, report: pytest.TestReport, texts: dict[str, str]) 
             allure.attach(text, name=name, attachment_type=allure.attachment_type.TEXT)
 
 
-_ANCHORED: set[str] = set()
+class HtmlRows:
+    """pytest-html's results table: a Verdict column, anchored on the first row of each host x
+    feature (where its matrix cell links to), and a Description column (the handbook step).
+    One per run: the anchors already placed are this run's, not the process's."""
 
+    def __init__(self) -> None:
+        self.anchored: set[str] = set()
 
-def row_anchor(report: pytest.TestReport) -> str:
-    """An anchor on the first row of each host x feature, where its matrix cell links to."""
-    host = next((v for k, v in report.user_properties if k == "kvm_host"), None)
-    if host is None:
-        return ""
-    name = anchor(host, verdicts.feature_of(report.nodeid))
-    if name in _ANCHORED:
-        return ""
-    _ANCHORED.add(name)
-    return f'<a id="{name}"></a>'
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_html_results_table_header(self, cells: list) -> None:
+        cells.insert(1, '<th class="sortable" data-column-type="kvm-verdict">Verdict</th>')
+        cells.insert(3, '<th data-column-type="kvm-description">Description</th>')
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_html_results_table_row(self, report, cells: list) -> None:
+        cells.insert(1, f'<td class="col-kvm-verdict">{verdicts.of(report) or ""}{self.row_anchor(report)}</td>')
+        cells.insert(3, f'<td class="col-kvm-description">{description_cell(report)}</td>')
+
+    def row_anchor(self, report: pytest.TestReport) -> str:
+        host = next((v for k, v in report.user_properties if k == "kvm_host"), None)
+        if host is None:
+            return ""
+        name = anchor(host, verdicts.feature_of(report.nodeid))
+        if name in self.anchored:
+            return ""
+        self.anchored.add(name)
+        return f'<a id="{name}"></a>'
 
 
 def description_cell(report: pytest.TestReport) -> str:
@@ -123,7 +138,7 @@ def label_verdict(item: pytest.Item, verdict: str) -> None:
     import allure
     allure.dynamic.label(verdicts.VERDICT_PROPERTY, verdict)
     for key, value in item.user_properties:
-        if key == "kvm_metric":
+        if key == METRIC_PROPERTY:
             metric = json.loads(value)
             samples = metric["samples"]
             shown = f"{samples[0]:.4g}" if len(samples) == 1 else f"{sum(samples) / len(samples):.4g} (mean of {len(samples)})"

@@ -17,8 +17,10 @@ SCREEN = (1280, 900)
 SUITE = '''"""Handbook 9.9, a demo chapter: one of each verdict."""
 import pytest
 
-def test_passes(kvm_host):
+def test_passes(kvm_host, kvm_note, kvm_metric):
     """Handbook 9.9: a check that passes."""
+    kvm_note("handbook 9.9", "what the command means today")
+    kvm_metric("demo_latency", 1.5, "ms")
 
 def test_fails(kvm_host):
     """Handbook 9.9: a check that fails."""
@@ -79,6 +81,11 @@ def test_reports_in_a_real_browser(pytester, workdir):
     dom = chromium("--dump-dom", (out / "report.html").as_uri())
     assert shown_cells(dom) == expected_cells(record["tests"]), shown_cells(dom)
     assert shown_cells(dom)[0][1] == "FAIL" and "1 PASS, 1 FAIL, 1 SKIP" in dom
+    # A note reaches the reviewer; a metric is recorded in run.json, not dumped among the notes as JSON.
+    html_text = (out / "report.html").read_text()
+    assert "what the command means today" in html_text and "demo_latency" not in html_text
+    (passes,) = [t for t in record["tests"] if t["nodeid"].startswith("test_demo.py::test_passes[")]
+    assert passes["metrics"]["demo_latency"]["samples"] == [1.5], passes
     probe = out / "report-where.html"
     probe.write_text((out / "report.html").read_text().replace("</body>", WHERE + "</body>"))
     top = int(re.search(r"<title[^>]*>kvm-matrix-top:(-?\d+)</title>", chromium("--dump-dom", probe.as_uri())).group(1))
