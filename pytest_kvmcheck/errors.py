@@ -132,3 +132,12 @@ class EventTimeout(VMError):
 
 class LabError(KvmCheckError):
     """The virtual KVM lab could not be brought up (or down); the message says why."""
+
+
+def again(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` to raise once more (a module's shared guest that failed to boot, for each
+    test that needs it): same class, message and attributes, no traceback of its own yet.
+    Raising the stored one again would pile every test's traceback onto it."""
+    clone = type(exc).__new__(type(exc), *exc.args)
+    clone.__dict__.update(vars(exc))
+    return clone

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from pytest_kvmcheck import verdicts
+from pytest_kvmcheck import errors, verdicts
 from pytest_kvmcheck.errors import (GuestBootError, GuestCommandError, HostUnreachable, MigrationFailed, PremiseError, QMPCommandError,
                                     QMPLost)
 
@@ -76,3 +76,18 @@ def test_allure_results_take_the_verdicts_status(tmp_path):
     assert statuses == {"refused": "failed", "bug": "broken", "premise": "unknown"}
     message = json.loads((tmp_path / "refused-result.json").read_text())["statusDetails"]["message"]
     assert message == "FAIL: QMP device_add refused"
+
+
+@pytest.mark.parametrize("exc", [
+    errors.GuestBootError("VM g did not boot"),
+    errors.QMPCommandError("device_add", "Bus 'pci.0' does not support hotplugging", "GenericError"),
+    errors.MigrationFailed("migration failed", {"status": "failed"}),
+])
+def test_a_shared_guests_boot_error_is_raised_again_as_a_copy(exc):
+    try:
+        raise exc
+    except errors.KvmCheckError:
+        pass
+    copy = errors.again(exc)
+    assert type(copy) is type(exc) and str(copy) == str(exc) and vars(copy) == vars(exc)
+    assert copy is not exc and copy.__traceback__ is None
