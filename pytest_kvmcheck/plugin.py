@@ -131,7 +131,7 @@ def pytest_configure_node(node) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     run = config.stash[RUN_KEY]
     return [f"kvmcheck: run {run.run_id}, accel {run.accel}, guest {run.guest}"] + [
-        f"kvmcheck host {spec.name}: {spec.url} (qemu {spec.qemu}"
+        f"kvmcheck host {spec.name}: {spec.url} (qemu {spec.qemu or 'found on the host'}"
         f"{', accel ' + spec.accel if spec.accel else ''}{', tags ' + '+'.join(spec.tags) if spec.tags else ''})"
         for spec in run.specs.values()]
 
@@ -249,6 +249,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         summary += [f"host {name}: {note}" for note in state.get("notes", [])]
         if "caps" in state:
             summary.append(f"host {name}: {Capabilities.from_dict(state['caps']).summary()}")
+        elif "error" in state:
+            summary.append(f"host {name}: could not be prepared, so its tests ended as ERROR: {state['error']}")
     summary += write_record(session, run, states)
     config.stash[SUMMARY_KEY] = summary + run.finish()
     reporting.add_junit_verdict_counts(config, config.stash[VERDICTS_KEY].totals())

@@ -22,13 +22,13 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from .hosts.capabilities import PAIR_NEEDS, Capabilities, load_probe_cache, probe, unmet_needs
-from .errors import KvmCheckError
+from .errors import HostError, KvmCheckError
 from .guests.session import RunKey
 from .hosts.spec import HostSpec
 from .images.cloud import CloudImage, seed_iso
@@ -172,8 +172,9 @@ class KvmRun:
         with self._lock:
             if name in self._hosts:
                 return self._hosts[name]
-            if name in self._errors:
-                raise KvmCheckError(self._errors[name])
+            if name in self._errors:  # the cause was told with the first test on the host, and in the summary
+                raise HostError(f"host {name} could not be prepared: the first test on it, and the run's "
+                                "summary, say why")
             self._ensure_state()
             spec = self.specs[name]
             transport = None
@@ -188,10 +189,13 @@ class KvmRun:
                         state = self._prepare(spec, transport)
                         state_file.write_text(json.dumps(state))
                 if "error" in state:
-                    raise KvmCheckError(state["error"])
+                    raise HostError(state["error"])
                 transport = transport or connect(spec)
-                prepared = PreparedHost(spec, transport, HostRun.from_dict(state["host_run"]),
-                                        Capabilities.from_dict(state["caps"]))
+                caps = Capabilities.from_dict(state["caps"])
+                # The binaries the preparation found (or the spec named), for every process of the run.
+                transport.spec = spec = replace(spec, qemu=caps.qemu_binary or spec.qemu,
+                                                qemu_img=caps.qemu_img_binary or spec.qemu_img)
+                prepared = PreparedHost(spec, transport, HostRun.from_dict(state["host_run"]), caps)
             except KvmCheckError as exc:
                 if transport is not None:
                     transport.close()

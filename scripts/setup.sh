@@ -39,6 +39,8 @@ if [ ! -x .tools/node_modules/.bin/allure ]; then
   echo "setup: installing the Allure 3 command line (npm package allure) in .tools"
   npm install --silent --no-fund --no-audit --prefix .tools allure@3 >/dev/null
 fi
+echo "setup: a second QEMU, Debian's backports one, unpacked in .tools/qemu-backports"
+bash scripts/qemu-backports.sh >/dev/null
 echo "setup: building (or reusing) the tiny guest image"
 .venv/bin/kvmcheck image build >/dev/null
 echo "setup: done"

@@ -16,10 +16,11 @@ import json
 import posixpath
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import HostError, KvmCheckError, QemuNotFound, QMPCommandError
 from .footprint import kill_vm_dir
+from .spec import HostSpec
 from .transport import Host
 from ..qemu.noguest import NoGuestQemu, try_options
 from ..qemu.spec import qemu_argv
@@ -38,6 +39,8 @@ class Capabilities:
     host: str
     qemu_version: tuple[int, int, int] = (0, 0, 0)
     qemu_version_text: str = ""
+    qemu_binary: str = ""  # the QEMU the run uses there: the spec's qemu=, or the one found
+    qemu_img_binary: str = ""
     machines: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     accels: list[str] = field(default_factory=list)
@@ -104,7 +107,8 @@ class Capabilities:
 
     def summary(self) -> str:
         kvm = "kvm" if self.accel == "kvm" else f"tcg ({self.reasons.get('kvm', 'by choice')})"
-        return (f"QEMU {self.qemu_version_text}, accel {kvm}, vhost-net {'yes' if self.vhost_net else 'no'}, "
+        binary = self.fingerprint.get("qemu_path") or self.qemu_binary
+        return (f"QEMU {self.qemu_version_text} ({binary}), accel {kvm}, vhost-net {'yes' if self.vhost_net else 'no'}, "
                 f"IOMMU groups {self.iommu_groups}, SR-IOV PFs {len(self.sriov_pfs)}, "
                 f"KSM {'yes' if self.ksm else 'no'}, nested {self.nested or '-'}, "
                 f"{self.mem_available_mib} MiB free, kernel {self.kernel}")
@@ -193,12 +197,45 @@ def parse_accel_help(text: str) -> list[str]:
     return [line.strip() for line in lines[1:] if line.strip()]
 
 
+# Where distributions put QEMU, in the order a host's is looked for when its spec names none:
+# Debian and Ubuntu (and upstream builds) on PATH; RHEL, CentOS Stream and Fedora in libexec.
+QEMU_CANDIDATES = ("qemu-system-x86_64", "/usr/libexec/qemu-kvm", "/usr/bin/qemu-kvm")
+QEMU_IMG_CANDIDATES = ("qemu-img", "/usr/bin/qemu-img", "/usr/local/bin/qemu-img")
+INSTALL_QEMU = ("Debian/Ubuntu: apt-get install qemu-system-x86 qemu-utils; "
+                "RHEL/CentOS Stream/Fedora: dnf install qemu-kvm qemu-img")
+
+
+def find_binaries(host: Host) -> HostSpec:
+    """The host's spec with its QEMU and qemu-img named: as given (qemu=, qemu_img=), else the
+    first of the candidates the host has. Raises :class:`QemuNotFound` with what to install."""
+    found = {}
+    for key, given, candidates, what in (("qemu", host.spec.qemu, QEMU_CANDIDATES, "QEMU"),
+                                         ("qemu_img", host.spec.qemu_img, QEMU_IMG_CANDIDATES, "qemu-img")):
+        if given:
+            found[key] = given
+            continue
+        found[key] = first_present(host, candidates)
+        if not found[key]:
+            raise QemuNotFound(f"host {host.name}: no {what} found (looked for {', '.join(candidates)}). Install it "
+                               f"({INSTALL_QEMU}) or set {key}= for the host")
+    return replace(host.spec, **found)
+
+
+def first_present(host: Host, candidates: tuple[str, ...]) -> str:
+    """The first of ``candidates`` (a name on the host's PATH, or a path) that is an executable there, or ""."""
+    # A path must be an executable file (sh's command -v takes any file); a name, on PATH.
+    result = host.run(["sh", "-c", 'for c in "$@"; do case $c in */*) [ -f "$c" ] && [ -x "$c" ] && echo "$c" && exit 0;; '
+                       '*) command -v "$c" >/dev/null && echo "$c" && exit 0;; esac; done; exit 1', "sh", *candidates],
+                      timeout=15)
+    return result.stdout.strip().splitlines()[0] if result.ok and result.stdout.strip() else ""
+
+
 def _probe_qemu(host: Host, caps: Capabilities) -> None:
     qemu = host.spec.qemu
     result = host.run([qemu, "-version"], timeout=30)
     if result.exit_status == 127 or (not result.ok and "No such file" in result.stderr):
         raise QemuNotFound(f"host {host.name}: QEMU binary {qemu!r} not found. Install QEMU "
-                           f"(Debian: apt-get install qemu-system-x86 qemu-utils) or set qemu= for the host")
+                           f"({INSTALL_QEMU}) or set qemu= for the host")
     result.check(f"{qemu} -version on {host.name}")
     caps.qemu_version = parse_qemu_version(result.stdout)
     caps.qemu_version_text = ".".join(map(str, caps.qemu_version))
@@ -208,7 +245,7 @@ def _probe_qemu(host: Host, caps: Capabilities) -> None:
     img = host.run([host.spec.qemu_img, "--version"], timeout=30)
     if not img.ok:
         raise QemuNotFound(f"host {host.name}: {host.spec.qemu_img!r} not found. Install it "
-                           f"(Debian: apt-get install qemu-utils) or set qemu_img= for the host")
+                           f"({INSTALL_QEMU}) or set qemu_img= for the host")
 
 
 def parse_cpuinfo(text: str) -> dict[str, str]:
@@ -245,6 +282,8 @@ def fingerprint(host: Host, caps: Capabilities) -> dict[str, str]:
         "kernel": caps.kernel, "qemu_version": caps.qemu_version_text, "qemu_path": qemu,
         "qemu_sha256": digest.stdout.split()[0] if digest.ok and digest.stdout else "",
         "qemu_package": _package_version(host, qemu),
+        "qemu_img_path": host.run(["sh", "-c", 'command -v "$1"', "sh", host.spec.qemu_img],
+                                  timeout=15).stdout.strip() or host.spec.qemu_img,
         "machine_types_sha256": hashlib.sha256(" ".join(sorted(caps.machines)).encode()).hexdigest()[:16],
         "seabios": firmware["seabios"], "ovmf": firmware["ovmf"], "accel": caps.accel,
     }
@@ -353,6 +392,8 @@ def probe(host: Host, requested_accel: str, kernel: str, workdir: str, cache: di
     verdict per host boot and QEMU version, so it is paid once per host boot."""
     caps = Capabilities(host=host.name, assignable=list(host.spec.assignable),
                         memory_budget_mib=host.spec.memory_budget_mib)
+    host.spec = find_binaries(host)  # from here on, every command names the binaries found
+    caps.qemu_binary, caps.qemu_img_binary = host.spec.qemu, host.spec.qemu_img
     _probe_qemu(host, caps)
     _probe_kernel(host, caps)
     key = hashlib.sha256(f"features|{host.spec.url}|{caps.boot_id}|{caps.qemu_version_text}|{host.spec.qemu}"

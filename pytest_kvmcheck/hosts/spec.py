@@ -46,8 +46,8 @@ class HostSpec:
     key: str | None = None
     known_hosts: str | None = None
     accept_new_host_key: bool = False
-    qemu: str = "qemu-system-x86_64"
-    qemu_img: str = "qemu-img"
+    qemu: str | None = None  # None: found on the host (see capabilities.QEMU_CANDIDATES)
+    qemu_img: str | None = None  # None: found on the host (see capabilities.QEMU_IMG_CANDIDATES)
     accel: str | None = None  # overrides --kvm-accel for this host
     workdir: str | None = None
     memory_budget_mib: int | None = None  # tests needing more memory (kvm_requires("memory:N")) skip here

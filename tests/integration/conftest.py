@@ -126,9 +126,22 @@ class SshHost:
                 "&bridge=br0")
 
 
+# Run by host b's sshd, in a mount namespace of its own (gone with its processes): QEMU is
+# /usr/libexec/qemu-kvm there (an overlay adds it), and qemu-system-x86_64 is no executable.
+RHEL_LAYOUT = """set -e
+mkdir -p "$1" && mount -t tmpfs kc-rhel "$1" && mkdir "$1/upper" "$1/work"
+cp /usr/bin/qemu-system-x86_64 "$1/upper/qemu-kvm"
+mount -t overlay overlay -o "lowerdir=/usr/libexec,upperdir=$1/upper,workdir=$1/work" /usr/libexec
+mount --bind /dev/null /usr/bin/qemu-system-x86_64
+shift
+exec "$@"
+"""
+
+
 @pytest.fixture(scope="session")
 def ssh_hosts(tmp_path_factory):
     """Two SSH hosts on this machine: namespaces on a bridge this session creates (and removes).
+    Host a is laid out as Debian is; host b as RHEL-family hosts are (see RHEL_LAYOUT).
 
     Migration between them crosses a real network path (veth, bridge, veth) between two
     network stacks. Traffic stays on this machine: the bridge and namespaces exist only for
@@ -172,8 +185,10 @@ def ssh_hosts(tmp_path_factory):
             pub = (d / f"host_key_{name}.pub").read_text().split()
             with open(d / "known_hosts", "a") as known:
                 known.write(f"{address} {pub[0]} {pub[1]}\n")
-            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
-                                          stderr=open(d / f"sshd_{name}.log", "w")))
+            sshd = ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)]
+            if name == "b":  # laid out as RHEL-family hosts are: QEMU only as /usr/libexec/qemu-kvm
+                sshd = ["unshare", "-m", "--propagation", "private", "sh", "-c", RHEL_LAYOUT, "sh", str(d / "rhel"), *sshd]
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *sshd], stderr=open(d / f"sshd_{name}.log", "w")))
             deadline = time.monotonic() + 10
             while "LISTEN" not in subprocess.run(["ip", "netns", "exec", ns, "ss", "-ltn", "sport = :22"],
                                                  capture_output=True, text=True).stdout:

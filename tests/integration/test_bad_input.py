@@ -43,6 +43,16 @@ def test_unreachable_host(pytester):
     assert_one_clear_failure(result, "host 127.0.0.1-1 (root@127.0.0.1:1): cannot connect")
 
 
+def test_a_host_that_cannot_be_prepared_is_explained_once(pytester):
+    """Nine tests on an unreachable host: the cause once with the first, once in the summary."""
+    result = run_pytest(pytester, f"{SUITES}/test_virtio_blk.py", "--kvm-hosts=ssh://root@127.0.0.1:1")
+    assert result.parseoutcomes().get("errors") == 9
+    text = result.stdout.str()
+    assert text.count("Unable to connect to port 1 on 127.0.0.1") == 2, text[-3000:]
+    assert "kvmcheck: host 127.0.0.1-1: could not be prepared, so its tests ended as ERROR" in text
+    assert text.count("could not be prepared: the first test on it, and the run's summary, say why") == 8
+
+
 def test_unknown_host_key_says_how_to_accept_it(pytester, sshd, tmp_path):
     address, key = sshd.address, sshd.key
     empty = tmp_path / "known_hosts"

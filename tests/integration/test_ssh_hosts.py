@@ -21,6 +21,10 @@ def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
     for line in skip_reasons(result):
         assert re.search(r"host \S+: needs ", line), f"a skip without host and capability: {line}"
     verdicts = "\n".join(result.outlines)
+    # Neither host's spec names QEMU: a's is found on PATH, b's where RHEL puts it.
+    for host, qemu in ((a, "/usr/bin/qemu-system-x86_64"), (b, "/usr/libexec/qemu-kvm")):
+        assert re.search(rf"^kvmcheck: host {re.escape(host.address)}: QEMU [\d.]+ \({qemu}\)", verdicts, re.M), \
+            verdicts[-2000:]
     for host in (a, b):
         assert re.search(rf"^{re.escape(host.address)}\s+test_migration\s+PASS", verdicts, re.M), verdicts[-2000:]
     junit = (pytester.path / "junit.xml").read_text()

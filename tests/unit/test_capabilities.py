@@ -1,9 +1,12 @@
 """Capability parsing and requirement matching: every miss names host and capability."""
 import pytest
 
-from pytest_kvmcheck.hosts.capabilities import (NEEDS, Capabilities, parse_accel_help, parse_device_help,
-                                                parse_machine_help, parse_qemu_version, unmet)
-from pytest_kvmcheck.errors import HostError
+from pytest_kvmcheck.hosts import capabilities
+from pytest_kvmcheck.hosts.capabilities import (NEEDS, Capabilities, find_binaries, first_present, parse_accel_help,
+                                                parse_device_help, parse_machine_help, parse_qemu_version, unmet)
+from pytest_kvmcheck.errors import HostError, QemuNotFound
+from pytest_kvmcheck.hosts.local import LocalHost
+from pytest_kvmcheck.hosts.spec import HostSpec
 
 
 def caps(**kw):
@@ -91,3 +94,32 @@ def test_unknown_need_is_an_error():
 def test_round_trip_through_json():
     c = caps(sriov_pfs=["x"])
     assert Capabilities.from_dict(c.to_dict()) == c
+
+
+def test_the_first_executable_candidate_is_the_hosts_binary(tmp_path):
+    qemu_kvm = tmp_path / "libexec" / "qemu-kvm"
+    qemu_kvm.parent.mkdir()
+    qemu_kvm.write_text("#!/bin/sh\n")
+    not_executable = tmp_path / "qemu-system-x86_64"
+    not_executable.write_text("")
+    host = LocalHost(HostSpec(name="local"))
+    assert first_present(host, ("kc-no-such-qemu", str(not_executable), str(qemu_kvm))) == ""  # not executable yet
+    qemu_kvm.chmod(0o755)
+    assert first_present(host, ("kc-no-such-qemu", str(not_executable), str(qemu_kvm))) == str(qemu_kvm)
+    assert first_present(host, ("sh", str(qemu_kvm))) == "sh"  # a name on PATH comes as it was given
+
+
+def test_no_qemu_says_what_to_install_per_distribution(monkeypatch):
+    host = LocalHost(HostSpec(name="h1"))
+    monkeypatch.setattr(capabilities, "QEMU_CANDIDATES", ("kc-no-such-qemu", "/nonexistent/qemu-kvm"))
+    with pytest.raises(QemuNotFound) as info:
+        find_binaries(host)
+    message = str(info.value)
+    assert "host h1: no QEMU found (looked for kc-no-such-qemu, /nonexistent/qemu-kvm)" in message
+    assert "apt-get install qemu-system-x86 qemu-utils" in message and "dnf install qemu-kvm qemu-img" in message
+    assert "or set qemu= for the host" in message
+
+
+def test_a_given_binary_is_not_looked_for():
+    spec = find_binaries(LocalHost(HostSpec(name="h1", qemu="/opt/q/qemu", qemu_img="/opt/q/qemu-img")))
+    assert (spec.qemu, spec.qemu_img) == ("/opt/q/qemu", "/opt/q/qemu-img")
