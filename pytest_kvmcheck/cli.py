@@ -2,6 +2,8 @@
 
     kvmcheck image build [--force]        build (or reuse) the tiny guest image
     kvmcheck image build --cloud          build (or reuse) a Debian qcow2 cloud image
+    kvmcheck doctor [--kvm-hosts=...]     what each host has of what the suites need, and what to do;
+                                          exit 1 if a host cannot run the suites at all
     kvmcheck cleanup [--kvm-hosts=...]    remove every run's leftovers on the hosts, kept VMs too
     kvmcheck lab up [--hosts N]           boot the virtual KVM lab (nested KVM hosts under TCG)
     kvmcheck lab status                   each lab host: alive, reachable, KVM, nested, shared storage
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--cloud", action="store_true",
                        help="build a Debian qcow2 cloud image with cloud-init instead (root, a few minutes)")
+    doctor = sub.add_parser("doctor", help="check each host's prerequisites, one row each, with what to do")
+    doctor.add_argument("--kvm-hosts", default="local", help="as for pytest (default: local)")
+    doctor.add_argument("--kvm-accel", default="auto", choices=("auto", "kvm", "tcg"), help="as for pytest")
     cleanup = sub.add_parser("cleanup", help="kill leftover QEMU processes and remove run dirs on the hosts")
     cleanup.add_argument("--kvm-hosts", default="local", help="as for pytest (default: local)")
     lab = sub.add_parser("lab", help="the virtual KVM lab: KVM hosts for machines without VT-x/AMD-V")
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"tiny image {img.digest}: kernel {img.kernel_version}\n  {img.kernel}\n  {img.initrd}")
         elif args.command == "lab":
             return _lab(args)
+        elif args.command == "doctor":
+            return _doctor(args)
         elif args.command == "cleanup":
             from .hosts.spec import parse_hosts
             from .hosts.footprint import reap_stale_runs
@@ -90,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         print("kvmcheck: interrupted; nothing it started is left running", file=sys.stderr)
         return 130
     return 0
+
+
+def _doctor(args) -> int:
+    from .doctor import Doctor, render, unusable
+    from .hosts.spec import parse_hosts
+    rows = Doctor(parse_hosts(args.kvm_hosts), accel=args.kvm_accel,
+                  progress=lambda m: print(f"kvmcheck: {m}", file=sys.stderr)).examine()
+    print(render(rows))
+    return 1 if unusable(rows) else 0
 
 
 def _compare(args) -> int:

@@ -59,6 +59,13 @@ def test_lab_up_smoke_down(pytester, lab_dir):
     assert status.returncode == 0, status.stdout + status.stderr
     for name in ("lab-1", "lab-2"):
         assert re.search(rf"name={name} .*alive=True .*kvm=True .*nested=1 .*shared=True", status.stdout), status.stdout
+    doctor = kvmcheck("doctor", "--kvm-hosts=lab", timeout=600)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    for name, peer in (("lab-1", "lab-2"), ("lab-2", "lab-1")):
+        for check in ("connection", "privileges", "QEMU", "qemu-img", "QMP relay", "kvm", "nested", "iommu", "sriov",
+                      "bridge", f"shared storage with {peer}"):
+            assert re.search(rf"^{name}\s+{re.escape(check)}\s+ok\s", doctor.stdout, re.M), doctor.stdout
+        assert f"host {name}: ready" in doctor.stdout, doctor.stdout
     again = kvmcheck("lab", "up", "--hosts", "2", timeout=120)
     assert again.returncode == 0 and "already up" in again.stderr, again.stderr
     assert lab_leftovers(lab_dir)  # (sanity: the leak check sees a running lab)
@@ -72,7 +79,7 @@ def test_lab_up_smoke_down(pytester, lab_dir):
     for host in ("lab-1", "lab-2"):
         for feature in SMOKE_SUITES:
             assert re.search(rf"^{host}\s+{feature}\s+PASS", verdicts, re.M), verdicts[-2000:]
-        assert re.search(rf"host {host}: QEMU [\d.]+, accel kvm,", verdicts), verdicts[-2000:]
+        assert re.search(rf"host {host}: QEMU [\d.]+ \(\S+\), accel kvm,", verdicts), verdicts[-2000:]
     junit = (pytester.path / "junit.xml").read_text()
     for source, dest, address in (("lab-1", "lab-2", "10.77.0.12"), ("lab-2", "lab-1", "10.77.0.11")):
         assert re.search(rf"{source} -&gt; {dest} \(precopy\) over tcp:{re.escape(address)}:", junit), \
