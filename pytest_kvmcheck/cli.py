@@ -79,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cleanup":
             from .hosts.spec import parse_hosts
             from .hosts.footprint import reap_stale_runs
+            from .hosts.settings import replay_stale_changes
             from .hosts.connect import connect
             for spec in parse_hosts(args.kvm_hosts):
                 host = connect(spec)
                 try:
-                    notes = reap_stale_runs(host, everything=True)
+                    notes = reap_stale_runs(host, everything=True) + replay_stale_changes(host)
                 finally:
                     host.close()
                 print(f"host {spec.name}: " + ("; ".join(notes) if notes else "nothing left behind"))

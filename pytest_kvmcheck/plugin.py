@@ -80,6 +80,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "kvm_requires(*needs, on='host'): the test needs these capabilities of the host under test "
         "(on='peer': of its migration peer; see pytest_kvmcheck.hosts.capabilities.NEEDS); an unmet need skips "
         "the test, before any VM boots, with a reason naming the host and the capability")
+    config.addinivalue_line(
+        "markers", "kvm_changes_host(what): the test changes host-wide state (KSM knobs, sriov_numvfs, driver "
+        "bindings); it runs only where the host's spec allows it (allow_host_changes) and skips elsewhere")
     accel = setting(config, "kvm_accel")
     if accel not in ACCELS:
         raise pytest.UsageError(f"--kvm-accel: {accel!r} is not one of {', '.join(ACCELS)}")
@@ -186,6 +189,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if on not in ("host", "peer"):
             raise ValueError(f"kvm_requires(on={on!r}): on is 'host' or 'peer'")  # the suite's bug: BROKEN
         (peer_needs if on == "peer" else needs).extend(marker.args)
+    if item.get_closest_marker("kvm_changes_host"):
+        needs.append("allow_host_changes")
     missing = run.unmet(name, needs, peer_needs)  # an unknown need is the suite's bug: its ValueError reads as BROKEN
     expected = [m for m in missing if m.expected]
     if expected:  # a production host that lost what it must have is not "skipped"

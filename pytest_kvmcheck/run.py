@@ -35,6 +35,7 @@ from .images.cloud import CloudImage, seed_iso
 from .images.tiny import TinyImage, build_tiny
 from .paths import cache_dir
 from .hosts.footprint import KEEP_MARKER, HostRun, place_files, remove_run, start_run
+from .hosts.settings import replay_stale_changes
 from .hosts.connect import connect
 from .hosts.transport import Host
 from .qemu.vm import VM, stop_all_vms
@@ -210,6 +211,7 @@ class KvmRun:
         try:
             tiny = build_tiny(progress=self.progress)  # its kernel also serves the KVM probe
             run_dir, notes = start_run(transport, self.run_id, self.owner_pid)
+            notes += replay_stale_changes(transport)  # host-wide changes a killed run did not give back
             # Hosts sharing storage share the run dir: a peer that sees this marker shares it with us.
             transport.write_bytes(f"{run_dir}/host-{spec.name}", b"")
             host_run = self._place_guest(transport, run_dir, tiny)

@@ -161,6 +161,7 @@ def test_memory_hotplug(boot_vm):
 
 
 @pytest.mark.kvm_requires("iommu", "assignable")
+@pytest.mark.kvm_changes_host("a device's driver binding")
 def test_assigned_device_hotplug(hotplug_guest, kvm_host, kvm_note):
     """Handbook 3.1: ``device_add pci-assign,host=BDF`` is ``device_add vfio-pci,host=BDF`` today: the
     plugged device appears in the guest's lspci, and goes back to its host driver after the unplug."""

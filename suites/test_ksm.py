@@ -15,7 +15,7 @@ import pytest
 from pytest_kvmcheck import VMSpec, wait_until
 from pytest_kvmcheck.hosts.settings import HostLock, SysfsSettings
 
-pytestmark = pytest.mark.kvm_requires("ksm", "memory:1024")
+pytestmark = [pytest.mark.kvm_requires("ksm", "memory:1024"), pytest.mark.kvm_changes_host("KSM's knobs")]
 
 KSM = "/sys/kernel/mm/ksm"
 KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
@@ -29,9 +29,9 @@ MIN_NEW_SHARING = 2048  # pages (8 MiB): far less than three identical initramfs
 @pytest.fixture
 def ksm(kvm_host):
     with HostLock(kvm_host.transport, "ksm"):  # KSM is one per kernel: one test at a time drives it
-        settings = SysfsSettings(kvm_host.transport, KSM, KNOBS)
+        settings = SysfsSettings(kvm_host.transport, KSM, KNOBS, restore_first={"run": 2})  # 2: stop, unmerge all
         yield settings
-        left = settings.restore(before={"run": 2})  # 2: stop and unmerge everything, then the original values
+        left = settings.restore()
     assert not left, f"host {kvm_host.name}: could not restore KSM settings (original, now): {left}"
 
 

@@ -18,6 +18,7 @@ from pytest_kvmcheck.hosts.settings import NotAssignable, VfioBinding, link_name
 from pytest_kvmcheck.qemu.legacy import describe, form
 
 needs_assignment = pytest.mark.kvm_requires("kvm", "iommu", "assignable")
+rebinds = pytest.mark.kvm_changes_host("a device's driver binding")
 
 IOMMU_ON = re.compile(r"DMAR: IOMMU enabled|AMD-Vi: .*(Interrupt remapping|IOMMU performance counters)|"
                       r"iommu: Default domain type", re.I)
@@ -45,6 +46,7 @@ def test_host_iommu_is_on(kvm_host):
 
 
 @needs_assignment
+@rebinds
 def test_iommu_group_is_viable_once_bound(binding, kvm_host):
     """Handbook 2.1: once the device is on vfio-pci its IOMMU group is viable and /dev/vfio/GROUP exists."""
     assert binding.iommu_group, f"{binding.bdf} has no IOMMU group"
@@ -58,6 +60,7 @@ def test_iommu_group_is_viable_once_bound(binding, kvm_host):
 
 
 @needs_assignment
+@rebinds
 def test_guest_sees_assigned_device_and_binds_its_driver(binding, boot_vm, kvm_host, kvm_note):
     """Handbook 2.1: a device given to vfio-pci and assigned with ``-device vfio-pci,host=BDF`` shows in the
     guest's lspci and gets a guest driver; afterwards the host's own driver has it back."""

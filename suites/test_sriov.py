@@ -12,7 +12,7 @@ import pytest
 from pytest_kvmcheck import VMSpec, wait_until
 from pytest_kvmcheck.hosts.settings import SysfsSettings, VfioBinding, link_name
 
-pytestmark = pytest.mark.kvm_requires("kvm", "iommu", "sriov")
+pytestmark = [pytest.mark.kvm_requires("kvm", "iommu", "sriov"), pytest.mark.kvm_changes_host("sriov_numvfs")]
 
 VFS = 2
 SETTLE_S = 20.0
@@ -23,9 +23,9 @@ def pf(kvm_host):
     """The first idle SR-IOV PF listed as assignable; its sriov_numvfs and autoprobe as found, afterwards."""
     device = kvm_host.caps.idle_assignable_pfs()[0]
     settings = SysfsSettings(kvm_host.transport, f"/sys/bus/pci/devices/{device}",
-                             ("sriov_drivers_autoprobe", "sriov_numvfs"))
+                             ("sriov_drivers_autoprobe", "sriov_numvfs"), restore_first={"sriov_numvfs": 0})
     yield settings
-    left = settings.restore(before={"sriov_numvfs": 0})
+    left = settings.restore()
     assert not left, f"host {kvm_host.name}: could not restore {device} (original, now): {left}"
 
 

@@ -5,7 +5,8 @@ tests declare needs with ``@pytest.mark.kvm_requires(...)``; :func:`unmet` match
 explains every miss, naming the host and the capability, so a skip always says why.
 
 Need names (see :data:`NEEDS`): ``kvm``, ``vhost-net``, ``tap``, ``bridge``, ``iommu``, ``assignable``,
-``sriov``, ``pci-unlisted``, ``ksm``, ``nested``, ``root``, ``seccomp``, ``multifd``, ``postcopy``,
+``sriov``, ``pci-unlisted``, ``ksm``, ``nested``, ``root``, ``allow_host_changes``, ``seccomp``, ``multifd``,
+``postcopy``,
 ``disk-image-guest``, ``libvirt``, ``device:NAME``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``;
 and of a host pair, ``shared-storage`` (see :func:`pair_has`).
 """
@@ -62,6 +63,7 @@ class Capabilities:
     cpu_flags: list[str] = field(default_factory=list)  # the host CPU's, from /proc/cpuinfo
     bridge_cidr: str = ""  # the address/prefix of the host's bridge= (guests' bridged NICs join it)
     root: bool = False  # commands run as root there
+    host_changes: bool = False  # its spec allows tests to change host-wide state (allow_host_changes)
     seccomp: bool = False  # QEMU takes -sandbox on
     migration: list[str] = field(default_factory=list)  # optional migration capabilities QEMU enables there
     guest: str = "tiny"  # what this run boots there: "tiny" or "disk-image"
@@ -141,6 +143,9 @@ _CHECKS = {
                                "every PCI device is listed as assignable"),
     "ksm": lambda c: (c.ksm, "no /sys/kernel/mm/ksm"),
     "nested": lambda c: (c.nested in ("1", "Y", "y"), f"nested virtualization is off (nested={c.nested or 'absent'})"),
+    "allow_host_changes": lambda c: (c.host_changes, "the test changes host-wide state (KSM, sriov_numvfs, "
+                                     "driver bindings), which this host's spec does not allow: allow_host_changes=1 "
+                                     "allows it (off by default for SSH hosts)"),
     "root": lambda c: (c.root, "commands run there as another user; QEMU must start as root to drop privileges"),
     "seccomp": lambda c: (c.seccomp, f"QEMU {c.qemu_version_text} was built without -sandbox"),
     "multifd": lambda c: ("multifd" in c.migration, "QEMU there refused the multifd capability"),
@@ -391,7 +396,7 @@ def probe(host: Host, requested_accel: str, kernel: str, workdir: str, cache: di
     """Probe one host. ``cache`` (a dict persisted by the caller) keeps the slow KVM
     verdict per host boot and QEMU version, so it is paid once per host boot."""
     caps = Capabilities(host=host.name, assignable=list(host.spec.assignable),
-                        memory_budget_mib=host.spec.memory_budget_mib)
+                        memory_budget_mib=host.spec.memory_budget_mib, host_changes=host.spec.host_changes_allowed)
     host.spec = find_binaries(host)  # from here on, every command names the binaries found
     caps.qemu_binary, caps.qemu_img_binary = host.spec.qemu, host.spec.qemu_img
     _probe_qemu(host, caps)

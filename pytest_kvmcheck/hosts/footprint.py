@@ -35,7 +35,8 @@ def owner_record(pid: int | None = None) -> dict:
             "started": time.time()}
 
 
-def _owner_is_dead(owner: dict) -> bool:
+def owner_is_dead(owner: dict) -> bool:
+    """Whether the process an :func:`owner_record` names is gone (or the record is a day old)."""
     if time.time() - float(owner.get("started", 0)) > STALE_AFTER_S:
         return True
     if owner.get("client") != socket.gethostname():
@@ -109,7 +110,7 @@ def reap_stale_runs(host: Host, current: str | None = None, everything: bool = F
             owner = json.loads(host.read_text(posixpath.join(run_dir, "owner.json"), default="{}"))
         except ValueError:
             owner = {}
-        if everything or not owner or _owner_is_dead(owner):
+        if everything or not owner or owner_is_dead(owner):
             # Kept VMs of dead runs stay until `kvmcheck cleanup` (everything=True).
             notes += [f"{run_id}: {n}" for n in remove_run(host, run_dir, keep_kept=not everything)]
             notes.append(f"removed stale run {run_id}")

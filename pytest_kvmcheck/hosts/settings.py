@@ -6,16 +6,28 @@ values, writes new ones through the host's transport (``tee``, an argv: no shell
 that assigns a PCI device takes a :class:`VfioBinding`: only devices the host's inventory
 lists as assignable, handed to vfio-pci and back to the driver they had. A run leaves every
 host as it found it, and says so when it cannot.
+
+Before its first change, each writes how to undo it to a :class:`ChangeJournal` on the host
+itself (never on shared storage: another host must not replay it), and removes the entry
+once the restore is verified. A run that was killed leaves its entry behind:
+:func:`replay_stale_changes` (at the start of the next run there, and in ``kvmcheck
+cleanup``) undoes it. Tests that make such changes carry ``@pytest.mark.kvm_changes_host``
+and run only where the host's spec allows it (``allow_host_changes``).
 """
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import secrets
 import socket
 import time
 
 from ..errors import HostError
+from .footprint import owner_is_dead, owner_record
 from .transport import Host
+
+JOURNAL_DIR = "/tmp/kvmcheck-host-changes"  # on the host's own /tmp: each host replays only its own
 
 LOCK_STALE_S = 1800.0  # a lock older than this was left by a run that was killed
 LOCK_WAIT_S = 900.0
@@ -66,6 +78,62 @@ def write_sysfs(host: Host, path: str, value) -> None:
                         f"(the test needs root on the host and a writable /sys)")
 
 
+class ChangeJournal:
+    """How to undo one test's host-wide changes, kept on the host until they are undone."""
+
+    def __init__(self, host: Host, what: str):
+        self.host, self.what = host, what
+        self.path = posixpath.join(JOURNAL_DIR, f"{secrets.token_hex(8)}.json")
+        self.undo: list[dict] = []
+
+    def record(self, *steps: dict) -> None:
+        """Add undo steps (run last first) and write the entry, before the change is made."""
+        self.undo += steps
+        self.host.makedirs(JOURNAL_DIR)
+        self.host.write_bytes(self.path, json.dumps({"owner": owner_record(), "what": self.what,
+                                                     "undo": self.undo}).encode())
+
+    def done(self) -> None:
+        """The changes are undone and verified: nothing to replay."""
+        self.undo = []
+        self.host.run(["rm", "-f", self.path], timeout=30)
+
+
+def undo(host: Host, step: dict) -> str:
+    """Carry out one undo step; return what is wrong afterwards ("" when it took)."""
+    if step["kind"] == "sysfs":
+        write_sysfs(host, step["path"], step["value"])
+        now = host.read_text(step["path"], default="").strip()
+        return "" if step.get("verify") is False or now == str(step["value"]) else \
+            f"{step['path']} is {now!r}, not {step['value']!r}"
+    if step["kind"] == "binding":
+        now = give_back(host, step["bdf"], step["driver"])
+        return "" if now == step["driver"] else f"{step['bdf']} is on {now or 'no driver'}, not {step['driver']}"
+    raise ValueError(f"unknown undo step {step!r}")
+
+
+def replay_stale_changes(host: Host) -> list[str]:
+    """Undo what killed runs changed on ``host`` and did not give back; return notes."""
+    notes = []
+    for name in host.listdir(JOURNAL_DIR):
+        path = posixpath.join(JOURNAL_DIR, name)
+        try:
+            entry = json.loads(host.read_text(path, default="{}"))
+        except ValueError:
+            entry = {}
+        if entry and not owner_is_dead(entry.get("owner", {})):
+            continue  # a live test's changes: it gives them back itself
+        wrong = [problem for step in reversed(entry.get("undo", [])) if (problem := undo(host, step))]
+        if wrong:
+            notes.append(f"could not undo what a killed run changed ({entry.get('what')}): {'; '.join(wrong)}; "
+                         f"the record stays in {path}")
+            continue
+        host.run(["rm", "-f", path], timeout=30)
+        if entry.get("undo"):
+            notes.append(f"undid what a killed run changed ({entry.get('what')})")
+    return notes
+
+
 def link_name(host: Host, path: str) -> str:
     """The last part of a sysfs symlink's target (a driver, an IOMMU group), "" if there is none."""
     result = host.run(["readlink", path], timeout=30)
@@ -73,10 +141,20 @@ def link_name(host: Host, path: str) -> str:
 
 
 class SysfsSettings:
-    def __init__(self, host: Host, directory: str, names: tuple[str, ...]):
+    """Knobs in one sysfs directory, recorded before a test changes them and given back.
+
+    ``restore_first`` is written before the recorded values go back, for each of its knobs the
+    test wrote (KSM's ``run=2`` stops ksmd and unmerges; ``sriov_numvfs=0`` must precede
+    another VF count); it is not checked.
+    """
+
+    def __init__(self, host: Host, directory: str, names: tuple[str, ...], restore_first: dict | None = None):
         self.host, self.directory, self.names = host, directory, names
+        self.restore_first = dict(restore_first or {})
         self.original = {name: self.read(name) for name in names}
         self.changed = False
+        self.written: set[str] = set()
+        self.journal = ChangeJournal(host, f"{', '.join(names)} in {directory}")
 
     def path(self, name: str) -> str:
         return posixpath.join(self.directory, name)
@@ -88,21 +166,34 @@ class SysfsSettings:
         return int(self.read(name))
 
     def write(self, name: str, value) -> None:
+        # Undo steps run last first: restore_first's (recorded later), then the original values.
+        if not self.changed:
+            self.journal.record(*({"kind": "sysfs", "path": self.path(n), "value": self.original[n]}
+                                  for n in self.names))
+        if name in self.restore_first and name not in self.written:
+            self.journal.record({"kind": "sysfs", "path": self.path(name), "value": self.restore_first[name],
+                                 "verify": False})
         write_sysfs(self.host, self.path(name), value)
         self.changed = True
+        self.written.add(name)
 
-    def restore(self, before: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
-        """Write the recorded values back (``before`` first, e.g. KSM's unmerge); return what differs."""
+    def restore(self) -> dict[str, tuple[str, str]]:
+        """Write the recorded values back (``restore_first`` first); return what differs."""
         if not self.changed:
             return {}
-        for name, value in (before or {}).items():
-            self.write(name, value)
+        for name, value in self.restore_first.items():
+            if name in self.written:
+                write_sysfs(self.host, self.path(name), value)
         for name in reversed(self.names):
             if self.read(name) != self.original[name]:
-                self.write(name, self.original[name])
+                write_sysfs(self.host, self.path(name), self.original[name])
         self.changed = False
-        return {name: (self.original[name], now) for name in self.names
+        self.written.clear()
+        left = {name: (self.original[name], now) for name in self.names
                 if (now := self.read(name)) != self.original[name]}
+        if not left:
+            self.journal.done()
+        return left
 
 
 class NotAssignable(HostError):
@@ -125,6 +216,7 @@ class VfioBinding:
         self.original_driver = self.driver()
         self.bound = False
         self.lock = HostLock(host, f"pci-{bdf}")
+        self.journal = ChangeJournal(host, f"{bdf} bound to vfio-pci (from {self.original_driver or 'no driver'})")
 
     def driver(self) -> str:
         return link_name(self.host, f"{self.dev}/driver")
@@ -152,6 +244,7 @@ class VfioBinding:
                                 f"host spec lists {', '.join(self.assignable) or 'nothing'}); refusing to touch it")
         if not self.bound:
             self.lock.__enter__()  # one test at a time holds a device
+            self.journal.record({"kind": "binding", "bdf": self.bdf, "driver": self.original_driver})
         self.bound = True
         write_sysfs(self.host, f"{self.dev}/driver_override", "vfio-pci")
         if self.original_driver and self.original_driver != "vfio-pci":
@@ -167,14 +260,12 @@ class VfioBinding:
         """Give the device back to its original driver; return the driver it has now."""
         if not self.bound:
             return self.driver()
-        if self.driver() == "vfio-pci" and self.original_driver != "vfio-pci":
-            write_sysfs(self.host, f"{self.dev}/driver/unbind", self.bdf)
-        write_sysfs(self.host, f"{self.dev}/driver_override", "")
-        if self.original_driver and self.driver() != self.original_driver:
-            write_sysfs(self.host, "/sys/bus/pci/drivers_probe", self.bdf)
+        now = give_back(self.host, self.bdf, self.original_driver)
         self.bound = False
+        if now == self.original_driver:
+            self.journal.done()
         self.lock.__exit__(None, None, None)
-        return self.driver()
+        return now
 
     def __enter__(self) -> "VfioBinding":
         return self.bind()
@@ -184,3 +275,14 @@ class VfioBinding:
         if exc[0] is None and now != self.original_driver:
             raise HostError(f"host {self.host.name}: {self.bdf} should be back on {self.original_driver or 'no driver'}, "
                             f"it is on {now or 'no driver'}")
+
+
+def give_back(host: Host, bdf: str, driver: str) -> str:
+    """Hand PCI device ``bdf`` from vfio-pci back to ``driver``; return the driver it has now."""
+    dev = f"/sys/bus/pci/devices/{bdf}"
+    if link_name(host, f"{dev}/driver") == "vfio-pci" and driver != "vfio-pci":
+        write_sysfs(host, f"{dev}/driver/unbind", bdf)
+    write_sysfs(host, f"{dev}/driver_override", "")
+    if driver and link_name(host, f"{dev}/driver") != driver:
+        write_sysfs(host, "/sys/bus/pci/drivers_probe", bdf)
+    return link_name(host, f"{dev}/driver")

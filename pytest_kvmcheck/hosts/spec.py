@@ -4,7 +4,8 @@ Accepted forms, comma separated::
 
     local                                   this machine, via subprocesses
     ssh://user@host[:port][?key=..&qemu=..&qemu_img=..&workdir=..&accel=..&name=..&boot_timeout=..
-                                            &max_downtime_ms=..&accept_new_host_key=1&known_hosts=..]
+                                            &max_downtime_ms=..&allow_host_changes=1&accept_new_host_key=1
+                                            &known_hosts=..]
     @inventory.toml                         a TOML inventory (see fixtures/inventory.example.toml)
     lab                                     the virtual KVM lab's inventory, once it is up
 
@@ -30,7 +31,7 @@ ACCELS = ("auto", "kvm", "tcg")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
                "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address", "expect",
-               "bridge", "boot_timeout", "max_downtime_ms"}
+               "bridge", "boot_timeout", "max_downtime_ms", "allow_host_changes"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
 
@@ -58,6 +59,13 @@ class HostSpec:
     bridge: str | None = None  # a Linux bridge guests' bridged NICs join (it must have an IPv4 address)
     boot_timeout: int | None = None  # seconds a guest may take to boot there (slow hosts: nested, emulated)
     max_downtime_ms: int | None = None  # live migration downtime bound to or from it (default: the ini's)
+    # Tests that change host-wide state (KSM, sriov_numvfs, driver bindings) run there only if
+    # allowed; None: allowed on this machine (local), not on a host reached over SSH.
+    allow_host_changes: bool | None = None
+
+    @property
+    def host_changes_allowed(self) -> bool:
+        return self.allow_host_changes if self.allow_host_changes is not None else self.transport == "local"
 
     @property
     def migration_address(self) -> str:
@@ -108,7 +116,7 @@ def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:
             if value not in ACCELS:
                 raise HostSpecError(f"{what}: must be one of {', '.join(ACCELS)}, got {value!r}")
             changes["accel"] = None if value == "auto" else value
-        elif key == "accept_new_host_key":
+        elif key in ("accept_new_host_key", "allow_host_changes"):
             changes[key] = value if isinstance(value, bool) else _bool(value, what)
         elif key in ("memory_budget_mib", "boot_timeout", "max_downtime_ms"):
             changes[key] = _int(value, what)

@@ -287,6 +287,7 @@ class Lab:
                 'bridge = "br0"',
                 f"boot_timeout = {GUEST_BOOT_TIMEOUT}  # guests under nested KVM on an emulated CPU: ~20 s idle, more when busy",
                 f"max_downtime_ms = {MIGRATION_DOWNTIME_BOUND_MS}  # the switchover runs on an emulated CPU too",
+                "allow_host_changes = true  # the lab's hosts are the tests' own",
                 f"assignable = {json.dumps(assignable)}",
                 'tags = ["lab"]',
                 "",

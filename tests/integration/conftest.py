@@ -1,6 +1,7 @@
 """Integration fixtures: real QEMU guests, a real sshd in a network namespace, leak checks."""
 from __future__ import annotations
 
+import glob
 import os
 import re
 import secrets
@@ -14,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from pytest_kvmcheck.hosts.local import LocalHost
+from pytest_kvmcheck.hosts.settings import HostLock
+from pytest_kvmcheck.hosts.spec import HostSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITES = str(ROOT / "suites")
@@ -209,3 +214,35 @@ def ssh_hosts(tmp_path_factory):
 def sshd(ssh_hosts) -> SshHost:
     """One SSH host, for tests that need just one."""
     return ssh_hosts[0]
+
+
+KSM = "/sys/kernel/mm/ksm"
+# What the suites could turn, host-wide: KSM, module parameters, VF counts, driver bindings, hugepages.
+KNOB_GLOBS = (f"{KSM}/*", "/sys/module/kvm*/parameters/*", "/sys/bus/pci/devices/*/sriov_numvfs",
+              "/sys/bus/pci/devices/*/sriov_drivers_autoprobe", "/sys/bus/pci/devices/*/driver_override",
+              "/proc/sys/vm/nr_hugepages")
+
+
+def knobs() -> dict[str, str]:
+    """Every knob of KNOB_GLOBS (files with a write bit: not KSM's counters), and each PCI device's driver."""
+    out = {}
+    for pattern in KNOB_GLOBS:
+        for path in glob.glob(pattern):
+            if not os.stat(path).st_mode & 0o200:
+                continue
+            try:
+                out[path] = Path(path).read_text().strip()
+            except OSError:
+                pass
+    for dev in glob.glob("/sys/bus/pci/devices/*"):
+        out[f"{dev}/driver"] = os.path.basename(os.readlink(f"{dev}/driver")) if os.path.exists(f"{dev}/driver") else ""
+    return out
+
+
+@pytest.fixture
+def ksm_held():
+    """KSM to this test alone: the suites' KSM tests on another worker wait, as for each other."""
+    if not os.path.isdir(KSM) or os.geteuid() != 0:
+        pytest.skip("host local: needs ksm and root: the knobs compared are KSM's")
+    with HostLock(LocalHost(HostSpec(name="local")), "ksm"):
+        yield

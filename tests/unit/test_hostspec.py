@@ -19,6 +19,13 @@ def test_ssh_url_with_options():
     assert spec.name == "node3-2222" and spec.url == "ssh://qa@node3:2222"
 
 
+def test_host_changes_are_allowed_on_this_machine_and_not_over_ssh_unless_said():
+    assert parse_host("local").host_changes_allowed
+    assert not parse_host("local?allow_host_changes=0").host_changes_allowed
+    assert not parse_host("ssh://qa@node3").host_changes_allowed
+    assert parse_host("ssh://qa@node3?allow_host_changes=yes").host_changes_allowed
+
+
 def test_a_slow_host_sets_its_own_downtime_bound():
     assert parse_host("local?max_downtime_ms=10000").max_downtime_ms == 10000
     assert parse_host("local").max_downtime_ms is None  # the ini's kvm_max_downtime_ms applies
