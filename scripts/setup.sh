@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static dropbear-bin pciutils iproute2 kmod procps
-          openssh-server openssh-client socat python3-venv ca-certificates
+          openssh-server openssh-client socat python3-venv ca-certificates sudo
           gcc libc6-dev \
           mmdebstrap extlinux syslinux-common e2fsprogs mount \
           chromium)  # gcc: the guest's KVM probe; mmdebstrap..mount: images; chromium: the reports' browser checks

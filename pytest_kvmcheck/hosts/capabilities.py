@@ -305,7 +305,7 @@ def _probe_kernel(host: Host, caps: Capabilities) -> None:
     caps.vhost_net = host.exists("/dev/vhost-net")
     if not caps.vhost_net:
         caps.reasons["vhost-net"] = "/dev/vhost-net is missing (vhost_net module not loaded or not available)"
-    is_root = caps.root = host.run(["id", "-u"], timeout=10).stdout.strip() == "0"
+    is_root = caps.root = host.run(["id", "-u"], timeout=10).stdout.strip() == "0" or _sudo_works(host)
     caps.tap = host.exists("/dev/net/tun") and is_root
     if not caps.tap:
         caps.reasons["tap"] = "/dev/net/tun is missing" if is_root else "tap devices need root (CAP_NET_ADMIN)"
@@ -321,6 +321,19 @@ def _probe_kernel(host: Host, caps: Capabilities) -> None:
         if value:
             caps.nested = value
             break
+
+
+def _sudo_works(host: Host) -> bool:
+    """With sudo=1, whether sudo runs commands as root without asking; one clear error if not."""
+    if not host.spec.sudo:
+        return False
+    result = host.run(["id", "-u"], timeout=15, root=True)
+    if result.stdout.strip() != "0":
+        said = (result.stderr or result.stdout).strip().splitlines()
+        raise HostError(f"host {host.name}: sudo=1, but 'sudo -n id -u' failed ({said[-1] if said else 'exit ' + str(result.exit_status)}): "
+                        "let this user run commands as root without a password (a NOPASSWD rule in sudoers), "
+                        "or connect as root")
+    return True
 
 
 def _probe_bridge(host: Host, caps: Capabilities) -> None:
@@ -376,7 +389,7 @@ def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tupl
     # A slow host (boot_timeout= in its spec: nested, emulated) gets a deadline in proportion.
     deadline = max(KVM_PROBE_TIMEOUT, (host.spec.boot_timeout or 0) / 5)
     try:
-        result = host.run(argv, timeout=30)
+        result = host.run(argv, timeout=30, root=True)
         if not result.ok:
             return False, f"QEMU refused -accel kvm: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'exit ' + str(result.exit_status)}"
         seen = poll(lambda: "Linux version" in host.read_text(console, default=""), deadline, 0.1)

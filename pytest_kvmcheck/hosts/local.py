@@ -27,8 +27,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 class LocalHost(Host):
     def run(self, argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
-            input: str | None = None) -> CommandResult:
-        argv = tuple(str(a) for a in argv)
+            input: str | None = None, root: bool = False) -> CommandResult:
+        argv = tuple(str(a) for a in (self.privileged(argv) if root else argv))
         start = time.monotonic()
         try:
             # Own session: a Ctrl-C at the terminal reaches pytest, not the child.

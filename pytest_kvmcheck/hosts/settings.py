@@ -71,7 +71,7 @@ class HostLock:
 
 
 def write_sysfs(host: Host, path: str, value) -> None:
-    result = host.run(["tee", path], input=f"{value}\n", timeout=60)
+    result = host.run(["tee", path], input=f"{value}\n", timeout=60, root=True)
     if not result.ok:
         raise HostError(f"host {host.name}: cannot write {str(value)!r} to {path}: "
                         f"{result.stderr.strip() or 'exit ' + str(result.exit_status)} "
@@ -89,14 +89,14 @@ class ChangeJournal:
     def record(self, *steps: dict) -> None:
         """Add undo steps (run last first) and write the entry, before the change is made."""
         self.undo += steps
-        self.host.makedirs(JOURNAL_DIR)
-        self.host.write_bytes(self.path, json.dumps({"owner": owner_record(), "what": self.what,
-                                                     "undo": self.undo}).encode())
+        entry = json.dumps({"owner": owner_record(), "what": self.what, "undo": self.undo})
+        self.host.run(["mkdir", "-p", JOURNAL_DIR], timeout=30, root=True).check(f"mkdir {JOURNAL_DIR}")
+        self.host.run(["tee", self.path], input=entry, timeout=30, root=True).check(f"writing {self.path}")
 
     def done(self) -> None:
         """The changes are undone and verified: nothing to replay."""
         self.undo = []
-        self.host.run(["rm", "-f", self.path], timeout=30)
+        self.host.run(["rm", "-f", self.path], timeout=30, root=True)
 
 
 def undo(host: Host, step: dict) -> str:
@@ -128,7 +128,7 @@ def replay_stale_changes(host: Host) -> list[str]:
             notes.append(f"could not undo what a killed run changed ({entry.get('what')}): {'; '.join(wrong)}; "
                          f"the record stays in {path}")
             continue
-        host.run(["rm", "-f", path], timeout=30)
+        host.run(["rm", "-f", path], timeout=30, root=True)
         if entry.get("undo"):
             notes.append(f"undid what a killed run changed ({entry.get('what')})")
     return notes

@@ -4,7 +4,7 @@ Accepted forms, comma separated::
 
     local                                   this machine, via subprocesses
     ssh://user@host[:port][?key=..&qemu=..&qemu_img=..&workdir=..&accel=..&name=..&boot_timeout=..
-                                            &max_downtime_ms=..&allow_host_changes=1&accept_new_host_key=1
+                                            &max_downtime_ms=..&allow_host_changes=1&sudo=1&accept_new_host_key=1
                                             &known_hosts=..]
     @inventory.toml                         a TOML inventory (see fixtures/inventory.example.toml)
     lab                                     the virtual KVM lab's inventory, once it is up
@@ -31,7 +31,7 @@ ACCELS = ("auto", "kvm", "tcg")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
                "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address", "expect",
-               "bridge", "boot_timeout", "max_downtime_ms", "allow_host_changes"}
+               "bridge", "boot_timeout", "max_downtime_ms", "allow_host_changes", "sudo"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
 
@@ -62,6 +62,7 @@ class HostSpec:
     # Tests that change host-wide state (KSM, sriov_numvfs, driver bindings) run there only if
     # allowed; None: allowed on this machine (local), not on a host reached over SSH.
     allow_host_changes: bool | None = None
+    sudo: bool = False  # reached as a user who is not root: what needs root runs through sudo -n
 
     @property
     def host_changes_allowed(self) -> bool:
@@ -116,7 +117,7 @@ def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:
             if value not in ACCELS:
                 raise HostSpecError(f"{what}: must be one of {', '.join(ACCELS)}, got {value!r}")
             changes["accel"] = None if value == "auto" else value
-        elif key in ("accept_new_host_key", "allow_host_changes"):
+        elif key in ("accept_new_host_key", "allow_host_changes", "sudo"):
             changes[key] = value if isinstance(value, bool) else _bool(value, what)
         elif key in ("memory_budget_mib", "boot_timeout", "max_downtime_ms"):
             changes[key] = _int(value, what)
@@ -131,7 +132,10 @@ def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:
             changes[key] = os.path.expanduser(str(value)) if key != "workdir" else str(value)
         else:
             changes[key] = str(value)
-    return replace(spec, **changes)
+    spec = replace(spec, **changes)
+    if spec.sudo and spec.transport == "local":
+        raise HostSpecError(f"{where}: sudo is for hosts reached over SSH; for this machine, run pytest as root")
+    return spec
 
 
 def parse_host(entry: str) -> HostSpec:

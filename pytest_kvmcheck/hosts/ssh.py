@@ -171,8 +171,8 @@ class SSHHost(Host):
 
     # --- primitives -------------------------------------------------------------
     def run(self, argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
-            input: str | None = None) -> CommandResult:
-        argv = tuple(str(a) for a in argv)
+            input: str | None = None, root: bool = False) -> CommandResult:
+        argv = tuple(str(a) for a in (self.privileged(argv) if root else argv))
         command = shlex.join(argv)  # quoted: the remote side runs it through the user's shell
         start = time.monotonic()
         channel = self.client.get_transport().open_session(timeout=10)
@@ -234,7 +234,8 @@ class SSHHost(Host):
         has_socat = self.run(["sh", "-c", "command -v socat"], timeout=timeout).ok
         argv = ["socat", "-", f"UNIX-CONNECT:{path}"] if has_socat else ["python3", "-c", _PY_RELAY, path]
         channel = self.client.get_transport().open_session(timeout=timeout)
-        channel.exec_command(shlex.join(argv))
+        # QEMU's sockets belong to the user QEMU started as: root, through sudo= if the user is not.
+        channel.exec_command(shlex.join(self.privileged(argv)))
         return _bridge(channel)
 
     def default_workdir(self) -> str:

@@ -84,7 +84,7 @@ class Ip:
         self.host = host
 
     def _run(self, *args: str) -> None:
-        self.host.run(["ip", *args], timeout=10).check(f"ip {' '.join(args)} on {self.host.name}")
+        self.host.run(["ip", *args], timeout=10, root=True).check(f"ip {' '.join(args)} on {self.host.name}")
 
     def add_address(self, device: str, cidr: str) -> None:
         self._run("addr", "add", cidr, "dev", device)
@@ -95,7 +95,8 @@ class Ip:
 
     def ipv4_cidr(self, device: str) -> str:
         """The first IPv4 address/prefix of ``device``, "" if it has none."""
-        out = self.host.run(["ip", "-4", "-o", "addr", "show", "dev", device], timeout=10).stdout
+        # As root too: a user's PATH may lack /usr/sbin, where ip lives.
+        out = self.host.run(["ip", "-4", "-o", "addr", "show", "dev", device], timeout=10, root=True).stdout
         m = re.search(r"inet (\d+\.\d+\.\d+\.\d+/\d+)", out)
         return m.group(1) if m else ""
 
@@ -145,20 +146,24 @@ class QemuProcess:
     def listeners(self, kind: str = "tcp") -> list[str]:
         """Addresses (``tcp``) or socket paths (``unix``) the process listens on, from ``ss``."""
         flags = {"tcp": "-ltnpH", "unix": "-lxpH"}[kind]
-        out = self.host.run(["ss", flags], timeout=10).check(f"ss on {self.host.name}").stdout
+        # -p names the owning process only to root.
+        out = self.host.run(["ss", flags], timeout=10, root=True).check(f"ss on {self.host.name}").stdout
         return parse_ss(out, self.pid, kind)
 
     def mergeable_kib(self) -> int:
         """KiB of its memory that KSM may merge."""
-        return mergeable_kib(self.host.read_text(f"/proc/{self.pid}/smaps"))
+        return mergeable_kib(self.file("smaps"))
 
     def has_task(self, name: str) -> bool:
         """Whether a task called ``name`` runs (a kernel worker such as ``vhost-PID``, or a thread)."""
         return self.host.run(["pgrep", "-x", name], timeout=10).ok
 
     def file(self, path: str) -> str:
-        """A file of the process's /proc directory."""
-        return self.host.read_text(posixpath.join(f"/proc/{self.pid}", path))
+        """A file of the process's /proc directory (as root: QEMU's smaps, fds and maps are root's)."""
+        path = posixpath.join(f"/proc/{self.pid}", path)
+        if not self.host.spec.sudo:
+            return self.host.read_text(path)
+        return self.host.run(["cat", "--", path], timeout=30, root=True).check(f"cat {path} on {self.host.name}").stdout
 
 
 def sriov_pfs(host: _Host) -> dict[str, int]:

@@ -57,8 +57,14 @@ class Host(abc.ABC):
     # --- transport primitives -------------------------------------------------
     @abc.abstractmethod
     def run(self, argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
-            input: str | None = None) -> CommandResult:
-        """Run ``argv`` on the host and wait for it (killed at ``timeout``)."""
+            input: str | None = None, root: bool = False) -> CommandResult:
+        """Run ``argv`` on the host and wait for it (killed at ``timeout``). With ``root``, as
+        root: through ``sudo -n`` on a host reached as another user with ``sudo=1``."""
+
+    def privileged(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as the host runs it as root: prefixed with ``sudo -n --`` where its spec says sudo=1
+        (``-n``: a sudo that would ask for a password fails at once instead)."""
+        return ["sudo", "-n", "--", *argv] if self.spec.sudo else list(argv)
 
     @abc.abstractmethod
     def read_bytes(self, path: str) -> bytes: ...
@@ -123,7 +129,7 @@ class Host(abc.ABC):
         return [a for a in raw.split("\0") if a]
 
     def kill(self, pid: int, signal: str = "TERM") -> None:
-        self.run(["kill", f"-{signal}", str(int(pid))], timeout=10)
+        self.run(["kill", f"-{signal}", str(int(pid))], timeout=10, root=True)  # QEMU runs as root
 
     # --- the vocabulary suites use (hosts/tools.py) ---------------------------
     @property

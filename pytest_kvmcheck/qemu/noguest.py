@@ -22,7 +22,7 @@ _QUIT = json.dumps({"execute": "qmp_capabilities"}) + "\n" + json.dumps({"execut
 
 def try_options(host: Host, options: list[str]) -> CommandResult:
     """Start the host's QEMU with ``options`` and no guest; exit status 0 means accepted."""
-    return host.run(noguest_argv(host.spec.qemu, qmp="stdio") + list(options), timeout=30, input=_QUIT)
+    return host.run(noguest_argv(host.spec.qemu, qmp="stdio") + list(options), timeout=30, input=_QUIT, root=True)
 
 
 class NoGuestQemu:
@@ -43,7 +43,7 @@ class NoGuestQemu:
         self.host.makedirs(self.directory)
         try:
             self.host.run(noguest_argv(self.host.spec.qemu, qmp=f"unix:{sock},server=on,wait=off", pidfile=pidfile)
-                          + list(self.extra_args), timeout=30).check(f"QEMU without a guest on {self.host.name}")
+                          + list(self.extra_args), timeout=30, root=True).check(f"QEMU without a guest on {self.host.name}")
             self.pid = int(self.host.read_text(pidfile).strip())
             self.monitor = Monitor(self.host.connect_unix(sock), f"QEMU without a guest on {self.host.name}")
         except BaseException:

@@ -145,7 +145,7 @@ class VM:
         with _live_lock:
             _live.add(self)
         self._started_at = time.monotonic()  # boot to ready counts QEMU's own start-up too
-        result = self.host.run(self.argv, timeout=60)
+        result = self.host.run(self.argv, timeout=60, root=True)  # taps, vfio, -runas: QEMU starts as root
         self.start_stderr = result.stderr
         if result.exit_status == 127:
             raise QemuNotFound(f"host {self.host.name}: {self.argv[0]} not found: install QEMU "

@@ -79,11 +79,11 @@ LOCAL_FEATURES = ("test_emulated_io", "test_virtio_net", "test_virtio_blk", "tes
                   "test_migration", "test_monitor", "test_v2v", "test_cmdline", "test_security", "test_ksm")
 
 
-def assert_suites_passed(result, host: str, features: tuple[str, ...] = LOCAL_FEATURES) -> None:
+def assert_suites_passed(result, host: str, features: tuple[str, ...] = LOCAL_FEATURES, least: int = 30) -> None:
     """No FAIL, ERROR or BROKEN; every skip names host and need; each feature has a PASS cell."""
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
-    assert outcomes.get("passed", 0) >= 30, outcomes
+    assert outcomes.get("passed", 0) >= least, outcomes
     for line in skip_reasons(result):
         assert f"host {host}: needs " in line, f"a skip without host and capability: {line}"
     verdicts = "\n".join(result.outlines)
@@ -119,25 +119,49 @@ def _sh(*argv: str) -> None:
 
 @dataclass(frozen=True)
 class SshHost:
-    """One test host: a network namespace with its own address and a real OpenSSH server."""
+    """One test host: a network namespace with its own address and a real OpenSSH server,
+    reached as ``user`` (root, or a user with sudo)."""
 
     name: str
     address: str
     key: str
     known_hosts: str
+    user: str = "root"
+    uid: int = 0
+    options: str = ""  # host options of its spec beyond the connection's
 
     def url(self, workdir: Path) -> str:
-        return (f"ssh://root@{self.address}?key={self.key}&known_hosts={self.known_hosts}&workdir={workdir}"
-                "&bridge=br0")
+        if self.uid:  # the user's work dir: made here, the user's own
+            workdir.mkdir(exist_ok=True)
+            os.chown(workdir, self.uid, self.uid)
+        return (f"ssh://{self.user}@{self.address}?key={self.key}&known_hosts={self.known_hosts}&workdir={workdir}"
+                f"&bridge=br0{self.options}")
 
 
 # Run by host b's sshd, in a mount namespace of its own (gone with its processes): QEMU is
 # /usr/libexec/qemu-kvm there (an overlay adds it), and qemu-system-x86_64 is no executable.
+# It has two users who are not root: kcqa, whose sudo needs no password (NOPASSWD), and
+# kcpw, whose sudo would ask for one (its accounts and sudoers rules exist only in there).
 RHEL_LAYOUT = """set -e
-mkdir -p "$1" && mount -t tmpfs kc-rhel "$1" && mkdir "$1/upper" "$1/work"
+mkdir -p "$1" && mount -t tmpfs kc-rhel "$1" && mkdir "$1/upper" "$1/work" "$1/etc" "$1/sudoers.d"
 cp /usr/bin/qemu-system-x86_64 "$1/upper/qemu-kvm"
 mount -t overlay overlay -o "lowerdir=/usr/libexec,upperdir=$1/upper,workdir=$1/work" /usr/libexec
 mount --bind /dev/null /usr/bin/qemu-system-x86_64
+for user in kcqa:4242 kcpw:4243; do
+  name=${user%%:*} uid=${user#*:}
+  mkdir -p "$1/home-$name" && chown "$uid:$uid" "$1/home-$name"
+  echo "$name:x:$uid:$uid::$1/home-$name:/bin/sh" >> "$1/etc/passwd.add"
+  echo "$name:x:$uid:" >> "$1/etc/group.add"
+  echo "$name:*:19000:0:99999:7:::" >> "$1/etc/shadow.add"
+done
+for f in passwd group shadow; do
+  cat "/etc/$f" "$1/etc/$f.add" > "$1/etc/$f" && chmod --reference="/etc/$f" "$1/etc/$f"
+  mount --bind "$1/etc/$f" "/etc/$f"
+done
+echo "kcqa ALL=(ALL) NOPASSWD: ALL" > "$1/sudoers.d/kcqa"
+echo "kcpw ALL=(ALL) ALL" > "$1/sudoers.d/kcpw"
+chmod 0440 "$1"/sudoers.d/*
+mount --bind "$1/sudoers.d" /etc/sudoers.d
 shift
 exec "$@"
 """
@@ -158,7 +182,11 @@ def ssh_hosts(tmp_path_factory):
     bridge, subnet = f"kcbr{tag}", f"10.202.{int(tag, 16) % 250 + 1}"
     d = tmp_path_factory.mktemp("sshd")
     _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key"))
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    # What the users who are not root must reach (sshd reads their keys as them): not under pytest's 0700 dir.
+    public = Path(f"/tmp/kc-ssh-{tag}")
+    public.mkdir(mode=0o755)
+    shutil.copy(d / "client_key.pub", public / "authorized_keys")
+    (public / "authorized_keys").chmod(0o644)
     Path("/run/sshd").mkdir(exist_ok=True)
     hosts, procs, namespaces = [], [], []
     try:
@@ -182,7 +210,7 @@ def ssh_hosts(tmp_path_factory):
             config = d / f"sshd_config_{name}"
             config.write_text(
                 f"ListenAddress {address}\nPort 22\nHostKey {d}/host_key_{name}\n"
-                f"AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n"
+                f"AuthorizedKeysFile {public}/authorized_keys\nPasswordAuthentication no\n"
                 "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
                 f"StrictModes no\nUsePAM no\nPidFile {d}/sshd_{name}.pid\nAllowTcpForwarding yes\n"
                 "AllowStreamLocalForwarding yes\nMaxSessions 100\nMaxStartups 100\n"
@@ -192,14 +220,19 @@ def ssh_hosts(tmp_path_factory):
                 known.write(f"{address} {pub[0]} {pub[1]}\n")
             sshd = ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)]
             if name == "b":  # laid out as RHEL-family hosts are: QEMU only as /usr/libexec/qemu-kvm
-                sshd = ["unshare", "-m", "--propagation", "private", "sh", "-c", RHEL_LAYOUT, "sh", str(d / "rhel"), *sshd]
+                sshd = ["unshare", "-m", "--propagation", "private", "sh", "-c", RHEL_LAYOUT, "sh", str(public / "rhel"), *sshd]
             procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *sshd], stderr=open(d / f"sshd_{name}.log", "w")))
             deadline = time.monotonic() + 10
             while "LISTEN" not in subprocess.run(["ip", "netns", "exec", ns, "ss", "-ltn", "sport = :22"],
                                                  capture_output=True, text=True).stdout:
                 assert time.monotonic() < deadline, "sshd did not listen: " + (d / f"sshd_{name}.log").read_text()
                 time.sleep(0.05)
-            hosts.append(SshHost(name, address, str(d / "client_key"), str(d / "known_hosts")))
+            if name == "b":  # the sudo user; KSM, VFs and bindings stay off-limits, as on any SSH host by default
+                hosts.append(SshHost(name, address, str(d / "client_key"), str(d / "known_hosts"), "kcqa", 4242,
+                                     "&sudo=1"))
+            else:  # root, and the tests' own machine: host changes allowed
+                hosts.append(SshHost(name, address, str(d / "client_key"), str(d / "known_hosts"),
+                                     options="&allow_host_changes=1"))
         yield hosts
     finally:
         for proc in procs:
@@ -208,6 +241,7 @@ def ssh_hosts(tmp_path_factory):
         for ns in namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        shutil.rmtree(public, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,15 @@ def test_unknown_host_key_says_how_to_accept_it(pytester, sshd, tmp_path):
     assert "ssh-keyscan" in result.stdout.str() and "accept_new_host_key=1" in result.stdout.str()
 
 
+def test_a_sudo_that_asks_for_a_password_is_one_clear_error(pytester, ssh_hosts, workdir):
+    b = ssh_hosts[1]  # kcpw there may use sudo, with a password
+    url = b.url(workdir).replace(f"ssh://{b.user}@", "ssh://kcpw@")
+    (workdir).chmod(0o777)
+    result = run_pytest(pytester, ONE_TEST, f"--kvm-hosts={url}")
+    assert_one_clear_failure(result, "sudo=1, but 'sudo -n id -u' failed (sudo: a password is required)")
+    assert "NOPASSWD" in result.stdout.str()
+
+
 def test_missing_qemu(pytester, workdir):
     result = run_pytest(pytester, ONE_TEST, f"--kvm-hosts=local?qemu=/nonexistent/qemu&workdir={workdir}")
     assert_one_clear_failure(result, "QEMU binary '/nonexistent/qemu' not found")

@@ -11,8 +11,24 @@ def test_suites_pass_over_ssh(pytester, sshd, workdir):
     assert_nothing_left(workdir, result.stdout.str())
 
 
+def test_a_user_with_sudo_runs_what_needs_root(pytester, ssh_hosts, workdir):
+    """Host b is reached as kcqa with sudo=1: QEMU starts as root through sudo (and drops to
+    nobody), its listeners are read as root, a guest session works; KSM's knobs are off-limits
+    there (an SSH host's default), so its tests skip naming the need."""
+    b = ssh_hosts[1]
+    result = run_pytest(pytester, f"{SUITES}/test_security.py", f"{SUITES}/test_virtio_net.py", f"{SUITES}/test_ksm.py",
+                        f"--kvm-hosts={b.url(workdir / b.name)}")
+    assert_suites_passed(result, b.address, ("test_security", "test_virtio_net"), least=10)
+    reasons = skip_reasons(result)
+    assert not [r for r in reasons if "needs root" in r], "with sudo, root's tests run"
+    ksm = [r for r in reasons if "test_ksm.py" in r]
+    assert ksm and all("needs allow_host_changes" in r for r in ksm), ksm
+    assert_nothing_left(workdir / b.name, result.stdout.str())
+
+
 def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
-    """Each host migrates its guests to the other: the stream crosses veth, bridge, veth."""
+    """Each host migrates its guests to the other: the stream crosses veth, bridge, veth. Host a
+    is reached as root; host b as a user with sudo, its QEMU only in /usr/libexec."""
     a, b = ssh_hosts
     hosts = ",".join(h.url(workdir / h.name) for h in ssh_hosts)
     result = run_pytest(pytester, f"{SUITES}/test_migration.py", f"--kvm-hosts={hosts}", "--junitxml=junit.xml")

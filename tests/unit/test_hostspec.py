@@ -26,6 +26,12 @@ def test_host_changes_are_allowed_on_this_machine_and_not_over_ssh_unless_said()
     assert parse_host("ssh://qa@node3?allow_host_changes=yes").host_changes_allowed
 
 
+def test_root_work_goes_through_sudo_only_where_the_spec_says():
+    from pytest_kvmcheck.hosts.ssh import SSHHost
+    assert SSHHost(parse_host("ssh://qa@node3?sudo=1")).privileged(["tee", "/sys/x"]) == ["sudo", "-n", "--", "tee", "/sys/x"]
+    assert SSHHost(parse_host("ssh://root@node3")).privileged(["tee", "/sys/x"]) == ["tee", "/sys/x"]
+
+
 def test_a_slow_host_sets_its_own_downtime_bound():
     assert parse_host("local?max_downtime_ms=10000").max_downtime_ms == 10000
     assert parse_host("local").max_downtime_ms is None  # the ini's kvm_max_downtime_ms applies
@@ -41,6 +47,7 @@ def test_a_slow_host_sets_its_own_downtime_bound():
     ("ssh://h?accel=xen", "must be one of auto, kvm, tcg"),
     ("ssh://h?memory_budget_mib=lots", "expected a whole number"),
     ("local?max_downtime_ms=0", "max_downtime_ms: must be positive"),
+    ("local?sudo=1", "sudo is for hosts reached over SSH"),
     ("ssh://h?accept_new_host_key=maybe", "expected a yes/no value"),
     ("myhost", "not understood"),
     ("local,,local", "empty host entry"),

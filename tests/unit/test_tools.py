@@ -19,8 +19,8 @@ class RecordingHost:
     def __post_init__(self):
         self.name, self.spec, self.calls = "h1", HostSpec(name="h1", qemu_img="/opt/qemu/bin/qemu-img"), []
 
-    def run(self, argv, timeout=60.0, input=None):
-        self.calls.append(list(argv))
+    def run(self, argv, timeout=60.0, input=None, root=False):
+        self.calls.append(["(root)", *argv] if root else list(argv))
         return CommandResult(tuple(argv), self.exit_status, self.stdout, "boom" if self.exit_status else "")
 
 
@@ -62,8 +62,8 @@ def test_ip():
     host = RecordingHost()
     Ip(host).add_address("kc0001n1", "10.201.0.1/30")
     Ip(host).link_up("kc0001n1", master="br0")
-    assert host.calls == [["ip", "addr", "add", "10.201.0.1/30", "dev", "kc0001n1"],
-                          ["ip", "link", "set", "kc0001n1", "master", "br0", "up"]]
+    assert host.calls == [["(root)", "ip", "addr", "add", "10.201.0.1/30", "dev", "kc0001n1"],
+                          ["(root)", "ip", "link", "set", "kc0001n1", "master", "br0", "up"]]
     assert Ip(RecordingHost(stdout="5: br0    inet 10.77.0.1/24 brd 10.77.0.255 scope global br0\n")).ipv4_cidr("br0") \
         == "10.77.0.1/24"
 
