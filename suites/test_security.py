@@ -43,7 +43,8 @@ def test_sandbox_on_installs_a_seccomp_filter(boot_vm):
 def test_qemu_runs_as_an_unprivileged_user(kvm_host, boot_vm, kvm_note):
     """Handbook 7: QEMU started as root drops to an unprivileged user (``-runas``, now ``-run-with user=``)."""
     uid = int(kvm_host.transport.run(["id", "-u", "nobody"], timeout=10).check("id nobody").stdout)
-    option = ["-run-with", "user=nobody"] if kvm_host.caps.qemu_version >= (9, 1, 0) else ["-runas", "nobody"]
+    # The form the host's QEMU takes: -run-with (QEMU 9.1 on) where it knows it, else -runas.
+    option = ["-run-with", "user=nobody"] if kvm_host.accepts(["-run-with", "user=nobody"]).ok else ["-runas", "nobody"]
     kvm_note("handbook", f"privilege drop with {' '.join(option)} on QEMU {kvm_host.caps.qemu_version_text}")
     vm = boot_vm(VMSpec(extra_args=tuple(option)))
     uids, gids, groups = vm.process.ids()
