@@ -349,6 +349,10 @@ class GuestState:
         vm.run(f"head -c 32 /dev/urandom | sha256sum > {MARKER_PATH}", check=True)
         vm.run(f"(i=0; while :; do i=$((i+1)); echo $i > {COUNTER_PATH}.new; mv {COUNTER_PATH}.new {COUNTER_PATH}; "
                f"sleep 0.1; done) >/dev/null 2>&1 </dev/null & echo $! > {COUNTER_PATH}.pid", check=True)
+        # Until its first count is written, a read would find no counter (a full lab run read the
+        # pid as the count, and called it a broken continuity); the file is replaced atomically after.
+        vm.run(f"n=0; while [ ! -s {COUNTER_PATH} ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done; "
+               f"test -s {COUNTER_PATH}", check=True)
 
     @classmethod
     def read(cls, vm: VM, rescan: bool = False) -> "GuestState":
@@ -356,7 +360,8 @@ class GuestState:
         new QEMU has and the guest was not told about shows in its lspci (after a move)."""
         if rescan:
             vm.run("echo 1 > /sys/bus/pci/rescan", check=True)
-        out = vm.run(f"cut -d' ' -f1 /proc/uptime; cat {MARKER_PATH}; cat {COUNTER_PATH}; cat {COUNTER_PATH}.pid",
+        # &&: a file that is missing fails the read, rather than shifting the lines that follow.
+        out = vm.run(f"cut -d' ' -f1 /proc/uptime && cat {MARKER_PATH} && cat {COUNTER_PATH} && cat {COUNTER_PATH}.pid",
                      check=True).stdout.split("\n")
         lspci = tuple(vm.run("lspci -n", check=True).stdout.splitlines())
         return cls(float(out[0]), out[1], int(out[2]), out[3].strip(), lspci, MachineState.read(vm))
