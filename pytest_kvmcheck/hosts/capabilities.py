@@ -395,7 +395,7 @@ def probe_kvm(host: Host, caps: Capabilities, kernel: str, workdir: str) -> tupl
         seen = poll(lambda: "Linux version" in host.read_text(console, default=""), deadline, 0.1)
         if seen:
             return True, f"a guest reached its kernel under KVM in {time.monotonic() - started:.1f} s"
-        pid = host.read_text(pidfile, default="").strip()
+        pid = host.read_root_text(pidfile, default="").strip()
         if pid.isdigit() and not host.pid_alive(int(pid)):
             return False, "QEMU died under -accel kvm before the guest kernel started"
         return False, (f"/dev/kvm exists but a guest under -accel kvm printed nothing within "

@@ -62,7 +62,7 @@ def kill_vm_dir(host: Host, vm_dir: str, grace: float = 3.0) -> bool:
     Checking the argv guards against a recycled pid. Returns True if a process was killed.
     """
     pidfile = posixpath.join(vm_dir, PIDFILE)
-    text = host.read_text(pidfile, default="").strip()
+    text = host.read_root_text(pidfile, default="").strip()
     if not text.isdigit():
         return False
     pid = int(text)

@@ -16,9 +16,11 @@ class _Host(Protocol):  # what these need of a transport (hosts.transport.Host h
     name: str
     spec: object
 
-    def run(self, argv: Sequence[str], timeout: float = ..., input: str | None = ...): ...
+    def run(self, argv: Sequence[str], timeout: float = ..., input: str | None = ..., root: bool = ...): ...
 
     def read_text(self, path: str, default: str | None = ...) -> str: ...
+
+    def read_root_text(self, path: str, default: str | None = ...) -> str: ...
 
     def listdir(self, path: str) -> list[str]: ...
 
@@ -160,10 +162,7 @@ class QemuProcess:
 
     def file(self, path: str) -> str:
         """A file of the process's /proc directory (as root: QEMU's smaps, fds and maps are root's)."""
-        path = posixpath.join(f"/proc/{self.pid}", path)
-        if not self.host.spec.sudo:
-            return self.host.read_text(path)
-        return self.host.run(["cat", "--", path], timeout=30, root=True).check(f"cat {path} on {self.host.name}").stdout
+        return self.host.read_root_text(posixpath.join(f"/proc/{self.pid}", path))
 
 
 def sriov_pfs(host: _Host) -> dict[str, int]:

@@ -104,6 +104,16 @@ class Host(abc.ABC):
                 return default
             raise
 
+    def read_root_text(self, path: str, default: str | None = None) -> str:
+        """A file only root may read (QEMU's pidfile is 0600; its /proc files are root's):
+        through sudo where the spec says sudo=1, else as any file."""
+        if not self.spec.sudo:
+            return self.read_text(path, default)
+        result = self.run(["cat", "--", path], timeout=30, root=True)
+        if not result.ok and default is not None:
+            return default
+        return result.check(f"cat {path} on {self.name}").stdout
+
     def makedirs(self, path: str) -> None:
         self.run(["mkdir", "-p", "--", path]).check()
 

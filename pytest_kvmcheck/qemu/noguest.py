@@ -13,6 +13,7 @@ import secrets
 
 from ..errors import QMPLost
 from ..hosts.transport import CommandResult, Host
+from ..hosts.footprint import kill_vm_dir
 from ..waiting import poll
 from .monitor import Monitor
 from .spec import noguest_argv
@@ -44,7 +45,7 @@ class NoGuestQemu:
         try:
             self.host.run(noguest_argv(self.host.spec.qemu, qmp=f"unix:{sock},server=on,wait=off", pidfile=pidfile)
                           + list(self.extra_args), timeout=30, root=True).check(f"QEMU without a guest on {self.host.name}")
-            self.pid = int(self.host.read_text(pidfile).strip())
+            self.pid = int(self.host.read_root_text(pidfile).strip())
             self.monitor = Monitor(self.host.connect_unix(sock), f"QEMU without a guest on {self.host.name}")
         except BaseException:
             self.__exit__()
@@ -61,6 +62,8 @@ class NoGuestQemu:
                 self.monitor.close()
         finally:
             pid = self.pid
-            if pid is not None and not poll(lambda: not self.host.pid_alive(pid), 5.0):
+            if pid is None:  # started, but its pid was never read: find it by its pidfile
+                kill_vm_dir(self.host, self.directory)
+            elif not poll(lambda: not self.host.pid_alive(pid), 5.0):
                 self.host.kill(pid, "KILL")
             self.host.remove_tree(self.directory)

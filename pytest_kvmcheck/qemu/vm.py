@@ -115,7 +115,7 @@ class VM:
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines QEMU wrote to its stderr, before and after it daemonized."""
-        text = (self.start_stderr + self.host.read_text(self.qemu_log, default="")).strip()
+        text = (self.start_stderr + self.host.read_root_text(self.qemu_log, default="")).strip()
         return "\n".join(text.splitlines()[-lines:])
 
     # ------------------------------------------------------------------ lifecycle
@@ -157,7 +157,7 @@ class VM:
             said = self.log_tail(lines=10)[-800:] or "(QEMU said nothing on stderr or in its log)"
             raise VMError(f"VM {self.name} on host {self.host.name}: QEMU refused to start ({how}): {said}\n"
                           f"Reproduce with: {shlex.join(self.argv)}")
-        pid = self.host.read_text(self.path(PIDFILE), default="").strip()
+        pid = self.host.read_root_text(self.path(PIDFILE), default="").strip()
         self.pid = int(pid) if pid.isdigit() else None
         log.info("VM %s on %s: QEMU %s started", self.name, self.host.name, self.pid)
         self._join_bridge()
@@ -221,7 +221,7 @@ class VM:
         return f"{net[200 + (self.seed + index) % 50]}/{net.prefixlen}"
 
     def console(self) -> str:
-        return self.host.read_text(self.console_log, default="")
+        return self.host.read_root_text(self.console_log, default="")  # QEMU makes it 0640
 
     def alive(self) -> bool:
         return self.pid is not None and self.host.pid_alive(self.pid)
@@ -315,7 +315,7 @@ class VM:
             return
         self._stopped = True
         if self.pid is None and self.argv:  # interrupted while QEMU daemonized: find it by pidfile
-            pid = self.host.read_text(self.path(PIDFILE), default="").strip()
+            pid = self.host.read_root_text(self.path(PIDFILE), default="").strip()
             self.pid = int(pid) if pid.isdigit() else None
         try:
             if self._guest is not None:
