@@ -81,9 +81,10 @@ def test_reports_in_a_real_browser(pytester, workdir):
     dom = chromium("--dump-dom", (out / "report.html").as_uri())
     assert shown_cells(dom) == expected_cells(record["tests"]), shown_cells(dom)
     assert shown_cells(dom)[0][1] == "FAIL" and "1 PASS, 1 FAIL, 1 SKIP" in dom
-    # A note reaches the reviewer; a metric is recorded in run.json, not dumped among the notes as JSON.
-    html_text = (out / "report.html").read_text()
-    assert "what the command means today" in html_text and "demo_latency" not in html_text
+    # A note reaches the reviewer as an extra; a metric is recorded in run.json, not attached as a note.
+    extras = re.findall(r'&#34;name&#34;: &#34;([^&]*)&#34;, &#34;format_type&#34;',
+                        (out / "report.html").read_text())
+    assert "handbook 9.9" in extras and "kvm_metric" not in extras, extras
     (passes,) = [t for t in record["tests"] if t["nodeid"].startswith("test_demo.py::test_passes[")]
     assert passes["metrics"]["demo_latency"]["samples"] == [1.5], passes
     probe = out / "report-where.html"
