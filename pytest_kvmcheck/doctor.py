@@ -32,7 +32,7 @@ ADVICE = {
     "sriov": "list an SR-IOV physical function with no VFs in use in assignable=",
     "ksm": "a kernel built with CONFIG_KSM",
     "nested": "load kvm_intel or kvm_amd with nested=1",
-    "root": "connect as root",
+    "root": "connect as root, or as a user with a NOPASSWD sudo rule and sudo=1",
     "seccomp": "a QEMU built with seccomp support",
     "multifd": "a QEMU with multifd migration (4.0 or later)",
     "postcopy": "a kernel with userfaultfd, and a QEMU allowed to use it",
@@ -92,6 +92,15 @@ class Doctor:
                      else f"{spec.url}, host key known")
             if uid == "0":
                 self.add(name, "privileges", "ok", "root")
+            elif spec.sudo:
+                elevated = host.run(["id", "-u"], timeout=15, root=True)
+                if elevated.stdout.strip() == "0":
+                    self.add(name, "privileges", "ok", f"uid {uid}, root through sudo -n")
+                else:
+                    self.add(name, "privileges", "FAIL", f"uid {uid}, sudo=1, but sudo -n failed "
+                             f"({(elevated.stderr or elevated.stdout).strip()[-200:]}): add a NOPASSWD rule for "
+                             "this user, or connect as root")
+                    return False
             else:
                 self.add(name, "privileges", "warn", f"uid {uid}, not root: tests that need root skip; "
                          f"{ADVICE['root']}")

@@ -24,6 +24,21 @@ def rows(stdout: str) -> dict[tuple[str, str], tuple[str, str]]:
     return out
 
 
+def test_doctor_through_sudo(ssh_hosts, workdir):
+    b = ssh_hosts[1]  # kcqa with sudo=1; kcpw's sudo asks for a password
+    (workdir / "pw").mkdir(mode=0o777)
+    kcpw = b.url(workdir / "pw").replace(f"ssh://{b.user}@", "ssh://kcpw@") + "&name=kcpw"
+    result = doctor(f"{b.url(workdir / b.name)},{kcpw}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    table = rows(result.stdout)
+    assert table[(b.address, "privileges")] == ("ok", "uid 4242, root through sudo -n"), table
+    assert table[(b.address, "QEMU")][1].endswith("(/usr/libexec/qemu-kvm)"), table[(b.address, "QEMU")]
+    assert table[(b.address, "preparation")][0] == "ok"
+    status, detail = table[("kcpw", "privileges")]
+    assert status == "FAIL" and "a password is required" in detail and "NOPASSWD" in detail, detail
+    assert_nothing_left(workdir / b.name, result.stdout)
+
+
 def test_doctor_on_a_good_host_and_broken_ones(sshd, workdir, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
