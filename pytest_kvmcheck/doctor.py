@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import KvmCheckError
-from .hosts.capabilities import Capabilities, find_binaries, first_present, unmet_needs
+from .hosts.capabilities import Capabilities, find_binaries, first_present, sudo_works, unmet_needs
 from .hosts.connect import connect
 from .hosts.spec import HostSpec
 from .hosts.transport import Host
@@ -93,14 +93,12 @@ class Doctor:
             if uid == "0":
                 self.add(name, "privileges", "ok", "root")
             elif spec.sudo:
-                elevated = host.run(["id", "-u"], timeout=15, root=True)
-                if elevated.stdout.strip() == "0":
-                    self.add(name, "privileges", "ok", f"uid {uid}, root through sudo -n")
-                else:
-                    self.add(name, "privileges", "FAIL", f"uid {uid}, sudo=1, but sudo -n failed "
-                             f"({(elevated.stderr or elevated.stdout).strip()[-200:]}): add a NOPASSWD rule for "
-                             "this user, or connect as root")
+                try:
+                    sudo_works(host)  # the probe's own check: it raises naming the fix
+                except KvmCheckError as exc:
+                    self.add(name, "privileges", "FAIL", f"uid {uid}: {exc}")
                     return False
+                self.add(name, "privileges", "ok", f"uid {uid}, root through sudo -n")
             else:
                 self.add(name, "privileges", "warn", f"uid {uid}, not root: tests that need root skip; "
                          f"{ADVICE['root']}")

@@ -305,7 +305,7 @@ def _probe_kernel(host: Host, caps: Capabilities) -> None:
     caps.vhost_net = host.exists("/dev/vhost-net")
     if not caps.vhost_net:
         caps.reasons["vhost-net"] = "/dev/vhost-net is missing (vhost_net module not loaded or not available)"
-    is_root = caps.root = host.run(["id", "-u"], timeout=10).stdout.strip() == "0" or _sudo_works(host)
+    is_root = caps.root = host.run(["id", "-u"], timeout=10).stdout.strip() == "0" or sudo_works(host)
     caps.tap = host.exists("/dev/net/tun") and is_root
     if not caps.tap:
         caps.reasons["tap"] = "/dev/net/tun is missing" if is_root else "tap devices need root (CAP_NET_ADMIN)"
@@ -323,7 +323,7 @@ def _probe_kernel(host: Host, caps: Capabilities) -> None:
             break
 
 
-def _sudo_works(host: Host) -> bool:
+def sudo_works(host: Host) -> bool:
     """With sudo=1, whether sudo runs commands as root without asking; one clear error if not."""
     if not host.spec.sudo:
         return False
