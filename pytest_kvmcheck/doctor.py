@@ -34,11 +34,12 @@ ADVICE = {
     "nested": "load kvm_intel or kvm_amd with nested=1",
     "root": "connect as root, or as a user with a NOPASSWD sudo rule and sudo=1",
     "seccomp": "a QEMU built with seccomp support",
+    "tls": "a QEMU built with GnuTLS (TLS migration, VNC over TLS)",
     "multifd": "a QEMU with multifd migration (4.0 or later)",
     "postcopy": "a kernel with userfaultfd, and a QEMU allowed to use it",
 }
-CAPABILITIES = ("kvm", "vhost-net", "tap", "iommu", "sriov", "ksm", "nested", "seccomp", "multifd", "postcopy",
-                "bridge")
+CAPABILITIES = ("kvm", "vhost-net", "tap", "iommu", "sriov", "ksm", "nested", "seccomp", "tls", "multifd",
+                "postcopy", "bridge")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ explains every miss, naming the host and the capability, so a skip always says w
 Need names (see :data:`NEEDS`): ``kvm``, ``vhost-net``, ``tap``, ``bridge``, ``iommu``, ``assignable``,
 ``sriov``, ``pci-unlisted``, ``ksm``, ``nested``, ``root``, ``allow_host_changes``, ``seccomp``, ``multifd``,
 ``postcopy``,
-``disk-image-guest``, ``libvirt``, ``device:NAME``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``;
+``disk-image-guest``, ``libvirt``, ``tls``, ``device:NAME``, ``object:TYPE``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``;
 and of a host pair, ``shared-storage`` (see :func:`pair_has`).
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Capabilities:
     qemu_img_binary: str = ""
     machines: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
+    objects: list[str] = field(default_factory=list)  # -object types QEMU can create (tls-creds-x509, ...)
     accels: list[str] = field(default_factory=list)
     kvm_usable: bool = False
     accel: str = "tcg"  # what this run uses on the host
@@ -65,6 +66,7 @@ class Capabilities:
     root: bool = False  # commands run as root there
     host_changes: bool = False  # its spec allows tests to change host-wide state (allow_host_changes)
     seccomp: bool = False  # QEMU takes -sandbox on
+    tls: bool = False  # QEMU makes TLS credentials (built with GnuTLS)
     migration: list[str] = field(default_factory=list)  # optional migration capabilities QEMU enables there
     guest: str = "tiny"  # what this run boots there: "tiny" or "disk-image"
     fingerprint: dict = field(default_factory=dict)  # what identifies the host's build: see fingerprint()
@@ -87,6 +89,8 @@ class Capabilities:
         kind, _, arg = need.partition(":")
         if kind == "device":
             return arg in self.devices, f"QEMU {self.qemu_version_text} has no device {arg!r}"
+        if kind == "object":
+            return arg in self.objects, f"QEMU {self.qemu_version_text} cannot create -object {arg!r}"
         if kind == "machine":
             return arg in self.machines, f"QEMU {self.qemu_version_text} has no machine type {arg!r}"
         if kind == "memory":
@@ -96,7 +100,7 @@ class Capabilities:
         if need.startswith("qemu>="):
             want = tuple(int(x) for x in need[6:].split("."))
             return self.qemu_version[:len(want)] >= want, f"QEMU {self.qemu_version_text} is older than {need[6:]}"
-        raise ValueError(f"unknown capability {need!r} in kvm_requires (known: {', '.join(NEEDS)}, device:NAME, "
+        raise ValueError(f"unknown capability {need!r} in kvm_requires (known: {', '.join(NEEDS)}, device:NAME, object:TYPE, "
                          "machine:NAME, memory:MIB, qemu>=X.Y; see pytest_kvmcheck.hosts.capabilities)")
 
     def plain_assignable(self) -> list[str]:
@@ -148,6 +152,7 @@ _CHECKS = {
                                      "allows it (off by default for SSH hosts)"),
     "root": lambda c: (c.root, "commands run there as another user; QEMU must start as root to drop privileges"),
     "seccomp": lambda c: (c.seccomp, f"QEMU {c.qemu_version_text} was built without -sandbox"),
+    "tls": lambda c: (c.tls, f"QEMU {c.qemu_version_text} cannot make TLS credentials (built without GnuTLS)"),
     "multifd": lambda c: ("multifd" in c.migration, "QEMU there refused the multifd capability"),
     "postcopy": lambda c: ("postcopy-ram" in c.migration, "QEMU there refused the postcopy-ram capability"),
     "disk-image-guest": lambda c: (c.guest == "disk-image", "the tiny guest has no system disk (--kvm-guest=IMAGE)"),
@@ -187,6 +192,11 @@ def parse_qemu_version(text: str) -> tuple[int, int, int]:
 
 def parse_device_help(text: str) -> list[str]:
     return re.findall(r'^name "([^"]+)"', text, re.M)
+
+
+def parse_object_help(text: str) -> list[str]:
+    """``-object help``: the types after its heading line, one per line."""
+    return [line.strip() for line in text.splitlines()[1:] if line.strip()]
 
 
 def parse_machine_help(text: str) -> list[str]:
@@ -245,6 +255,7 @@ def _probe_qemu(host: Host, caps: Capabilities) -> None:
     caps.qemu_version = parse_qemu_version(result.stdout)
     caps.qemu_version_text = ".".join(map(str, caps.qemu_version))
     caps.devices = parse_device_help(host.run([qemu, "-device", "help"], timeout=30).stdout)
+    caps.objects = parse_object_help(host.run([qemu, "-object", "help"], timeout=30).stdout)
     caps.machines = parse_machine_help(host.run([qemu, "-machine", "help"], timeout=30).stdout)
     caps.accels = parse_accel_help(host.run([qemu, "-accel", "help"], timeout=30).stdout)
     img = host.run([host.spec.qemu_img, "--version"], timeout=30)
@@ -354,6 +365,12 @@ def _probe_bridge(host: Host, caps: Capabilities) -> None:
 def _probe_qemu_features(host: Host, caps: Capabilities, workdir: str) -> None:
     """What QEMU enables there without a guest: ``-sandbox on``, the optional migration capabilities."""
     caps.seccomp = try_options(host, ["-sandbox", "on"]).ok
+    tls = try_options(host, ["-object", "tls-creds-anon,id=kvmcheck-tls,endpoint=client"])
+    caps.tls = tls.ok
+    if not tls.ok:
+        said = tls.stderr.strip().splitlines()
+        caps.reasons["tls"] = (f"QEMU {caps.qemu_version_text} cannot make TLS credentials: "
+                               f"{said[-1] if said else f'exit {tls.exit_status}'}")
     # As a destination does (-incoming): only then does QEMU check the host for postcopy-ram (userfaultfd).
     try:
         with NoGuestQemu(host, workdir, ("-incoming", "defer")) as monitor:
@@ -414,16 +431,16 @@ def probe(host: Host, requested_accel: str, kernel: str, workdir: str, cache: di
     caps.qemu_binary, caps.qemu_img_binary = host.spec.qemu, host.spec.qemu_img
     _probe_qemu(host, caps)
     _probe_kernel(host, caps)
-    key = hashlib.sha256(f"features|{host.spec.url}|{caps.boot_id}|{caps.qemu_version_text}|{host.spec.qemu}"
+    key = hashlib.sha256(f"features2|{host.spec.url}|{caps.boot_id}|{caps.qemu_version_text}|{host.spec.qemu}"
                          .encode()).hexdigest()[:16]
     if cache is not None and key in cache:
-        caps.seccomp, caps.migration, reasons = cache[key]
+        caps.seccomp, caps.tls, caps.migration, reasons = cache[key]
         caps.reasons.update(reasons)
     else:
         _probe_qemu_features(host, caps, workdir)
         if cache is not None:
-            cache[key] = [caps.seccomp, caps.migration,
-                          {k: v for k, v in caps.reasons.items() if k in ("multifd", "postcopy", "auto-converge")}]
+            cache[key] = [caps.seccomp, caps.tls, caps.migration,
+                          {k: v for k, v in caps.reasons.items() if k in ("multifd", "postcopy", "auto-converge", "tls")}]
     accel = host.spec.accel or requested_accel
     if accel == "tcg":
         caps.kvm_usable, why = False, "not probed: TCG requested"

@@ -3,7 +3,8 @@ import pytest
 
 from pytest_kvmcheck.hosts import capabilities
 from pytest_kvmcheck.hosts.capabilities import (NEEDS, Capabilities, find_binaries, first_present, parse_accel_help,
-                                                parse_device_help, parse_machine_help, parse_qemu_version, unmet)
+                                                parse_device_help, parse_machine_help, parse_object_help, parse_qemu_version,
+                                                unmet)
 from pytest_kvmcheck.errors import HostError, QemuNotFound
 from pytest_kvmcheck.hosts.local import LocalHost
 from pytest_kvmcheck.hosts.spec import HostSpec
@@ -25,6 +26,8 @@ def test_parsers():
         == ["e1000", "virtio-net-pci"]
     assert parse_machine_help("Supported machines are:\npc  Standard PC (alias of pc-i440fx-7.2)\nq35 ...\n") == ["pc", "q35"]
     assert parse_accel_help("Accelerators supported in QEMU binary:\ntcg\nkvm\n") == ["tcg", "kvm"]
+    assert parse_object_help("List of user creatable objects:\n  authz-simple\n  tls-creds-x509\n") == \
+        ["authz-simple", "tls-creds-x509"]
 
 
 def test_all_met():
@@ -78,6 +81,8 @@ def test_a_probe_reason_wins():
     ("nested", "nested virtualization is off"),
     ("device:igb", "has no device 'igb'"),
     ("machine:microvm", "has no machine type 'microvm'"),
+    ("object:authz-simple", "cannot create -object 'authz-simple'"),
+    ("tls", "cannot make TLS credentials"),
     ("memory:999999", "needs 999999 MiB free"),
     ("qemu>=9.1", "older than 9.1"),
 ])
