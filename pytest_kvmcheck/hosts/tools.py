@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 
@@ -163,6 +164,50 @@ class QemuProcess:
     def file(self, path: str) -> str:
         """A file of the process's /proc directory (as root: QEMU's smaps, fds and maps are root's)."""
         return self.host.read_root_text(posixpath.join(f"/proc/{self.pid}", path))
+
+
+@dataclass(frozen=True)
+class PathAccess:
+    """Who may reach one path: its permission bits, owner, group and file type (``stat``)."""
+
+    path: str
+    mode: int
+    owner: str
+    group: str
+    kind: str
+
+
+def parse_stat(text: str) -> list[PathAccess]:
+    """Lines of ``stat -c '%a %U %G %F|%n'``."""
+    out = []
+    for line in text.splitlines():
+        head, _, path = line.partition("|")
+        mode, owner, group, kind = head.split(" ", 3)
+        out.append(PathAccess(path, int(mode, 8), owner, group, kind))
+    return out
+
+
+def path_access(host: _Host, path: str) -> list[PathAccess]:
+    """``path`` and every directory above it, innermost first, as root sees them."""
+    chain = [path]
+    while chain[-1] not in ("/", ""):
+        chain.append(posixpath.dirname(chain[-1]))
+    out = host.run(["stat", "-c", "%a %U %G %F|%n", *chain], timeout=10, root=True)
+    return parse_stat(out.check(f"stat on {host.name}").stdout)
+
+
+def open_to_others(chain: list[PathAccess]) -> str:
+    """Why users other than a socket's owner and group can connect to it ("" if they cannot):
+    connecting to a unix socket takes write permission on it and search permission on every
+    directory above it."""
+    sock, *directories = chain
+    if not sock.mode & 0o002:
+        return ""
+    closed = [d for d in directories if not d.mode & 0o001]
+    if closed:
+        return ""
+    return (f"the socket is mode {sock.mode:o} ({sock.owner}:{sock.group}) and every directory above it "
+            f"lets others through ({', '.join(f'{d.path} {d.mode:o}' for d in directories)})")
 
 
 def sriov_pfs(host: _Host) -> dict[str, int]:

@@ -144,6 +144,21 @@ MUTANTS = [
     Mutant("guest RAM not mergeable", "test_ksm.py", "test_ksm_merges_identical_guests_only_while_running",
            'argv[:] = [a + ",mem-merge=off" if a.startswith("pc,accel=") else a for a in argv]',
            r"QEMU did not mark guest RAM mergeable"),
+    Mutant("TLS migration destination that verifies no client", "test_security.py", "test_live_migration_over_tls",
+           'argv[:] = [a.replace(",endpoint=server,verify-peer=on", ",endpoint=server,verify-peer=off") for a in argv]',
+           r"the destination took a migration from a client with a certificate from another CA"),
+    Mutant("VNC password dropped", "test_security.py", "test_vnc_takes_tls_and_a_password",
+           'argv[:] = [a.replace(",password-secret=vncpw", "") if a.startswith("127.0.0.1:0,") else a for a in argv]',
+           r"VNC offers VeNCrypt subtypes \['X509None'\], not X509Vnc"),
+    # QEMU's -daemonize sets umask 027 itself: the monitor is opened after QEMU made it, as a
+    # careless management layer would.
+    Mutant("QMP socket opened to every user", "test_security.py", "test_the_monitor_is_closed_to_other_users",
+           'if is_guest():\n'
+           '    status = subprocess.call([REAL, *argv])\n'
+           '    if status == 0:\n'
+           '        os.chmod(argv[argv.index("-qmp") + 1][len("unix:"):].split(",")[0], 0o777)\n'
+           '    sys.exit(status)',
+           r"other users of the host can connect to QEMU's monitor .*mode 777"),
     Mutant("qemu-img convert loses a sector", "test_v2v.py", "test_converted_disk_keeps_its_data and vdi",
            'if argv[:1] == ["convert"] and argv[argv.index("-O") + 1] == "qcow2":\n'
            '    subprocess.run([REAL, *argv], check=True)\n'
@@ -162,6 +177,12 @@ MISSING = [
            '    print("qemu-system-x86_64: -sandbox on: seccomp support is disabled", file=sys.stderr)\n'
            '    sys.exit(1)',
            r"host local: needs seccomp: QEMU \S+ was built without -sandbox"),
+    Mutant("QEMU built without GnuTLS", "test_security.py", "over_tls or vnc_takes",
+           'if any(a.startswith("tls-creds") for a in argv):\n'
+           '    print("qemu-system-x86_64: -object tls-creds-anon,id=kvmcheck-tls,endpoint=client: '
+           'TLS credentials support requires GNUTLS", file=sys.stderr)\n'
+           '    sys.exit(1)',
+           r"host local: needs tls: QEMU \S+ cannot make TLS credentials: .*requires GNUTLS"),
     Mutant("compression forced on, so no multifd", "test_migration.py", "test_live_migration_shared_storage and multifd",
            'argv += ["-global", "migration.x-compress=on"]',
            r"host local: needs multifd: .*refused the multifd capability: Multifd is not compatible with compress"),

@@ -5,7 +5,7 @@ import pytest
 
 from pytest_kvmcheck.errors import HostError
 from pytest_kvmcheck.hosts.spec import HostSpec
-from pytest_kvmcheck.hosts.tools import Ip, QemuImg, mergeable_kib, parse_ss, parse_status
+from pytest_kvmcheck.hosts.tools import Ip, QemuImg, mergeable_kib, open_to_others, parse_ss, parse_status, path_access
 from pytest_kvmcheck.hosts.transport import CommandResult
 
 
@@ -83,3 +83,24 @@ def test_status_and_mergeable_memory():
              "7f20-7f30 rw-p 0 0:0 0\nSize:  2048 kB\nVmFlags: rd wr mr mw me ac sd\n"
              "7f40-7f50 rw-p 0 0:0 0\nSize:  4096 kB\nVmFlags: mg rd\n")
     assert mergeable_kib(smaps) == 5120
+
+
+STAT = ("755 root root socket|/tmp/kc/vm-1/qmp.sock\n755 root root directory|/tmp/kc/vm-1\n"
+        "755 root root directory|/tmp/kc\n1777 root root directory|/tmp\n755 root root directory|/\n")
+
+
+def test_path_access_stats_the_path_and_every_directory_above():
+    host = RecordingHost(stdout=STAT)
+    chain = path_access(host, "/tmp/kc/vm-1/qmp.sock")
+    assert host.calls == [["(root)", "stat", "-c", "%a %U %G %F|%n", "/tmp/kc/vm-1/qmp.sock", "/tmp/kc/vm-1",
+                           "/tmp/kc", "/tmp", "/"]]
+    assert (chain[0].kind, chain[0].mode, chain[0].owner) == ("socket", 0o755, "root")
+    assert open_to_others(chain) == ""  # others may not write to the socket
+
+
+def test_a_world_writable_socket_is_open_only_if_every_directory_lets_others_through():
+    chain = path_access(RecordingHost(stdout=STAT.replace("755 root root socket", "777 root root socket")), "/x")
+    assert "mode 777 (root:root)" in open_to_others(chain)
+    closed = STAT.replace("755 root root socket", "777 root root socket").replace(
+        "755 root root directory|/tmp/kc\n", "700 root root directory|/tmp/kc\n")
+    assert open_to_others(path_access(RecordingHost(stdout=closed), "/x")) == ""
