@@ -3,11 +3,16 @@
 The handbook starts the balloon with ``-balloon virtio`` (removed in QEMU 3.1); today it
 is an ordinary PCI device, ``-device virtio-balloon-pci``. The guest must show the
 device, bind the virtio_balloon driver, and give up (and get back) the memory the
-monitor asks for.
+monitor asks for. Beyond the handbook, what production hosts lean on: the guest's memory
+statistics polled through the balloon, free page reporting (memory the guest frees goes
+back to the host), and deflate-on-oom (a guest under pressure takes pages back from the
+balloon instead of killing a process).
 """
 import time
 
-from pytest_kvmcheck import VMSpec, vm_fixture, wait_until
+import pytest
+
+from pytest_kvmcheck import VMSpec, premise, vm_fixture, wait_until
 from pytest_kvmcheck.guests.shows import MIB
 from pytest_kvmcheck.qemu.legacy import describe, form
 
@@ -15,7 +20,9 @@ MEMORY_MIB = 512
 TOLERANCE_MIB = 8  # MemTotal moves by the ballooned amount, give or take page-table rounding
 BALLOON = "1af4:1002"  # virtio memory balloon (legacy device id)
 
-balloon_guest = vm_fixture(VMSpec(memory_mib=MEMORY_MIB, balloon=True))
+STATS_INTERVAL_S = 1
+balloon_guest = vm_fixture(VMSpec(memory_mib=MEMORY_MIB, balloon=True,
+                                  balloon_options=(f"guest-stats-polling-interval={STATS_INTERVAL_S}",)))
 
 
 def mem_total_mib(vm) -> int:
@@ -94,3 +101,76 @@ def test_handbook_balloon_option(kvm_host, kvm_note):
         assert legacy.ok, f"expected QEMU {kvm_host.caps.qemu_version_text} to accept -balloon: {legacy.stderr}"
     modern = kvm_host.accepts(["-machine", "pc", "-device", "virtio-balloon-pci"])
     assert modern.ok, f"expected '-device virtio-balloon-pci' to be accepted, QEMU said: {modern.stderr.strip()}"
+
+
+def guest_stats(vm) -> dict:
+    """The balloon's last report of the guest's memory: ``last-update`` (s) and MiB free and available."""
+    got = vm.qmp.cmd("qom-get", path="/machine/peripheral/balloon0", property="guest-stats")
+    return {"last-update": got["last-update"], "free": got["stats"]["stat-free-memory"] // MIB,
+            "available": got["stats"]["stat-available-memory"] // MIB}
+
+
+STATS_MOVE_MIB = 96  # of the 128 MiB the guest takes and gives back
+
+
+def test_guest_memory_statistics_follow_the_guest(balloon_guest):
+    """virtio-balloon statistics (guest-stats-polling-interval): the free and available memory
+    QEMU reports fall when the guest fills 128 MiB of RAM and rise when it frees them."""
+    vm = balloon_guest
+    show = lambda s: f"{s['free']} MiB free, {s['available']} MiB available (update at {s['last-update']})"  # noqa: E731
+    before = wait_until(lambda: guest_stats(vm), 10 * STATS_INTERVAL_S, "the balloon's first statistics report",
+                        done=lambda s: s["last-update"] > 0 and s["free"] > 0, show=show)
+    vm.guest.run(["dd", "if=/dev/zero", "of=/tmp/kvmcheck-stats", "bs=1M", "count=128"], check=True)
+    try:
+        low = wait_until(lambda: guest_stats(vm), 10 * STATS_INTERVAL_S,
+                         f"statistics showing at least {STATS_MOVE_MIB} MiB less free and available memory "
+                         f"after the guest filled 128 MiB (before: {show(before)})",
+                         done=lambda s: before["free"] - s["free"] >= STATS_MOVE_MIB
+                         and before["available"] - s["available"] >= STATS_MOVE_MIB, show=show)
+    finally:
+        vm.guest.run(["rm", "-f", "/tmp/kvmcheck-stats"], check=True)
+    wait_until(lambda: guest_stats(vm), 10 * STATS_INTERVAL_S,
+               f"statistics showing the 128 MiB free again (while filled: {show(low)})",
+               done=lambda s: s["free"] - low["free"] >= STATS_MOVE_MIB, show=show)
+
+
+REPORTED_MIB = 256  # the guest fills and frees this much; reporting must hand most of it back
+
+
+@pytest.mark.kvm_requires("qemu>=5.1")
+def test_free_page_reporting_returns_freed_memory(boot_vm, kvm_metric):
+    """virtio-balloon free-page-reporting=on: after the guest frees a large allocation, the
+    QEMU process's resident memory shrinks by most of it (the guest reports the free pages
+    and QEMU discards them), without the monitor asking for anything."""
+    vm = boot_vm(VMSpec(memory_mib=MEMORY_MIB, balloon=True, balloon_options=("free-page-reporting=on",)))
+    rss = lambda: int(vm.process.status()["VmRSS"].split()[0]) // 1024  # noqa: E731  (MiB)
+    baseline = rss()
+    # dd touches one buffer of bs bytes and frees it when it exits: the guest used, then freed, that much.
+    vm.guest.run(["dd", "if=/dev/zero", "of=/dev/null", f"bs={REPORTED_MIB}M", "count=1"], check=True, timeout=120)
+    freed = time.monotonic()
+    filled = rss()  # the guest reports free pages 2 s after they are freed, not at once
+    premise(filled - baseline >= REPORTED_MIB // 2, f"the guest's {REPORTED_MIB} MiB allocation must raise QEMU's RSS "
+            f"(from {baseline} MiB; it was {filled} MiB once the guest freed it)")
+    wait_until(rss, 60, f"QEMU's RSS down by at least {REPORTED_MIB // 2} MiB from {filled} MiB after the guest "
+                        f"freed {REPORTED_MIB} MiB", done=lambda now: filled - now >= REPORTED_MIB // 2,
+               show=lambda now: f"{now} MiB", interval=0.5)
+    kvm_metric("free_page_reporting_response", time.monotonic() - freed, "s")
+
+
+def test_deflate_on_oom_spares_the_guests_processes(boot_vm):
+    """virtio-balloon deflate-on-oom=on: a guest squeezed by the balloon, then asked for more
+    memory than it has left, takes pages back from the balloon; the OOM killer does not fire."""
+    vm = boot_vm(VMSpec(memory_mib=MEMORY_MIB, balloon=True, balloon_options=("deflate-on-oom=on",)))
+    target = MEMORY_MIB // 2
+    vm.qmp.clear_events()
+    vm.qmp.cmd("balloon", value=target * MIB)
+    balloon_changes_to(vm, target)
+    want = vm.guest.meminfo()["MemAvailable"] // 1024 + 64  # more than the guest has left
+    # dd holds one buffer of bs bytes, all of it touched: an anonymous allocation of want MiB.
+    result = vm.guest.run(["dd", "if=/dev/zero", "of=/dev/null", f"bs={want}M", "count=1"], timeout=120)
+    killed = vm.guest.dmesg(r"Out of memory|oom-kill|invoked oom-killer")
+    assert result.ok and not killed, (f"the guest's {want} MiB allocation {'ended' if result.ok else 'was killed'} "
+                                      f"(exit {result.exit_status}) with the balloon at {target} MiB: the OOM killer "
+                                      f"fired instead of the balloon deflating: {killed[:3]}")
+    actual = vm.qmp.cmd("query-balloon")["actual"] // MIB
+    assert actual > target, f"the balloon still holds the guest at {actual} MiB: it did not deflate"

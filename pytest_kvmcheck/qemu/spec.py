@@ -61,9 +61,14 @@ class VMSpec:
     nics: tuple[Nic, ...] = (Nic(),)
     disks: tuple[Disk, ...] = ()
     balloon: bool = False
+    balloon_options: tuple[str, ...] = ()  # virtio-balloon properties: "deflate-on-oom=on", ...
     host_devices: tuple[str, ...] = ()  # PCI addresses on the host, assigned with vfio-pci (bind them first)
     extra_args: tuple[str, ...] = ()
     kernel_args: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.balloon_options and not self.balloon:
+            raise ValueError("balloon_options without balloon=True")
 
     def with_(self, **changes) -> "VMSpec":
         """A new spec with ``changes`` (specs are frozen: a VM's spec never changes after creation)."""
@@ -207,7 +212,7 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
         serial = f",serial={disk.serial}" if disk.serial else ""
         argv += ["-device", f"{disk.interface},drive=disk{i},id=disk{i}{serial}"]
     if spec.balloon:
-        argv += ["-device", "virtio-balloon-pci,id=balloon0"]
+        argv += ["-device", ",".join(("virtio-balloon-pci", "id=balloon0", *spec.balloon_options))]
     for i, bdf in enumerate(spec.host_devices):
         argv += ["-device", f"vfio-pci,host={bdf},id=hostdev{i}"]
     argv += list(spec.extra_args)

@@ -43,6 +43,14 @@ def test_devices_in_spec_order():
     assert "driver=raw,file=file1,node-name=disk1" in opt_values(argv, "-blockdev")
 
 
+def test_balloon_options_go_on_the_balloon_device():
+    spec = VMSpec(balloon=True, balloon_options=("deflate-on-oom=on", "guest-stats-polling-interval=1"))
+    assert opt_values(render_argv("q", spec, CTX), "-device")[-1] == \
+        "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,guest-stats-polling-interval=1"
+    with pytest.raises(ValueError, match="balloon_options without balloon"):
+        VMSpec(balloon_options=("deflate-on-oom=on",))
+
+
 def test_same_spec_renders_identically():
     """Migration needs the destination's argv to match the source's device for device."""
     spec = VMSpec(disks=(Disk(),), balloon=True)
