@@ -14,11 +14,14 @@ import time
 
 import pytest
 
-from pytest_kvmcheck import VMSpec, vm_fixture, wait_until
+from pytest_kvmcheck import Disk, VMSpec, vm_fixture, wait_until
+from pytest_kvmcheck.errors import QMPCommandError
 from pytest_kvmcheck.guests.shows import MIB
 from pytest_kvmcheck.hosts.settings import VfioBinding
+from pytest_kvmcheck.qemu.migration import DiskWriter
 from pytest_kvmcheck.qemu.legacy import describe, form
 
+OOPS = r"Oops|BUG:|general protection|Kernel panic|Call Trace"  # the guest kernel hurt itself
 APPEAR_S = 15.0  # deadline for the guest to see a plugged device (ACPI hot-plug under TCG)
 DIMM_MIB = 256
 
@@ -176,3 +179,81 @@ def test_assigned_device_hotplug(hotplug_guest, kvm_host, kvm_note):
                        f"the assigned device {binding.bdf} ({ids}) in the guest's lspci", interval=0.2)
         finally:
             unplug(vm, "hpvfio")
+
+
+CYCLES = 20
+CYCLE_MAC = "52:54:00:aa:00:20"
+# What twenty cycles may leave behind: no fd (each plug's eventfds and image go with its unplug);
+# a few threads (QEMU's I/O worker pool grows with use and shrinks after 10 s idle); a little
+# memory outside guest RAM (malloc keeps freed memory in its arenas).
+LEAK_TOLERANCE = {"fds": 0, "threads": 4, "rss_mib": 8.0}
+
+
+def plug_and_unplug_disk_and_nic(vm, image: str) -> None:
+    """One cycle: a virtio disk and a virtio NIC plugged, seen by the guest, unplugged and gone."""
+    vm.qmp.cmd("blockdev-add", driver="qcow2", node_name="cycdisk", file={"driver": "file", "filename": image})
+    vm.qmp.cmd("device_add", driver="virtio-blk-pci", id="cycblk", drive="cycdisk", serial="cycle")
+    vm.qmp.cmd("netdev_add", type="user", id="cycnet", restrict=True)
+    vm.qmp.cmd("device_add", driver="virtio-net-pci", id="cycnic", netdev="cycnet", mac=CYCLE_MAC)
+    wait_until(lambda: (vm.guest.find_block_device("cycle"), vm.guest.find_nic(CYCLE_MAC)), APPEAR_S,
+               "the plugged disk (serial cycle) and NIC in the guest", done=all)
+    vm.qmp.clear_events()
+    for device in ("cycblk", "cycnic"):
+        vm.qmp.cmd("device_del", id=device)
+    for device in ("cycblk", "cycnic"):
+        vm.qmp.wait_event("DEVICE_DELETED", timeout=APPEAR_S, match={"data": {"device": device}})
+    vm.qmp.cmd("blockdev-del", node_name="cycdisk")
+    vm.qmp.cmd("netdev_del", id="cycnet")
+
+
+def test_repeated_hotplug_leaks_nothing(hotplug_guest, kvm_metric, kvm_note):
+    """Hot-plug depth: twenty plug/unplug cycles of a virtio disk and a virtio NIC leave QEMU's
+    open file descriptors, threads and memory where they were (within LEAK_TOLERANCE), and no
+    device behind in the guest or in query-pci."""
+    vm = hotplug_guest
+    image = vm.host.qemu_img.create(vm.path("cycle.qcow2"), 16)
+    slots = pci_slots(vm)
+    plug_and_unplug_disk_and_nic(vm, image)  # the first plug allocates what later ones reuse
+    before = vm.process.footprint(vm.spec.memory_mib)
+    started = time.monotonic()
+    for _ in range(CYCLES):
+        plug_and_unplug_disk_and_nic(vm, image)
+    kvm_metric("hotplug_cycle", (time.monotonic() - started) / CYCLES, "s")
+    left = wait_until(lambda: (vm.guest.find_block_device("cycle"), vm.guest.find_nic(CYCLE_MAC)), APPEAR_S,
+                      "no plugged disk or NIC left in the guest", done=lambda found: found == (None, None))
+    assert left == (None, None) and pci_slots(vm) == slots, "query-pci after the cycles differs from before"
+    grown = vm.process.footprint(vm.spec.memory_mib).grown(before)
+    kvm_note("hotplug cycles", f"after {CYCLES} cycles QEMU grew by {grown} (tolerance {LEAK_TOLERANCE})")
+    over = {k: v for k, v in grown.items() if v > LEAK_TOLERANCE[k]}
+    assert not over, f"after {CYCLES} plug/unplug cycles QEMU holds more: {over} (tolerance {LEAK_TOLERANCE})"
+
+
+def test_disk_unplugged_while_the_guest_writes(boot_vm, kvm_note):
+    """Hot-plug depth: a virtio disk pulled out while the guest writes to it, synced write by
+    write: the unplug completes (DEVICE_DELETED) or is refused with an error, the guest's kernel
+    does not oops, and the last write the guest completed is on the image."""
+    vm = boot_vm(VMSpec(disks=(Disk(size_mib=16, format="raw", serial="unplug0"),)))
+    disk = vm.guest.block_device("unplug0")
+    oopses = vm.guest.dmesg(OOPS)
+    writer = DiskWriter(vm, disk.path)
+    wait_until(lambda: vm.guest.exists(DiskWriter.DONE) and writer.completed(vm), 20,
+               "the guest's writer completing its first writes", done=lambda n: n >= 3)
+    vm.qmp.clear_events()
+    pulled = time.monotonic()
+    try:
+        vm.qmp.cmd("device_del", id="disk0")
+        vm.qmp.wait_event("DEVICE_DELETED", timeout=APPEAR_S, match={"data": {"device": "disk0"}})
+        wait_until(lambda: vm.guest.find_block_device("unplug0"), APPEAR_S, "the unplugged disk gone from the guest",
+                   done=lambda found: found is None)
+        outcome = f"unplugged in {time.monotonic() - pulled:.1f} s"
+    except QMPCommandError as exc:  # refused cleanly: the guest keeps the disk, and keeps writing to it
+        outcome = f"unplug refused: {exc.desc}"
+    writer.stop(vm)
+    completed = writer.completed(vm)
+    kvm_note("unplug during writes", f"{outcome}; the guest completed {completed} synced writes")
+    assert vm.guest.dmesg(OOPS) == oopses, "the guest's kernel oopsed when its disk was pulled out:\n" + \
+        "\n".join(vm.guest.dmesg(OOPS)[len(oopses):][:20])
+    vm.stop()  # QEMU has let go of the image: read what it holds
+    on_image = int((vm.host.read_sector(vm.disk_paths[0], DiskWriter.SECTOR).split() or ["0"])[0])
+    assert on_image >= completed, \
+        f"the guest completed write {completed} (synced), the image holds write {on_image}: completed writes were lost"

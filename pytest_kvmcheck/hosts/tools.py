@@ -127,6 +127,31 @@ def mergeable_kib(smaps: str) -> int:
     return total
 
 
+def rss_outside_kib(smaps: str, guest_ram_kib: int) -> int:
+    """KiB resident in /proc/PID/smaps text outside any mapping of exactly ``guest_ram_kib``
+    (the guest's RAM): what QEMU itself holds, whatever the guest touched."""
+    total, size = 0, 0
+    for line in smaps.splitlines():
+        if line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif line.startswith("Rss:") and size != guest_ram_kib:
+            total += int(line.split()[1])
+    return total
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a QEMU process holds: open file descriptors, threads, and memory outside guest RAM."""
+
+    fds: int
+    threads: int
+    rss_mib: float
+
+    def grown(self, since: "Footprint") -> dict[str, float]:
+        return {"fds": self.fds - since.fds, "threads": self.threads - since.threads,
+                "rss_mib": round(self.rss_mib - since.rss_mib, 1)}
+
+
 class QemuProcess:
     """A QEMU process on its host, as the host's kernel shows it (not as its argv claims)."""
 
@@ -152,6 +177,16 @@ class QemuProcess:
         # -p names the owning process only to root.
         out = self.host.run(["ss", flags], timeout=10, root=True).check(f"ss on {self.host.name}").stdout
         return parse_ss(out, self.pid, kind)
+
+    def fds(self) -> int:
+        """How many file descriptors it has open."""
+        out = self.host.run(["ls", f"/proc/{self.pid}/fd"], timeout=10, root=True)
+        return len(out.check(f"ls /proc/{self.pid}/fd on {self.host.name}").stdout.split())
+
+    def footprint(self, guest_ram_mib: int) -> Footprint:
+        """Its open fds, threads and RSS outside the guest's RAM (``guest_ram_mib``), now."""
+        return Footprint(self.fds(), int(self.status()["Threads"]),
+                         rss_outside_kib(self.file("smaps"), guest_ram_mib * 1024) / 1024)
 
     def mergeable_kib(self) -> int:
         """KiB of its memory that KSM may merge."""

@@ -131,6 +131,11 @@ class Host(abc.ABC):
         """Bytes in a file on the host."""
         return int(self.run(["stat", "-c", "%s", "--", path], timeout=10).check(f"stat on {self.name}").stdout)
 
+    def read_sector(self, path: str, sector: int) -> str:
+        """The 512 bytes at ``sector`` of a raw image on the host, as text (NULs dropped)."""
+        result = self.run(["dd", f"if={path}", "bs=512", f"skip={int(sector)}", "count=1"], timeout=30, root=True)
+        return result.check(f"dd on {self.name}").stdout.replace("\0", "")
+
     def pid_alive(self, pid: int) -> bool:
         return self.exists(f"/proc/{int(pid)}")
 

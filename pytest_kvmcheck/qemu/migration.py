@@ -422,18 +422,21 @@ class DiskWriter:
     recording the last count it completed: writes made while the guest moves must arrive."""
 
     SECTOR = 16384  # 8 MiB into the disk
-    _DONE = "/tmp/kvmcheck-written"
+    DONE = "/tmp/kvmcheck-written"
 
     def __init__(self, vm: VM, device: str):
         self.device = device
         self.pid = vm.guest.start(
-            f"i=0; while :; do i=$((i+1)); printf '%-511s\\n' $i | dd of={device} bs=512 seek={self.SECTOR} "
-            f"conv=fsync 2>/dev/null && echo $i > {self._DONE}.new && mv {self._DONE}.new {self._DONE}; "
+            # Through a descriptor opened once: should the device node go (a disk unplugged), dd
+            # must fail, not create a regular file of that name and report the write done.
+            f"exec 3<>{device}; i=0; while :; do i=$((i+1)); printf '%-511s\\n' $i | dd of=/proc/self/fd/3 bs=512 "
+            f"seek={self.SECTOR} conv=notrunc,fsync 2>/dev/null && echo $i > {self.DONE}.new && "
+            f"mv {self.DONE}.new {self.DONE}; "
             f"sleep 0.05; done")
 
     def completed(self, vm: VM) -> int:
         """The last count the writer finished writing, as the guest on ``vm`` shows it."""
-        return int(vm.guest.read(self._DONE))
+        return int(vm.guest.read(self.DONE))
 
     def on_disk(self, vm: VM) -> int:
         """The count in the sector now."""
