@@ -207,7 +207,7 @@ def plug_and_unplug_disk_and_nic(vm, image: str) -> None:
 
 
 def test_repeated_hotplug_leaks_nothing(hotplug_guest, kvm_metric, kvm_note):
-    """Hot-plug depth: twenty plug/unplug cycles of a virtio disk and a virtio NIC leave QEMU's
+    """Handbook 3, beyond it (tp-qemu's hotplug_unplug repeat): twenty plug/unplug cycles of a virtio disk and a virtio NIC leave QEMU's
     open file descriptors, threads and memory where they were (within LEAK_TOLERANCE), and no
     device behind in the guest or in query-pci."""
     vm = hotplug_guest
@@ -229,7 +229,7 @@ def test_repeated_hotplug_leaks_nothing(hotplug_guest, kvm_metric, kvm_note):
 
 
 def test_disk_unplugged_while_the_guest_writes(boot_vm, kvm_note):
-    """Hot-plug depth: a virtio disk pulled out while the guest writes to it, synced write by
+    """Handbook 3, beyond it (tp-qemu's unplug_block_during_io): a virtio disk pulled out while the guest writes to it, synced write by
     write: the unplug completes (DEVICE_DELETED) or is refused with an error, the guest's kernel
     does not oops, and the last write the guest completed is on the image."""
     vm = boot_vm(VMSpec(disks=(Disk(size_mib=16, format="raw", serial="unplug0"),)))

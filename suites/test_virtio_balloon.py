@@ -114,7 +114,7 @@ STATS_MOVE_MIB = 96  # of the 128 MiB the guest takes and gives back
 
 
 def test_guest_memory_statistics_follow_the_guest(balloon_guest):
-    """virtio-balloon statistics (guest-stats-polling-interval): the free and available memory
+    """Handbook 1.x, beyond it: balloon statistics (guest-stats-polling-interval): the free and available memory
     QEMU reports fall when the guest fills 128 MiB of RAM and rise when it frees them."""
     vm = balloon_guest
     show = lambda s: f"{s['free']} MiB free, {s['available']} MiB available (update at {s['last-update']})"  # noqa: E731
@@ -139,7 +139,7 @@ REPORTED_MIB = 256  # the guest fills and frees this much; reporting must hand m
 
 @pytest.mark.kvm_requires("qemu>=5.1")
 def test_free_page_reporting_returns_freed_memory(boot_vm, kvm_metric):
-    """virtio-balloon free-page-reporting=on: after the guest frees a large allocation, the
+    """Handbook 1.x, beyond it: free-page-reporting=on: after the guest frees a large allocation, the
     QEMU process's resident memory shrinks by most of it (the guest reports the free pages
     and QEMU discards them), without the monitor asking for anything."""
     vm = boot_vm(VMSpec(memory_mib=MEMORY_MIB, balloon=True, balloon_options=("free-page-reporting=on",)))
@@ -158,7 +158,7 @@ def test_free_page_reporting_returns_freed_memory(boot_vm, kvm_metric):
 
 
 def test_deflate_on_oom_spares_the_guests_processes(boot_vm):
-    """virtio-balloon deflate-on-oom=on: a guest squeezed by the balloon, then asked for more
+    """Handbook 1.x, beyond it: deflate-on-oom=on: a guest squeezed by the balloon, then asked for more
     memory than it has left, takes pages back from the balloon; the OOM killer does not fire."""
     vm = boot_vm(VMSpec(memory_mib=MEMORY_MIB, balloon=True, balloon_options=("deflate-on-oom=on",)))
     target = MEMORY_MIB // 2
