@@ -257,3 +257,33 @@ def test_disk_unplugged_while_the_guest_writes(boot_vm, kvm_note):
     on_image = int((vm.host.read_sector(vm.disk_paths[0], DiskWriter.SECTOR).split() or ["0"])[0])
     assert on_image >= completed, \
         f"the guest completed write {completed} (synced), the image holds write {on_image}: completed writes were lost"
+
+
+def test_multifunction_slot_hotplug(hotplug_guest):
+    """Handbook 3, beyond it: a multifunction slot plugged function by function (function 1,
+    then function 0 with multifunction=on): the guest sees both functions in the one slot,
+    and unplugging function 0 takes the whole slot away."""
+    vm = hotplug_guest
+    before = pci_slots(vm)
+    for fn in (1, 0):  # QEMU takes no new function once function 0 is in the slot
+        image = vm.host.qemu_img.create(vm.path(f"multifunction{fn}.qcow2"), 16)
+        vm.qmp.cmd("blockdev-add", driver="qcow2", node_name=f"mfdisk{fn}",
+                   file={"driver": "file", "filename": image})
+        vm.qmp.cmd("device_add", driver="virtio-blk-pci", id=f"mfblk{fn}", drive=f"mfdisk{fn}", serial=f"mf{fn}",
+                   addr=f"0x11.{fn}", multifunction=fn == 0)
+    try:
+        disks = wait_until(lambda: [vm.guest.find_block_device(f"mf{fn}") for fn in (0, 1)], APPEAR_S,
+                           "both functions' disks (serials mf0, mf1) in the guest", done=all,
+                           show=lambda _: f"the guest's disks: {vm.guest.serials()}")
+        functions = sorted(f.address for f in vm.guest.pci_functions() if f.address.startswith("0000:00:11."))
+        assert functions == ["0000:00:11.0", "0000:00:11.1"], f"the guest's slot 0x11 holds functions {functions}"
+        assert all(d.driver == "virtio_blk" for d in disks), f"the functions' disks are driven by {disks}"
+    finally:
+        vm.qmp.clear_events()
+        vm.qmp.cmd("device_del", id="mfblk0")
+        for fn in (0, 1):
+            vm.qmp.wait_event("DEVICE_DELETED", timeout=APPEAR_S, match={"data": {"device": f"mfblk{fn}"}})
+            vm.qmp.cmd("blockdev-del", node_name=f"mfdisk{fn}")
+    wait_until(lambda: [vm.guest.find_block_device(f"mf{fn}") for fn in (0, 1)], APPEAR_S,
+               "both functions gone from the guest", done=lambda found: found == [None, None])
+    assert pci_slots(vm) == before, "query-pci after the unplug differs from before the plug"

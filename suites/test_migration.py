@@ -350,3 +350,28 @@ def test_guest_dirtying_faster_than_the_link(running_source, peer, boot_vm, auto
         assert outcome == "did not converge", \
             f"a guest rewriting {rate:.1f} MiB/s converged over a {link:.2f} MiB/s link"
         assert throttle == 0, "the CPU was throttled without auto-converge"
+
+
+@shared_storage
+def test_hotplugged_disk_moves_with_the_guest(boot_vm, kvm_host, kvm_peer, kvm_note):
+    """Handbook 3 and 4.3.3: a disk hot-plugged into a running guest moves with it in a live
+    migration to a destination started with that disk on its command line (same slot, same
+    image): the guest reads there what it wrote before the move."""
+    source = boot_vm(VMSpec(memory_mib=512))
+    image = kvm_host.transport.qemu_img.create(source.path("hotplugged.qcow2"), 32)
+    source.qmp.cmd("blockdev-add", driver="qcow2", node_name="hpdisk", file={"driver": "file", "filename": image})
+    source.qmp.cmd("device_add", driver="virtio-blk-pci", id="hpblk", drive="hpdisk", serial="hotmig", addr="0x10")
+    disk = wait_until(lambda: source.guest.find_block_device("hotmig"), 15, "the plugged disk (serial hotmig)")
+    written = disk.write_pattern(2)
+    GuestState.prepare(source)
+    before = GuestState.read(source)
+    dest = boot_vm.start(boot_vm.successor(
+        source, kvm_peer, "-incoming", "defer", "-blockdev", f"driver=file,filename={image},node-name=hpfile",
+        "-blockdev", "driver=qcow2,file=hpfile,node-name=hpdisk",
+        "-device", "virtio-blk-pci,drive=hpdisk,id=hpblk,serial=hotmig,addr=0x10"))
+    info = migrate(source, listen(dest, kvm_peer.spec.migration_address), timeout=120, destination=dest)
+    kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name} with a hot-plugged disk: {stats(info)}")
+    problems = continuity_problems(before, dest)
+    assert not problems, "continuity broken:\n" + "\n".join(problems)
+    read = dest.guest.block_device("hotmig").checksum(2)
+    assert read == written, f"the hot-plugged disk reads sha256 {read} on the destination, the guest wrote {written}"

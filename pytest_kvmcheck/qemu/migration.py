@@ -87,26 +87,41 @@ def preflight(source: VM, source_caps: Capabilities, dest_caps: Capabilities,
     return problems
 
 
-def device_layout(vm: VM) -> list[str]:
-    """The VM's devices as QEMU was told them (driver and id), in order."""
+def argv_layout(argv: list[str]) -> list[str]:
+    """The devices (driver#id) a command line asks for."""
     out = []
-    for opt, value in zip(vm.argv, vm.argv[1:], strict=False):
+    for opt, value in zip(argv, argv[1:], strict=False):
         if opt == "-device":
             fields = dict(f.split("=", 1) if "=" in f else ("driver", f) for f in value.split(","))
             out.append(f"{fields.get('driver')}#{fields.get('id', '')}")
-    return out
+    return sorted(out)
+
+
+def qom_layout(peripherals: list[dict]) -> list[str]:
+    """The devices (driver#id) in QEMU's answer to ``qom-list /machine/peripheral``."""
+    return sorted(f"{p['type'][len('child<'):-1]}#{p['name']}" for p in peripherals
+                  if p.get("type", "").startswith("child<"))
+
+
+def device_layout(vm: VM) -> list[str]:
+    """The VM's devices (driver#id) as its QEMU has them, hot-plugged ones included; as its
+    command line has them when its QEMU no longer answers."""
+    if vm.alive():
+        try:
+            return qom_layout(vm.qmp.cmd("qom-list", path="/machine/peripheral"))
+        except VMError:
+            pass
+    return argv_layout(vm.argv)
 
 
 def layout_mismatch(source: VM, dest: VM) -> str:
-    """Pre-flight: '' if the device layouts match, else what differs (QEMU would refuse the stream)."""
+    """Pre-flight: '' if the two QEMUs hold the same devices, else what differs (QEMU would refuse the stream)."""
     a, b = device_layout(source), device_layout(dest)
-    if a == b:
-        return ""
     missing = [d for d in a if d not in b]
     extra = [d for d in b if d not in a]
     parts = [f"the destination lacks {', '.join(missing)}"] if missing else []
     parts += [f"the destination has extra {', '.join(extra)}"] if extra else []
-    return "; ".join(parts) or f"the device order differs: {a} vs {b}"
+    return "; ".join(parts)
 
 
 def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int | None = None,

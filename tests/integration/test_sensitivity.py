@@ -155,7 +155,7 @@ MUTANTS = [
            '    argv[:] = [re.sub(r"^driver=file,filename=[^,]*,node-name=file0$",'
            ' "driver=null-co,node-name=file0,size=16777216,read-zeroes=on", a) for a in argv]',
            r"the guest completed write \d+ \(synced\), the image holds write 0"),
-    Mutant("ACPI PCI hot-plug off", "test_hotplug.py", "test_virtio_net_hotplug and qmp",
+    Mutant("ACPI PCI hot-plug off", "test_hotplug.py", "test_virtio_net_hotplug and qmp or multifunction",
            'argv += ["-global", "PIIX4_PM.acpi-pci-hotplug-with-bridge-support=off",'
            ' "-global", "PIIX4_PM.acpi-root-pci-hotplug=off"] if is_guest() else []',
            r"QMP device_add refused by QEMU: .*does not support hotplugging"),
@@ -201,6 +201,12 @@ MUTANTS = [
            '        os.chmod(argv[argv.index("-qmp") + 1][len("unix:"):].split(",")[0], 0o777)\n'
            '    sys.exit(status)',
            r"other users of the host can connect to QEMU's monitor .*mode 777"),
+    Mutant("destination started without the hot-plugged disk", "test_migration.py",
+           "test_hotplugged_disk_moves_with_the_guest",
+           'if "-incoming" in argv:\n'
+           '    i = argv.index("virtio-blk-pci,drive=hpdisk,id=hpblk,serial=hotmig,addr=0x10")\n'
+           '    del argv[i - 1:i + 1]',
+           r"migration of \S+ to tcp:\S+ failed; .*Unknown savevm section or instance '0000:00:10\.0/virtio-blk'"),
     Mutant("qemu-img convert loses a sector", "test_v2v.py", "test_converted_disk_keeps_its_data and vdi",
            'if argv[:1] == ["convert"] and argv[argv.index("-O") + 1] == "qcow2":\n'
            '    subprocess.run([REAL, *argv], check=True)\n'

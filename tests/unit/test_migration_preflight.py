@@ -2,7 +2,7 @@
 from types import SimpleNamespace
 
 from pytest_kvmcheck.hosts.capabilities import Capabilities
-from pytest_kvmcheck.qemu.migration import layout_mismatch, preflight
+from pytest_kvmcheck.qemu.migration import layout_mismatch, preflight, qom_layout
 from pytest_kvmcheck.qemu.spec import VMSpec
 
 FLAGS = ["fpu", "lm", "nx", "sse2", "svm"]
@@ -53,7 +53,13 @@ def test_images_not_at_the_same_path():
 
 def test_layout_mismatch_names_the_device():
     def vm(*devices):
-        return SimpleNamespace(argv=[a for d in devices for a in ("-device", d)])
-    assert layout_mismatch(vm("virtio-net-pci,id=n0"), vm("virtio-net-pci,id=n0")) == ""
+        return SimpleNamespace(argv=[a for d in devices for a in ("-device", d)], alive=lambda: False)
+    assert layout_mismatch(vm("virtio-net-pci,id=n0", "e1000,id=n1"), vm("e1000,id=n1", "virtio-net-pci,id=n0")) == ""
     assert "lacks virtio-balloon-pci#b0" in layout_mismatch(vm("virtio-balloon-pci,id=b0"), vm())
-    assert "order differs" in layout_mismatch(vm("a,id=1", "b,id=2"), vm("b,id=2", "a,id=1"))
+    assert "has extra virtio-rng-pci#r0" in layout_mismatch(vm(), vm("virtio-rng-pci,id=r0"))
+
+
+def test_qemus_own_layout_counts_hot_plugged_devices():
+    listed = [{"name": "type", "type": "string"}, {"name": "hpblk", "type": "child<virtio-blk-pci>"},
+              {"name": "nic0", "type": "child<virtio-net-pci>"}]
+    assert qom_layout(listed) == ["virtio-blk-pci#hpblk", "virtio-net-pci#nic0"]
