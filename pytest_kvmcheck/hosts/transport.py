@@ -137,7 +137,10 @@ class Host(abc.ABC):
         return result.check(f"dd on {self.name}").stdout.replace("\0", "")
 
     def pid_alive(self, pid: int) -> bool:
-        return self.exists(f"/proc/{int(pid)}")
+        """Whether the process runs. A zombie does not: it has exited and waits for its parent
+        to reap it, which for a daemonized QEMU is init (here, an init that reaps every 2 s)."""
+        stat = self.read_text(f"/proc/{int(pid)}/stat", default="")
+        return bool(stat) and stat.rpartition(")")[2].split()[:1] != ["Z"]
 
     def process_cmdline(self, pid: int) -> list[str]:
         raw = self.read_text(f"/proc/{int(pid)}/cmdline", default="")

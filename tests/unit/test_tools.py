@@ -1,9 +1,13 @@
 """The host vocabulary: qemu-img, ip and process readers build the argv they should and parse what they get."""
+import os
+import subprocess
+import time
 from dataclasses import dataclass
 
 import pytest
 
 from pytest_kvmcheck.errors import HostError
+from pytest_kvmcheck.hosts.local import LocalHost
 from pytest_kvmcheck.hosts.spec import HostSpec
 from pytest_kvmcheck.hosts.tools import Ip, QemuImg, mergeable_kib, open_to_others, parse_ss, parse_status, path_access
 from pytest_kvmcheck.hosts.transport import CommandResult
@@ -104,3 +108,16 @@ def test_a_world_writable_socket_is_open_only_if_every_directory_lets_others_thr
     closed = STAT.replace("755 root root socket", "777 root root socket").replace(
         "755 root root directory|/tmp/kc\n", "700 root root directory|/tmp/kc\n")
     assert open_to_others(path_access(RecordingHost(stdout=closed), "/x")) == ""
+
+
+def test_a_zombie_is_not_alive():
+    """A process that exited but was not reaped yet (a daemonized QEMU waits for init) is gone."""
+    child = subprocess.Popen(["true"])
+    host = LocalHost(HostSpec(name="local", transport="local"))
+    deadline = time.monotonic() + 5
+    while "Z" not in open(f"/proc/{child.pid}/stat").read().rpartition(")")[2].split()[:1] and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not host.pid_alive(child.pid)
+    child.wait()
+    assert not host.pid_alive(child.pid) and host.pid_alive(os.getpid())
