@@ -357,7 +357,7 @@ def test_hotplugged_disk_moves_with_the_guest(boot_vm, kvm_host, kvm_peer, kvm_n
     """Handbook 3 and 4.3.3: a disk hot-plugged into a running guest moves with it in a live
     migration to a destination started with that disk on its command line (same slot, same
     image): the guest reads there what it wrote before the move."""
-    source = boot_vm(VMSpec(memory_mib=512))
+    source = boot_vm(VMSpec(memory_mib=256))
     image = kvm_host.transport.qemu_img.create(source.path("hotplugged.qcow2"), 32)
     source.qmp.cmd("blockdev-add", driver="qcow2", node_name="hpdisk", file={"driver": "file", "filename": image})
     source.qmp.cmd("device_add", driver="virtio-blk-pci", id="hpblk", drive="hpdisk", serial="hotmig", addr="0x10")
