@@ -75,6 +75,23 @@ def first_checksum(text: str) -> str:
     return text.split()[0] if text.split() else ""
 
 
+@dataclass(frozen=True)
+class DirectReads:
+    """What one run of kvmcheck-io read."""
+
+    ops: int
+    nbytes: int
+    seconds: float
+
+    @property
+    def iops(self) -> float:
+        return self.ops / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.nbytes / self.seconds / 1e6
+
+
 class BlockDevice:
     """A disk the guest sees (``vdb``), found by its serial."""
 
@@ -112,6 +129,14 @@ class BlockDevice:
                              f"dd if={self.path} of={f} bs=1M skip={offset_mib} count={mib} 2>{err} "
                              f"|| {{ cat {err} >&2; exit 1; }}; sha256sum < {f}; rm -f {f}", check=True, timeout=60).stdout
         return first_checksum(out)
+
+    def direct_reads(self, pattern: str, seconds: float) -> "DirectReads":
+        """Read for ``seconds`` with O_DIRECT, one request at a time (the tiny guest's
+        kvmcheck-io): ``seqread`` 1 MiB in order, ``randread`` 4 KiB at random offsets."""
+        out = self.guest.run(["kvmcheck-io", pattern, self.path, f"{seconds:g}"], check=True,
+                             timeout=seconds + 60).stdout
+        ops, nbytes, took = re.fullmatch(r"ops (\d+) bytes (\d+) seconds ([\d.]+)\s*", out).groups()
+        return DirectReads(int(ops), int(nbytes), float(took))
 
     def read_sector(self, sector: int) -> str:
         """The text in one 512-byte sector (a counter a writer left there)."""
@@ -159,6 +184,17 @@ class GuestNic:
         result = self.guest.run(["ping", "-c", str(count), "-i", "0.05", "-s", str(size), "-W", "2", address],
                                 timeout=30)
         return result.ok and " 0% packet loss" in result.stdout, result.stdout
+
+
+@dataclass
+class HeldMemory:
+    """Guest RAM taken by :meth:`GuestShows.hold_memory`; ``release()`` gives it back."""
+
+    guest: "GuestShows"
+    where: str
+
+    def release(self) -> None:
+        self.guest.run(["umount", self.where], check=True)
 
 
 class GuestShows:
@@ -312,6 +348,16 @@ class GuestShows:
 
     def online_cpu(self, cpu: int) -> None:
         self.run(f"echo 1 > /sys/devices/system/cpu/cpu{cpu}/online", check=True)
+
+    def hold_memory(self, mib: int) -> "HeldMemory":
+        """Take ``mib`` MiB of the guest's RAM (a tmpfs of its own, filled), until released.
+
+        A tmpfs, not /tmp: a disk-image guest's /tmp is on its disk, and a file there is page
+        cache the guest can drop, not memory in use."""
+        where = "/run/kvmcheck-held"
+        self.run(f"mkdir -p {where} && mount -t tmpfs -o size={mib + 16}m kvmcheck-held {where} && "
+                 f"dd if=/dev/zero of={where}/fill bs=1M count={mib} 2>/dev/null", check=True, timeout=120)
+        return HeldMemory(self, where)
 
     def memory_blocks(self) -> dict[str, str]:
         """Memory block -> state (online, offline)."""

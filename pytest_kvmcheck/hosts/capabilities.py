@@ -7,7 +7,7 @@ explains every miss, naming the host and the capability, so a skip always says w
 Need names (see :data:`NEEDS`): ``kvm``, ``vhost-net``, ``tap``, ``bridge``, ``iommu``, ``assignable``,
 ``sriov``, ``pci-unlisted``, ``ksm``, ``nested``, ``root``, ``allow_host_changes``, ``seccomp``, ``multifd``,
 ``postcopy``,
-``disk-image-guest``, ``libvirt``, ``tls``, ``device:NAME``, ``object:TYPE``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``;
+``disk-image-guest``, ``tiny-guest``, ``libvirt``, ``tls``, ``device:NAME``, ``object:TYPE``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``;
 and of a host pair, ``shared-storage`` (see :func:`pair_has`).
 """
 from __future__ import annotations
@@ -156,6 +156,8 @@ _CHECKS = {
     "multifd": lambda c: ("multifd" in c.migration, "QEMU there refused the multifd capability"),
     "postcopy": lambda c: ("postcopy-ram" in c.migration, "QEMU there refused the postcopy-ram capability"),
     "disk-image-guest": lambda c: (c.guest == "disk-image", "the tiny guest has no system disk (--kvm-guest=IMAGE)"),
+    "tiny-guest": lambda c: (c.guest == "tiny", "the check needs kvmcheck's tiny guest (its own probes, such as "
+                             "kvmcheck-io; a root in RAM that the guest cannot page out)"),
     "libvirt": lambda c: (False, "sVirt/AppArmor labels are applied by libvirt, and kvmcheck starts QEMU directly"),
 }
 NEEDS = tuple(_CHECKS)
