@@ -6,6 +6,8 @@ by virtio_blk, of the configured size, and read back exactly what it wrote; QEMU
 block statistics must show the writes.
 """
 
+import statistics
+
 import pytest
 
 from pytest_kvmcheck import Disk, VMSpec, vm_fixture
@@ -72,3 +74,44 @@ def test_handbook_drive_option(kvm_host, kvm_note):
         assert modern.ok, f"expected the -blockdev form to be accepted: {modern.stderr.strip()}"
     finally:
         kvm_host.transport.run(["rm", "-f", image])
+
+
+PERF_ROUNDS = 3  # alternating rounds: a slow spell of the host hurts both disks alike
+PERF_SECONDS = 2.0
+# The handbook's direction, with margins from measurements (nested KVM in the lab, one request
+# at a time): random 4 KiB reads 4.8x as many on virtio-blk as on IDE, sequential 1 MiB reads
+# 1.6x as fast. Asserted: at least 2x and 1x. Under TCG both devices are emulated in software
+# and measure within 30 % of each other, so the claim is not checked there (needs kvm).
+MIN_RANDOM_RATIO, MIN_SEQUENTIAL_RATIO = 2.0, 1.0
+
+
+@pytest.mark.kvm_requires("kvm", "tiny-guest")
+def test_virtio_blk_outperforms_ide(boot_vm, kvm_metric, kvm_note):
+    """Handbook 1.x: virtio-blk "improves block device I/O": against an IDE disk on the same
+    guest, host and image format, with O_DIRECT and one request at a time, it does at least
+    twice the random 4 KiB reads per second and reads sequentially at least as fast."""
+    # Both on the same backend, a null one (reads return zeros at once): what is measured is the
+    # device's cost, not the storage under it (NFS in the lab, which hid it at about 1.7x).
+    null = "driver=null-co,size=268435456,read-zeroes=on,node-name="
+    vm = boot_vm(VMSpec(extra_args=("-blockdev", null + "perfvirtio", "-blockdev", null + "perfide",
+                                    "-device", "virtio-blk-pci,drive=perfvirtio,id=perfvirtio,serial=perfvirtio",
+                                    "-device", "ide-hd,drive=perfide,id=perfide,bus=ide.0")))
+    disks = {"virtio-blk": vm.guest.block_device("perfvirtio"),
+             "ide": vm.guest.block(next(n for n in vm.guest.block_devices() if n.startswith("sd")))}
+    samples: dict[tuple[str, str], list[float]] = {}
+    for _ in range(PERF_ROUNDS):
+        for name, disk in disks.items():
+            samples.setdefault((name, "randread"), []).append(disk.direct_reads("randread", PERF_SECONDS).iops)
+            samples.setdefault((name, "seqread"), []).append(disk.direct_reads("seqread", PERF_SECONDS).mb_per_s)
+    for (name, pattern), values in samples.items():
+        kvm_metric(f"{name.replace('-', '_')}_{pattern}", values, "IOPS" if pattern == "randread" else "MB/s", "higher")
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    random_ratio = median["virtio-blk", "randread"] / median["ide", "randread"]
+    sequential_ratio = median["virtio-blk", "seqread"] / median["ide", "seqread"]
+    said = (f"random 4 KiB: virtio-blk {median['virtio-blk', 'randread']:.0f} IOPS, IDE {median['ide', 'randread']:.0f}"
+            f" ({random_ratio:.1f}x); sequential 1 MiB: virtio-blk {median['virtio-blk', 'seqread']:.0f} MB/s, IDE "
+            f"{median['ide', 'seqread']:.0f} ({sequential_ratio:.1f}x); medians of {PERF_ROUNDS} runs of {PERF_SECONDS:g} s")
+    kvm_note("virtio-blk vs IDE", said)
+    assert random_ratio >= MIN_RANDOM_RATIO and sequential_ratio >= MIN_SEQUENTIAL_RATIO, \
+        f"virtio-blk is not faster than IDE by the handbook's margin ({MIN_RANDOM_RATIO}x random, " \
+        f"{MIN_SEQUENTIAL_RATIO}x sequential): {said}"

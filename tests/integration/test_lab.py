@@ -93,13 +93,7 @@ def test_lab_up_smoke_down(pytester, lab_dir):
 
 
 # The lab's sensitivity companions (see test_sensitivity.py): properties only a KVM host shows,
-# broken by a wrapper on the lab host that rewrites the guest's "-cpu host".
-LAB_MUTANTS = {  # name -> (what -cpu host becomes, suite, the check that must fail, what its FAIL names)
-    "no-kvmclock": ("host,kvmclock=off", "test_kvmclock", "test_current_clocksource_is_kvm_clock",
-                    r"expected clocksource kvm-clock"),
-    "no-svm": ("host,svm=off", "test_nested", "test_guest_cpu_shows_virtualization_extensions and nested-on",
-               r"should show the same extension"),
-}
+# broken by a wrapper on the lab host (busybox sh) that rewrites the guest's command line.
 CPU_WRAPPER = """#!/bin/sh
 # kvmcheck sensitivity mutant: the guest's -cpu host becomes -cpu {cpu}
 prev=
@@ -111,6 +105,28 @@ for a do
 done
 exec qemu-system-x86_64 "$@"
 """
+THROTTLE_WRAPPER = """#!/bin/sh
+# kvmcheck sensitivity mutant: the virtio disk of the virtio-blk/IDE comparison behind a
+# throttle of 100 requests a second (the suite renders its node as perfvirtio)
+for a do
+  shift
+  case $a in
+    driver=null-co,*,node-name=perfvirtio)
+      set -- "$@" "${a%node-name=perfvirtio}node-name=kcslow" -blockdev
+      a=driver=throttle,throttle-group=kcthrottle,file=kcslow,node-name=perfvirtio ;;
+  esac
+  set -- "$@" "$a"
+done
+exec qemu-system-x86_64 -object throttle-group,id=kcthrottle,x-iops-total=100 "$@"
+"""
+LAB_MUTANTS = {  # name -> (the wrapper, suite, the check that must fail, what its FAIL names)
+    "no-kvmclock": (CPU_WRAPPER.format(cpu="host,kvmclock=off"), "test_kvmclock",
+                    "test_current_clocksource_is_kvm_clock", r"expected clocksource kvm-clock"),
+    "no-svm": (CPU_WRAPPER.format(cpu="host,svm=off"), "test_nested",
+               "test_guest_cpu_shows_virtualization_extensions and nested-on", r"should show the same extension"),
+    "virtio-disk-throttled": (THROTTLE_WRAPPER, "test_virtio_blk", "test_virtio_blk_outperforms_ide",
+                              r"virtio-blk is not faster than IDE by the handbook's margin"),
+}
 
 
 def assert_lab_mutants_caught(pytester, lab_dir: Path) -> None:
@@ -123,16 +139,17 @@ def assert_lab_mutants_caught(pytester, lab_dir: Path) -> None:
     transport = lab.connect(lab_1)
     lines = []
     try:
-        for name, (cpu, *_rest) in LAB_MUTANTS.items():
+        for name, (wrapper, *_rest) in LAB_MUTANTS.items():
             path = f"{SHARED_PATH}/mutants/qemu-{name}"
             transport.makedirs(f"{SHARED_PATH}/mutants")
-            transport.write_bytes(path, CPU_WRAPPER.format(cpu=cpu).encode(), mode=0o755)
+            transport.write_bytes(path, wrapper.encode(), mode=0o755)
             lines.append(f"[hosts.lab-1-{name}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in {**inventory, "qemu": path}.items()]
             lines.append("")
         (pytester.path / "mutants.toml").write_text("\n".join(lines))
         suites = sorted({f"{SUITES}/{suite}.py" for _, suite, _, _ in LAB_MUTANTS.values()})
-        selection = " or ".join(f"({test})" for *_, test, _ in LAB_MUTANTS.values())
+        # Each mutant host runs only the check its mutant breaks.
+        selection = " or ".join(f"({test}) and lab-1-{name}" for name, (*_, test, _) in LAB_MUTANTS.items())
         result = run_pytest(pytester, *suites, "-k", selection, f"--kvm-hosts=@{pytester.path / 'mutants.toml'}",
                             "-n", "2", "--junitxml=mutants.xml", timeout=1200)
         results = verdicts_of(pytester.path / "mutants.xml")

@@ -1,5 +1,7 @@
 """The guest vocabulary's parsers: what lspci, sysfs and /proc print, read into plain data."""
-from pytest_kvmcheck.guests.shows import PciFunction, first_checksum, parse_cpu_list, parse_lspci, parse_meminfo
+from pytest_kvmcheck.guests.shows import (BlockDevice, PciFunction, first_checksum, parse_cpu_list, parse_lspci,
+                                          parse_meminfo)
+from pytest_kvmcheck.hosts.transport import CommandResult
 
 LSPCI = """\
 0000:00:00.0 Host bridge [0600]: Intel Corporation 440FX - 82441FX PMC [Natoma] [8086:1237] (rev 02)
@@ -38,3 +40,17 @@ def test_meminfo_in_kib():
 def test_checksum_of_sha256sum_output():
     assert first_checksum("ab12  -\n") == "ab12"
     assert first_checksum("") == ""
+
+
+def test_direct_reads_runs_the_probe_and_reads_its_line():
+    class Guest:
+        name, calls = "g", []
+
+        def run(self, command, timeout=30.0, check=False, input=None):
+            self.calls.append(command)
+            return CommandResult(tuple(command), 0, "ops 2000 bytes 8192000 seconds 2.000\n", "")
+
+    guest = Guest()
+    reads = BlockDevice(guest, "vdb").direct_reads("randread", 2.0)
+    assert guest.calls == [["kvmcheck-io", "randread", "/dev/vdb", "2"]]
+    assert (reads.iops, reads.mb_per_s) == (1000.0, 4.096)
