@@ -91,6 +91,11 @@ class QMPLost(VMError):
     verdict = "FAIL"
 
 
+class QMPTimeout(QMPLost):
+    """QEMU did not answer a QMP command in time: hung in it (the message says whether QEMU
+    still runs, and where its main thread waits)."""
+
+
 class QMPCommandError(VMError):
     """QEMU answered a QMP command with an error: QEMU's ``class`` and ``desc`` are kept."""
 

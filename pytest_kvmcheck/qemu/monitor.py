@@ -18,7 +18,7 @@ from typing import Any, Callable
 from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from ..errors import EventTimeout, QMPCommandError, QMPLost
+from ..errors import EventTimeout, QMPCommandError, QMPLost, QMPTimeout
 
 __all__ = ["Monitor", "QMPCommandError"]
 
@@ -52,20 +52,34 @@ def event_matches(event: dict, match: dict | Callable[[dict], bool] | None) -> b
 
 
 class Monitor:
-    def __init__(self, sock: socket.socket, vm_name: str, timeout: float = 30.0):
+    def __init__(self, sock: socket.socket, vm_name: str, timeout: float = 30.0,
+                 diagnose: Callable[[], str] = lambda: "QEMU probably exited: see its console log"):
+        """``diagnose`` says, once the connection broke or a command went unanswered, what
+        became of QEMU (exited, or still running), for the error's message."""
         self.vm_name = vm_name
+        self._diagnose = diagnose
         self.transcript: list[str] = []
         self._events: list[dict] = []
         self._qmp = QEMUMonitorProtocol(sock)
         # qemu.qmp reads at most 64 KiB a message by default; query-qmp-schema is several times
         # that. The legacy wrapper does not pass readbuflen on, so set it on its client.
         self._qmp._qmp.readbuflen = READ_LIMIT
-        self._qmp.settimeout(timeout)
+        self.timeout = timeout
         try:
             greeting = self._qmp.connect(negotiate=True)
         except (QMPError, OSError, EOFError) as exc:
             raise QMPLost(f"VM {vm_name}: no QMP greeting: {exc}") from None
         self._log("<-", greeting)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a command may go unanswered before :class:`QMPTimeout`."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._timeout = seconds
+        self._qmp.settimeout(seconds)
 
     def _log(self, direction: str, message: Any) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -88,10 +102,14 @@ class Monitor:
             desc = str(exc)
             self._log("<-", {"error": {"class": exc.error_class, "desc": desc}})
             raise QMPCommandError(name, desc, exc.error_class) from None
-        except (QMPError, OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+        except (asyncio.TimeoutError, TimeoutError):
+            self._log("!!", f"no answer within {self.timeout:.0f} s")
+            raise QMPTimeout(f"VM {self.vm_name}: QEMU did not answer QMP {name} within {self.timeout:.0f} s; "
+                             f"{self._diagnose()}") from None
+        except (QMPError, OSError, EOFError, asyncio.IncompleteReadError) as exc:
             self._log("!!", f"connection lost: {type(exc).__name__}: {exc}")
             raise QMPLost(f"VM {self.vm_name}: QMP connection lost during {name} "
-                          f"({type(exc).__name__}: {exc}); QEMU probably exited: see its console log") from None
+                          f"({type(exc).__name__}: {exc}); {self._diagnose()}") from None
         self._log("<-", {"return": result})
         return result
 

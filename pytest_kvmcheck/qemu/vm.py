@@ -271,8 +271,19 @@ class VM:
         if self._qmp is None:
             if not self.alive():
                 raise QMPLost(f"VM {self.name}: QEMU is not running; see its console log")
-            self._qmp = Monitor(self.host.connect_unix(self.qmp_socket), self.name)
+            self._qmp = Monitor(self.host.connect_unix(self.qmp_socket), self.name, diagnose=self._qemu_state)
         return self._qmp
+
+    def _qemu_state(self) -> str:
+        """What became of QEMU, for a QMP error: exited (with its log), or running and where
+        its main thread waits (a QEMU hung in a command is not one that died)."""
+        try:
+            if not self.alive():
+                return f"QEMU {self.pid} has exited: " + (self.log_tail(5).strip() or "see its console log")
+            waits = self.host.read_root_text(f"/proc/{self.pid}/wchan", default="?").strip() or "running"
+            return f"QEMU {self.pid} still runs (main thread in {waits}): hung in the command, or its socket's relay stalled"
+        except KvmCheckError as exc:
+            return f"and host {self.host.name} does not answer to say whether QEMU runs: {exc}"
 
     def hostfwd_port(self, guest_ip: str, guest_port: int) -> int:
         """The host port QEMU chose (port 0) for a user-mode forward to ``guest_ip:guest_port``."""

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pytest_kvmcheck.errors import GuestBootError, QMPLost, VMError
+from pytest_kvmcheck.errors import GuestBootError, QMPLost, QMPTimeout, VMError
 from pytest_kvmcheck.hosts.spec import parse_host
 from pytest_kvmcheck.run import KvmRun
 from pytest_kvmcheck.qemu.spec import VMSpec
@@ -126,12 +126,28 @@ def test_lost_qmp_connection(local_run, workdir):
     vm = local_run.new_vm("local", VMSpec()).boot()
     assert vm.qmp.cmd("query-status")["status"] == "running"
     os.kill(vm.pid, signal.SIGKILL)
-    with pytest.raises(QMPLost, match="QMP connection lost during query-status"):
+    with pytest.raises(QMPLost, match=rf"QMP connection lost during query-status .*; QEMU {vm.pid} has exited"):
         for _ in range(50):  # the kill lands asynchronously
             vm.qmp.cmd("query-status")
             time.sleep(0.05)
     vm.stop()  # must not raise for a dead VM
     vm.destroy()
+
+
+def test_qemu_that_stops_answering_qmp(local_run, workdir):
+    """A QEMU hung in a command (here: stopped by SIGSTOP) is told from one that died: the
+    error says it still runs and where its main thread waits."""
+    vm = local_run.new_vm("local", VMSpec()).boot()
+    vm.qmp.timeout = 2
+    os.kill(vm.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(QMPTimeout, match=rf"QEMU did not answer QMP query-status within 2 s; QEMU {vm.pid} "
+                                             r"still runs \(main thread in do_signal_stop\)"):
+            vm.qmp.cmd("query-status")
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
+    vm.destroy()
+    assert not qemu_processes(str(workdir))
 
 
 def _wait_for_qemu(workdir, proc, timeout=90.0):
