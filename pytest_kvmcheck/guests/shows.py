@@ -16,6 +16,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Iterable
 
+from ..clock import parse_wall_clock
+
 MIB = 1024 * 1024
 
 
@@ -323,6 +325,12 @@ class GuestShows:
         out = self.run(["cat", f"{base}/current_clocksource", f"{base}/available_clocksource"], check=True).stdout
         current, _, available = out.partition("\n")
         return current.strip(), available.split()
+
+    def wall_clock(self) -> float:
+        """The guest's wall clock (seconds since the epoch, to the microsecond or better).
+        busybox's date has no %N; its adjtimex shows the time to the microsecond."""
+        out = self.run('d=$(date +%s.%N); case $d in *N) adjtimex;; *) echo "$d";; esac', check=True).stdout
+        return parse_wall_clock(out)
 
     def meminfo(self) -> dict[str, int]:
         """/proc/meminfo in KiB."""

@@ -6,12 +6,14 @@ Every command is an argv list; every call has a timeout.
 from __future__ import annotations
 
 import abc
+import contextlib
 import shlex
 import socket
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
+from ..clock import parse_wall_clock
 from ..errors import HostError
 from .spec import HostSpec
 from .tools import Ip, QemuImg, QemuProcess
@@ -141,6 +143,16 @@ class Host(abc.ABC):
         to reap it, which for a daemonized QEMU is init (here, an init that reaps every 2 s)."""
         stat = self.read_text(f"/proc/{int(pid)}/stat", default="")
         return bool(stat) and stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+    def wall_clock(self) -> float:
+        """The host's wall clock, seconds since the epoch."""
+        return parse_wall_clock(self.run(["date", "+%s.%N"], timeout=10).check(f"date on {self.name}").stdout)
+
+    @contextlib.contextmanager
+    def clock(self) -> Iterator[Callable[[], float]]:
+        """A reader of the host's wall clock for repeated readings, each as quick as the
+        transport allows (a command's start-up would blur the comparison of clocks)."""
+        yield self.wall_clock
 
     def process_cmdline(self, pid: int) -> list[str]:
         raw = self.read_text(f"/proc/{int(pid)}/cmdline", default="")

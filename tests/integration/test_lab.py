@@ -119,11 +119,27 @@ for a do
 done
 exec qemu-system-x86_64 -object throttle-group,id=kcthrottle,x-iops-total=100 "$@"
 """
+PAUSE_WRAPPER = """#!/bin/sh
+# kvmcheck sensitivity mutant: the guest is paused about 0.5 s in every 2.5 (stop and cont on a
+# QMP socket of the wrapper's own). A paused guest's kvm-clock stands still: its clock falls behind.
+sock=/tmp/kc-pause-$$.sock
+qemu-system-x86_64 -qmp unix:$sock,server=on,wait=off "$@"
+status=$?
+[ $status -eq 0 ] && [ -S $sock ] || exit $status  # -daemonize: a guest runs on; anything else has ended
+( qmp() { printf '{"execute":"qmp_capabilities"}\\n{"execute":"%s"}\\n' "$1" | socat -t 0.2 - UNIX-CONNECT:$sock; }
+  while sleep 2 && qmp stop; do sleep 0.3; qmp cont || break; done; rm -f $sock ) </dev/null >/dev/null 2>&1 &
+"""
 LAB_MUTANTS = {  # name -> (the wrapper, suite, the check that must fail, what its FAIL names)
     "no-kvmclock": (CPU_WRAPPER.format(cpu="host,kvmclock=off"), "test_kvmclock",
                     "test_current_clocksource_is_kvm_clock", r"expected clocksource kvm-clock"),
     "no-svm": (CPU_WRAPPER.format(cpu="host,svm=off"), "test_nested",
                "test_guest_cpu_shows_virtualization_extensions and nested-on", r"should show the same extension"),
+    "clock-paused": (PAUSE_WRAPPER, "test_kvmclock", "test_guest_clock_keeps_pace_with_the_host",
+                     r"the guest's clock moved .* the bound is"),
+    # Its peer is the next host here (the guest migrates there): one whose wrapper leaves it be.
+    # No name may hold another (-k selects by substring).
+    "migrating-paused": (PAUSE_WRAPPER, "test_kvmclock", "test_clock_across_live_migration",
+                         r"the guest's wall clock stepped .* across the migration"),
     "virtio-disk-throttled": (THROTTLE_WRAPPER, "test_virtio_blk", "test_virtio_blk_outperforms_ide",
                               r"virtio-blk is not faster than IDE by the handbook's margin"),
 }
