@@ -236,8 +236,10 @@ class KvmRun:
         """Put the guest's files on the host: the tiny kernel + initramfs, or the cloud image + seed."""
         if self.guest == "tiny":
             placed = place_files(transport, f"tiny-{tiny.digest}",
-                                 {"vmlinux": str(tiny.kernel), "initrd.img": str(tiny.initrd)})
-            return HostRun(run_dir, placed["vmlinux"], placed["initrd.img"], tiny.host_public_key)
+                                 {"vmlinux": str(tiny.kernel), "initrd.img": str(tiny.initrd),
+                                  "kvmcheck-net": str(tiny.net_probe)}, executable=("kvmcheck-net",))
+            return HostRun(run_dir, placed["vmlinux"], placed["initrd.img"], tiny.host_public_key,
+                           net_probe=placed["kvmcheck-net"])
         cloud = CloudImage.open(self.guest)
         placed = place_files(transport, f"cloud-{cloud.digest}", {"disk.qcow2": str(cloud.path)})
         seed = f"{run_dir}/seed.iso"

@@ -127,6 +127,7 @@ class HostRun:
     host_public_key: str  # the guest's SSH host key, which the guest must present
     boot_disk: str = ""  # disk-image guest: the image (VMs boot from an overlay of it)
     seed: str = ""  # disk-image guest: the cloud-init seed ISO of this run
+    net_probe: str = ""  # tiny guest: kvmcheck-net for the host's end (the guest has its own)
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -145,8 +146,9 @@ def start_run(host: Host, run_id: str, owner_pid: int | None = None) -> tuple[st
     return run_dir, notes
 
 
-def place_files(host: Host, name: str, files: dict[str, str]) -> dict[str, str]:
-    """Copy local ``files`` (remote name -> local path) to ``<workdir>/images/<name>/`` once.
+def place_files(host: Host, name: str, files: dict[str, str], executable: tuple[str, ...] = ()) -> dict[str, str]:
+    """Copy local ``files`` (remote name -> local path) to ``<workdir>/images/<name>/`` once,
+    ``executable`` ones with mode 0755 (SFTP keeps no mode).
 
     Returns remote name -> path on the host. A local host uses the files where they are.
     """
@@ -158,5 +160,7 @@ def place_files(host: Host, name: str, files: dict[str, str]) -> dict[str, str]:
         host.makedirs(remote)
         for key, local in files.items():
             host.put_file(local, placed[key])
+        if executable:
+            host.run(["chmod", "0755", *(placed[key] for key in executable)]).check()
         host.write_bytes(posixpath.join(remote, "complete"), b"")
     return placed

@@ -152,6 +152,17 @@ class Footprint:
                 "rss_mib": round(self.rss_mib - since.rss_mib, 1)}
 
 
+def cpu_ticks(stats: str) -> int:
+    """utime + stime summed over /proc/PID/stat lines (fields 14 and 15, counted after the
+    command name, which may hold spaces and parentheses)."""
+    total = 0
+    for line in stats.splitlines():
+        if ")" in line:
+            fields = line.rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
 class QemuProcess:
     """A QEMU process on its host, as the host's kernel shows it (not as its argv claims)."""
 
@@ -191,6 +202,14 @@ class QemuProcess:
     def mergeable_kib(self) -> int:
         """KiB of its memory that KSM may merge."""
         return mergeable_kib(self.file("smaps"))
+
+    def cpu_seconds(self) -> float:
+        """CPU time QEMU has used (user and system, every thread) plus its vhost workers', which
+        before Linux 6.4 are kernel threads of their own (``vhost-PID``) and after it QEMU's."""
+        out = self.host.run(["sh", "-c", f"getconf CLK_TCK; for p in {self.pid} $(pgrep -x vhost-{self.pid}); do "
+                                         "cat /proc/$p/stat; done"], timeout=10).check("CPU time").stdout
+        ticks_per_second, _, stats = out.partition("\n")
+        return cpu_ticks(stats) / int(ticks_per_second)
 
     def has_task(self, name: str) -> bool:
         """Whether a task called ``name`` runs (a kernel worker such as ``vhost-PID``, or a thread)."""

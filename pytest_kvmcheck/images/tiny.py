@@ -31,6 +31,11 @@ class TinyImage(KernelImage):
         manifest = json.loads((directory / "manifest.json").read_text())
         return cls(directory, manifest["digest"], manifest["kernel_version"])
 
+    @property
+    def net_probe(self) -> Path:
+        """kvmcheck-net, the static program the guest has too: the host's end of network measurements."""
+        return self.directory / "kvmcheck-net"
+
 
 def _digest(recipe_dir: Path, kernel_pkg: str, recipe: dict) -> str:
     h = hashlib.sha256()
@@ -95,7 +100,7 @@ def _build_into(work: Path, recipe_dir: Path, recipe: dict, kernel_pkg: str, dig
         if shutil.which("gcc") is None:
             raise ImageBuildError(f"the tiny guest's {target} is built from {source} with gcc: "
                                   "apt-get install gcc libc6-dev")
-        run_tool(["gcc", "-static", "-O2", "-Wall", "-o", str(root / target.lstrip("/")), str(recipe_dir / source)])
+        run_tool(["gcc", "-static", "-O2", "-Wall", "-s", "-o", str(root / target.lstrip("/")), str(recipe_dir / source)])
     # /lib64 loader path and /lib -> usr merge as Debian has it.
     if (root / "lib/x86_64-linux-gnu").is_dir() and not (root / "lib64").exists():
         (root / "lib64").mkdir()
@@ -154,6 +159,8 @@ def _build_into(work: Path, recipe_dir: Path, recipe: dict, kernel_pkg: str, dig
     if elf is not None:
         (out / "vmlinux").write_bytes(elf)
     (out / "host_key.pub").write_text(pub.strip() + "\n")
+    for target in recipe.get("compiled", {}).values():
+        shutil.copy2(root / target.lstrip("/"), out / os.path.basename(target))
     (out / "manifest.json").write_text(json.dumps({
         "digest": digest, "kernel_package": kernel_pkg, "kernel_version": kver,
         "modules": modules, "initrd_bytes": (out / "initrd.img").stat().st_size,

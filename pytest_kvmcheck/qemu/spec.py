@@ -24,6 +24,7 @@ class Nic:
     vhost: bool = False
     mac: str | None = None
     bridged: bool = False  # a tap joined to the host's bridge=, instead of user-mode networking
+    tap: bool = False  # a tap of its own: a link to the host alone (implied by vhost and bridged)
 
     def __post_init__(self):
         if self.model not in NIC_MODELS:
@@ -188,7 +189,7 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
     for i, nic in enumerate(spec.nics):
         # restrict=on: the guest reaches nothing outside; host forwards (its SSH) still work.
         netdev = f"user,id=net{i},restrict=on"
-        if nic.vhost or nic.bridged:
+        if nic.vhost or nic.bridged or nic.tap:
             if i == 0:
                 raise ValueError("the first NIC carries the guest's SSH (user-mode); put taps on a second NIC")
             # A non-persistent tap: it disappears with the QEMU process, nothing to leak.

@@ -196,8 +196,18 @@ class VM:
         return nic_mac(self.spec, index, self.seed)
 
     def tap(self, index: int) -> str:
-        """The host's tap device behind NIC ``index`` (vhost and bridged NICs)."""
+        """The host's tap device behind NIC ``index`` (tap, vhost and bridged NICs)."""
         return tap_name(self.seed, index)
+
+    def link_to_host(self, index: int) -> tuple[str, str]:
+        """Address the two ends of tap NIC ``index`` (a /30 of this VM's own) and set both up;
+        returns (the host's address, the guest's). The addresses go with the tap, with QEMU."""
+        third, fourth = (self.seed >> 6) & 0xff, (self.seed & 0x3f) * 4
+        host_ip, guest_ip = f"10.{210 + index}.{third}.{fourth + 1}", f"10.{210 + index}.{third}.{fourth + 2}"
+        self.host.ip.add_address(self.tap(index), f"{host_ip}/30")
+        self.host.ip.link_up(self.tap(index))
+        self.guest.nic(self.mac(index)).up(f"{guest_ip}/30")
+        return host_ip, guest_ip
 
     @property
     def process(self) -> QemuProcess:
