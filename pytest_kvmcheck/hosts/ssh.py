@@ -85,6 +85,7 @@ class SSHHost(Host):
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         self._home: str | None = None
+        self._has_socat: bool | None = None
 
     # --- connection -------------------------------------------------------------
     def _resolve(self) -> dict:
@@ -238,8 +239,9 @@ class SSHHost(Host):
             raise HostError(f"host {self.name}: cannot reach {address}:{port} from there: {exc}") from None
 
     def connect_unix(self, path: str, timeout: float = 10.0) -> socket.socket:
-        has_socat = self.run(["sh", "-c", "command -v socat"], timeout=timeout).ok
-        argv = ["socat", "-", f"UNIX-CONNECT:{path}"] if has_socat else ["python3", "-c", _PY_RELAY, path]
+        if self._has_socat is None:  # asked once per host, not per connection
+            self._has_socat = self.run(["sh", "-c", "command -v socat"], timeout=timeout).ok
+        argv = ["socat", "-", f"UNIX-CONNECT:{path}"] if self._has_socat else ["python3", "-c", _PY_RELAY, path]
         channel = self.client.get_transport().open_session(timeout=timeout)
         # QEMU's sockets belong to the user QEMU started as: root, through sudo= if the user is not.
         channel.exec_command(shlex.join(self.privileged(argv)))

@@ -116,27 +116,37 @@ def parse_status(text: str) -> dict[str, str]:
     return {key: value.strip() for key, _, value in (line.partition(":") for line in text.splitlines()) if value}
 
 
-def mergeable_kib(smaps: str) -> int:
-    """KiB of mappings marked MADV_MERGEABLE ('mg' in VmFlags) in /proc/PID/smaps text."""
-    total, size = 0, 0
+@dataclass(frozen=True)
+class Mapping:
+    """One mapping of /proc/PID/smaps: its size and resident KiB, and its VmFlags."""
+
+    size_kib: int
+    rss_kib: int
+    flags: tuple[str, ...]
+
+
+def parse_smaps(smaps: str) -> list[Mapping]:
+    """/proc/PID/smaps text as its mappings (each ends with its VmFlags line)."""
+    out, size, rss = [], 0, 0
     for line in smaps.splitlines():
         if line.startswith("Size:"):
             size = int(line.split()[1])
-        elif line.startswith("VmFlags:") and "mg" in line[8:].split():
-            total += size
-    return total
+        elif line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("VmFlags:"):
+            out.append(Mapping(size, rss, tuple(line[8:].split())))
+    return out
+
+
+def mergeable_kib(smaps: str) -> int:
+    """KiB of mappings marked MADV_MERGEABLE ('mg' in VmFlags)."""
+    return sum(m.size_kib for m in parse_smaps(smaps) if "mg" in m.flags)
 
 
 def rss_outside_kib(smaps: str, guest_ram_kib: int) -> int:
-    """KiB resident in /proc/PID/smaps text outside any mapping of exactly ``guest_ram_kib``
-    (the guest's RAM): what QEMU itself holds, whatever the guest touched."""
-    total, size = 0, 0
-    for line in smaps.splitlines():
-        if line.startswith("Size:"):
-            size = int(line.split()[1])
-        elif line.startswith("Rss:") and size != guest_ram_kib:
-            total += int(line.split()[1])
-    return total
+    """KiB resident outside any mapping of exactly ``guest_ram_kib`` (the guest's RAM): what
+    QEMU itself holds, whatever the guest touched."""
+    return sum(m.rss_kib for m in parse_smaps(smaps) if m.size_kib != guest_ram_kib)
 
 
 @dataclass(frozen=True)

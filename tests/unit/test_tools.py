@@ -9,7 +9,8 @@ import pytest
 from pytest_kvmcheck.errors import HostError
 from pytest_kvmcheck.hosts.local import LocalHost
 from pytest_kvmcheck.hosts.spec import HostSpec
-from pytest_kvmcheck.hosts.tools import Ip, QemuImg, mergeable_kib, open_to_others, parse_ss, parse_status, path_access
+from pytest_kvmcheck.hosts.tools import (Ip, QemuImg, mergeable_kib, open_to_others, parse_ss, parse_status, path_access,
+                                         rss_outside_kib)
 from pytest_kvmcheck.hosts.transport import CommandResult
 
 
@@ -87,6 +88,14 @@ def test_status_and_mergeable_memory():
              "7f20-7f30 rw-p 0 0:0 0\nSize:  2048 kB\nVmFlags: rd wr mr mw me ac sd\n"
              "7f40-7f50 rw-p 0 0:0 0\nSize:  4096 kB\nVmFlags: mg rd\n")
     assert mergeable_kib(smaps) == 5120
+
+
+def test_resident_memory_outside_guest_ram():
+    smaps = ("7f00-7f10 rw-p 0 0:0 0\nSize:  524288 kB\nRss:  300000 kB\nVmFlags: rd wr mg\n"  # the guest's RAM
+             "7f20-7f30 rw-p 0 0:0 0\nSize:  2048 kB\nRss:  1000 kB\nVmFlags: rd wr\n"
+             "7f40-7f50 r-xp 0 0:0 0\nSize:  8192 kB\nRss:  5000 kB\nVmFlags: rd ex\n")
+    assert rss_outside_kib(smaps, 524288) == 6000
+    assert rss_outside_kib(smaps, 1024) == 306000  # no mapping of that size: everything counts
 
 
 STAT = ("755 root root socket|/tmp/kc/vm-1/qmp.sock\n755 root root directory|/tmp/kc/vm-1\n"
