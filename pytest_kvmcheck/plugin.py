@@ -145,6 +145,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("kvm_host", names, indirect=True, scope="session", ids=names)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadscope`` over several hosts groups by host and module (schedule.py)."""
+    if config.getoption("dist", None) != "loadscope" or RUN_KEY not in config.stash:
+        return None
+    hosts = list(config.stash[RUN_KEY].specs)
+    if len(hosts) < 2:
+        return None
+    from .schedule import HostModuleScheduling
+    return HostModuleScheduling(config, log, hosts)
+
+
 def _host_of(item: pytest.Item) -> str | None:
     callspec = getattr(item, "callspec", None)
     return callspec.params.get("kvm_host") if callspec else None

@@ -9,7 +9,8 @@ interrupted. Schema ``kvmcheck-run/1`` (a later version only adds keys)::
                       "capabilities": [needs met], "expect": [...], "summary": str}},
      "tests": [{"nodeid": ..., "test": nodeid without the host, "host": ..., "feature": suite module,
                 "verdict": "PASS" | "FAIL" | "ERROR" | "BROKEN" | "SKIP", "reason": str,
-                "duration_s": float, "description": str, "notes": {"handbook": ..., ...},
+                "duration_s": float, "start": epoch, "stop": epoch, "worker": xdist worker id or "",
+                "description": str, "notes": {"handbook": ..., ...},
                 "metrics": {NAME: {"unit": ..., "direction": "lower" | "higher", "scope": "test" | "host",
                                    "samples": [float, ...]}}}]}
 
@@ -23,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -65,8 +67,10 @@ class RunRecorder:
         host = next((v for k, v in props if k == "kvm_host"), None)
         if host is None:
             return
-        entry = self.tests.setdefault(report.nodeid, {"duration_s": 0.0})
+        entry = self.tests.setdefault(report.nodeid, {"duration_s": 0.0, "start": report.start})
         entry["duration_s"] = round(entry["duration_s"] + report.duration, 3)
+        entry["stop"] = report.stop  # setup to teardown: when the host was busy with it
+        entry["worker"] = getattr(getattr(report, "node", None), "gateway", SimpleNamespace(id="")).id
         if report.when != "teardown":
             return
         metrics: dict[str, dict] = {}

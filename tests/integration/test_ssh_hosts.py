@@ -1,4 +1,5 @@
 """The suites against SSH hosts: real sshd in network namespaces, and migration between two of them."""
+import json
 import re
 
 from .conftest import LOCAL_FEATURES, SUITES, assert_nothing_left, assert_suites_passed, run_pytest, skip_reasons
@@ -28,10 +29,13 @@ def test_a_user_with_sudo_runs_what_needs_root(pytester, ssh_hosts, workdir):
 
 def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
     """Each host migrates its guests to the other: the stream crosses veth, bridge, veth. Host a
-    is reached as root; host b as a user with sudo, its QEMU only in /usr/libexec."""
+    is reached as root; host b as a user with sudo, its QEMU only in /usr/libexec. Two workers
+    with --dist loadscope take one host each (kvmcheck groups by host and module): the hosts'
+    tests run at the same time."""
     a, b = ssh_hosts
     hosts = ",".join(h.url(workdir / h.name) for h in ssh_hosts)
-    result = run_pytest(pytester, f"{SUITES}/test_migration.py", f"--kvm-hosts={hosts}", "--junitxml=junit.xml")
+    result = run_pytest(pytester, f"{SUITES}/test_migration.py", f"--kvm-hosts={hosts}", "--junitxml=junit.xml",
+                        "-n", "2", "--dist", "loadscope")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
     for line in skip_reasons(result):
@@ -49,5 +53,11 @@ def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
         assert f"tcp:{dest.address}:" in junit, f"the stream to {dest.address} did not go to its own address"
         assert re.search(rf"{re.escape(source.address)} -&gt; {re.escape(dest.address)} \(postcopy\), session to ",
                          junit), "the guest-session test did not run across the hosts"
+    tests = json.loads((pytester.path / "reports/run.json").read_text())["tests"]
+    spans = {host.address: (min(t["start"] for t in tests if t["host"] == host.address),
+                            max(t["stop"] for t in tests if t["host"] == host.address)) for host in ssh_hosts}
+    workers = {host.address: {t["worker"] for t in tests if t["host"] == host.address} for host in ssh_hosts}
+    assert max(s for s, _ in spans.values()) < min(e for _, e in spans.values()), f"the hosts ran one after the other: {spans}"
+    assert all(len(w) == 1 for w in workers.values()) and workers[a.address] != workers[b.address], workers
     for host in ssh_hosts:
         assert_nothing_left(workdir / host.name, result.stdout.str())
