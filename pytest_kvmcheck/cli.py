@@ -7,6 +7,7 @@
     kvmcheck cleanup [--kvm-hosts=...]    remove every run's leftovers on the hosts, kept VMs too
     kvmcheck lab up [--hosts N]           boot the virtual KVM lab (nested KVM hosts under TCG)
     kvmcheck lab status                   each lab host: alive, reachable, KVM, nested, shared storage
+    kvmcheck lab power-cycle NAME         cut lab-power's power and boot it again (its disk stays)
     kvmcheck lab down                     stop the lab and remove everything it made
     kvmcheck compare BASELINE CANDIDATE   what changed between two runs (run.json or report dirs);
                                           exit 1 on any regression
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="vCPUs per lab host (default 1: with more, 6.1 kernels under multi-threaded TCG can livelock in text patching when KVM starts guests)")
     lab_sub.add_parser("status", help="show each lab host")
     lab_sub.add_parser("down", help="stop the lab; leaves no process, device, namespace or dir")
+    power = lab_sub.add_parser("power-cycle", help="kill a power host's QEMU (its page cache goes) and boot it again")
+    power.add_argument("name", help="the lab host (lab-power)")
     cmp = sub.add_parser("compare", help="compare a candidate run with a baseline (exit 1 on a regression)")
     cmp.add_argument("baseline", help="the baseline's run.json, or its report dir")
     cmp.add_argument("candidate", help="the candidate's run.json, or its report dir")
@@ -165,6 +168,8 @@ def _lab(args) -> int:
         for row in rows:
             print("  ".join(f"{k}={v}" for k, v in row.items()))
         return 0 if all(r["alive"] and "error" not in r for r in rows) else 1
+    elif args.lab_command == "power-cycle":
+        lab.power_cycle(args.name)
     else:
         for note in lab.down() or ["nothing to do: the lab is down"]:
             print(note)

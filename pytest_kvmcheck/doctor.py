@@ -37,6 +37,8 @@ ADVICE = {
     "tls": "a QEMU built with GnuTLS (TLS migration, VNC over TLS)",
     "multifd": "a QEMU with multifd migration (4.0 or later)",
     "postcopy": "a kernel with userfaultfd, and a QEMU allowed to use it",
+    "power-cycle": "set power_cycle= to a command that cuts the host's power and turns it back on (a BMC's)",
+    "local-disk": "set local_dir= to a directory on the host's own disk",
 }
 CAPABILITIES = ("kvm", "vhost-net", "tap", "iommu", "sriov", "ksm", "nested", "seccomp", "tls", "multifd",
                 "postcopy", "bridge")

@@ -141,7 +141,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "kvm_host" in metafunc.fixturenames:
-        names = list(metafunc.config.stash[RUN_KEY].specs)
+        needs = {need for marker in metafunc.definition.iter_markers("kvm_requires") for need in marker.args}
+        # A host kept for some tests alone (only=, a host that gets power-cycled) takes no other.
+        names = [name for name, spec in metafunc.config.stash[RUN_KEY].specs.items()
+                 if not spec.only or needs & set(spec.only)]
         metafunc.parametrize("kvm_host", names, indirect=True, scope="session", ids=names)
 
 

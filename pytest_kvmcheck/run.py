@@ -248,8 +248,9 @@ class KvmRun:
         return HostRun(run_dir, "", "", " ".join(host_key[:2]), boot_disk=placed["disk.qcow2"], seed=seed)
 
     def peer(self, name: str) -> PreparedHost:
-        """The host ``name`` migrates to: the next one in --kvm-hosts order, or itself if alone."""
-        names = list(self.specs)
+        """The host ``name`` migrates to: the next one in --kvm-hosts order, or itself if alone.
+        A host kept for some tests alone (only=) is no one's peer."""
+        names = [n for n, spec in self.specs.items() if not spec.only or n == name]
         return self.host(names[(names.index(name) + 1) % len(names)])
 
     def unmet(self, name: str, needs: list[str], peer_needs: list[str] = ()) -> list[Unmet]:

@@ -3,15 +3,18 @@
 The handbook writes ``-drive file=IMG,if=virtio``; today's explicit form is a
 ``-blockdev`` pair plus ``-device virtio-blk-pci``. The guest must see /dev/vd*, driven
 by virtio_blk, of the configured size, and read back exactly what it wrote; QEMU's own
-block statistics must show the writes.
+block statistics must show the writes. What the guest fsync'd must outlast QEMU.
 """
 
+import secrets
 import statistics
 
 import pytest
 
-from pytest_kvmcheck import Disk, VMSpec, vm_fixture
+from pytest_kvmcheck import Disk, VMSpec, poll, vm_fixture
 from pytest_kvmcheck.guests.shows import MIB
+from pytest_kvmcheck.hosts.power import power_cycle
+from pytest_kvmcheck.qemu.spec import CACHE_MODES
 from pytest_kvmcheck.qemu.legacy import describe, form
 
 SIZE_MIB = 64
@@ -115,3 +118,70 @@ def test_virtio_blk_outperforms_ide(boot_vm, kvm_metric, kvm_note):
     assert random_ratio >= MIN_RANDOM_RATIO and sequential_ratio >= MIN_SEQUENTIAL_RATIO, \
         f"virtio-blk is not faster than IDE by the handbook's margin ({MIN_RANDOM_RATIO}x random, " \
         f"{MIN_SEQUENTIAL_RATIO}x sequential): {said}"
+
+
+DURABLE_MIB = 4
+
+
+def durable_images(host, directory: str) -> dict[str, str]:
+    """A qcow2 image per cache mode, in ``directory`` on the host (made here)."""
+    host.makedirs(directory)
+    return {mode: host.qemu_img.create(f"{directory}/durable-{mode}.qcow2", DURABLE_MIB * 4) for mode in CACHE_MODES}
+
+
+def write_and_fsync(boot_vm, images: dict[str, str]):
+    """A guest with one disk per cache mode writes a pattern to each and fsyncs it; returns
+    the guest and each pattern's sha256."""
+    writer = boot_vm(VMSpec(memory_mib=256, disks=tuple(Disk(path=path, serial=f"dur-{mode}", cache=mode)
+                                                        for mode, path in images.items())))
+    return writer, {mode: writer.guest.block_device(f"dur-{mode}").write_pattern(DURABLE_MIB) for mode in images}
+
+
+def modes_that_lost(boot_vm, images: dict[str, str], written: dict[str, str]) -> list[str]:
+    """A new guest reads each image: the cache modes whose fsync'd pattern is not there."""
+    reader = boot_vm(VMSpec(memory_mib=256, disks=tuple(Disk(path=path, serial=f"dur-{mode}")
+                                                        for mode, path in images.items())))
+    return [mode for mode in images if reader.guest.block_device(f"dur-{mode}").checksum(DURABLE_MIB) != written[mode]]
+
+
+def test_fsynced_writes_outlast_a_killed_qemu(boot_vm, kvm_host, kvm_note):
+    """Handbook 1.x: what a guest wrote to a virtio-blk disk and fsync'd is in the image after
+    QEMU is killed right away (SIGKILL: QEMU writes nothing on its way out), in every cache mode.
+
+    Even ``unsafe``: it skips only the host's own flush to its disk; each guest flush still
+    hands QEMU's caches (qcow2's tables) to the host kernel. This is the weaker half of
+    durability: a host losing power also takes its page cache (the next check)."""
+    images = durable_images(kvm_host.transport, f"{kvm_host.run_dir}/durable-{secrets.token_hex(3)}")
+    writer, written = write_and_fsync(boot_vm, images)
+    writer.host.kill(writer.pid, "KILL")
+    assert poll(lambda: not writer.alive(), 10), f"QEMU {writer.pid} outlived SIGKILL"
+    lost = modes_that_lost(boot_vm, images, written)
+    kvm_note("durability", f"QEMU killed after the guest fsync'd {DURABLE_MIB} MiB to one disk per cache mode; "
+                           f"lost in: {', '.join(lost) or 'none'}")
+    assert not lost, f"data the guest fsync'd is not in the image after QEMU was killed, cache mode(s): " \
+                     f"{', '.join(lost)}"
+
+
+@pytest.mark.kvm_requires("power-cycle", "local-disk")
+def test_fsynced_writes_outlast_a_power_loss(boot_vm, kvm_host, kvm_note, kvm_metric):
+    """Handbook 1.x: what a guest fsync'd to a virtio-blk disk whose image is on the host's own
+    disk is there after the host loses power, in every cache mode but ``unsafe`` (which skips
+    the host's flushes, so its data may still sit in the page cache the power loss takes);
+    the report says whether unsafe lost it."""
+    host = kvm_host.transport
+    directory = f"{kvm_host.caps.local_dir}/kvmcheck-{secrets.token_hex(4)}"
+    try:
+        images = durable_images(host, directory)
+        writer, written = write_and_fsync(boot_vm, images)
+        took = power_cycle(host)
+        writer.lost()
+        kvm_metric("power_cycle", took, "s")
+        lost = modes_that_lost(boot_vm, images, written)
+        kvm_note("durability", f"host {kvm_host.name} power-cycled ({took:.0f} s) after the guest fsync'd "
+                               f"{DURABLE_MIB} MiB to one disk per cache mode; lost in: {', '.join(lost) or 'none'}"
+                               + ("" if "unsafe" in lost else " (unsafe's data had reached the disk anyway)"))
+        must_keep = [mode for mode in lost if mode != "unsafe"]
+        assert not must_keep, f"data the guest fsync'd is not on the disk after host {kvm_host.name} lost power, " \
+                              f"cache mode(s): {', '.join(must_keep)}"
+    finally:
+        host.run(["rm", "-rf", "--", directory], timeout=60)

@@ -6,7 +6,7 @@ explains every miss, naming the host and the capability, so a skip always says w
 
 Need names (see :data:`NEEDS`): ``kvm``, ``vhost-net``, ``tap``, ``bridge``, ``iommu``, ``assignable``,
 ``sriov``, ``pci-unlisted``, ``ksm``, ``nested``, ``root``, ``allow_host_changes``, ``seccomp``, ``multifd``,
-``postcopy``,
+``postcopy``, ``power-cycle``, ``local-disk``,
 ``disk-image-guest``, ``tiny-guest``, ``libvirt``, ``tls``, ``device:NAME``, ``object:TYPE``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``;
 and of a host pair, ``shared-storage`` (see :func:`pair_has`).
 """
@@ -63,6 +63,8 @@ class Capabilities:
     boot_id: str = ""
     cpu_flags: list[str] = field(default_factory=list)  # the host CPU's, from /proc/cpuinfo
     bridge_cidr: str = ""  # the address/prefix of the host's bridge= (guests' bridged NICs join it)
+    power_cycle: bool = False  # its spec says how to power-cycle it (power_cycle=)
+    local_dir: str = ""  # its spec's local_dir=, once found on a disk of the host's own
     root: bool = False  # commands run as root there
     host_changes: bool = False  # its spec allows tests to change host-wide state (allow_host_changes)
     seccomp: bool = False  # QEMU takes -sandbox on
@@ -140,6 +142,8 @@ _CHECKS = {
     "vhost-net": lambda c: (c.vhost_net, "/dev/vhost-net is missing"),
     "tap": lambda c: (c.tap, "cannot create tap devices"),
     "bridge": lambda c: (bool(c.bridge_cidr), "no bridge= given for the host"),
+    "power-cycle": lambda c: (c.power_cycle, "no power_cycle= command given for the host (every VM there dies with it)"),
+    "local-disk": lambda c: (bool(c.local_dir), "no local_dir= given for the host (a directory on its own disk)"),
     "assignable": _assignable,
     "iommu": lambda c: (c.iommu_groups > 0, "no IOMMU groups (/sys/kernel/iommu_groups is empty)"),
     "sriov": _sriov,
@@ -323,6 +327,8 @@ def _probe_kernel(host: Host, caps: Capabilities) -> None:
     if not caps.tap:
         caps.reasons["tap"] = "/dev/net/tun is missing" if is_root else "tap devices need root (CAP_NET_ADMIN)"
     _probe_bridge(host, caps)
+    _probe_local_dir(host, caps)
+    caps.power_cycle = bool(host.spec.power_cycle)
     caps.iommu_groups = len(host.listdir("/sys/kernel/iommu_groups"))
     caps.pci_devices = sorted(host.listdir("/sys/bus/pci/devices"))
     pfs = sriov_pfs(host)
@@ -362,6 +368,24 @@ def _probe_bridge(host: Host, caps: Capabilities) -> None:
         caps.bridge_cidr = host.ip.ipv4_cidr(bridge)
         if not caps.bridge_cidr:
             caps.reasons["bridge"] = f"bridge {bridge} has no IPv4 address"
+
+
+VOLATILE_FILESYSTEMS = ("tmpfs", "ramfs", "nfs", "nfs4", "fuseblk", "9p", "overlayfs")
+
+
+def _probe_local_dir(host: Host, caps: Capabilities) -> None:
+    """local_dir=: a directory on a disk of the host's own, which a power loss leaves in place."""
+    path = host.spec.local_dir
+    if not path:
+        return
+    result = host.run(["stat", "-f", "-c", "%T", path], timeout=15)
+    kind = result.stdout.strip()
+    if not result.ok:
+        caps.reasons["local-disk"] = f"local_dir={path}, but the host has no such directory"
+    elif kind in VOLATILE_FILESYSTEMS:
+        caps.reasons["local-disk"] = f"local_dir={path} is on {kind}, not a disk of the host's own"
+    else:
+        caps.local_dir = path
 
 
 def _probe_qemu_features(host: Host, caps: Capabilities, workdir: str) -> None:

@@ -5,7 +5,7 @@ Accepted forms, comma separated::
     local                                   this machine, via subprocesses
     ssh://user@host[:port][?key=..&qemu=..&qemu_img=..&workdir=..&accel=..&name=..&boot_timeout=..
                                             &max_downtime_ms=..&allow_host_changes=1&sudo=1&accept_new_host_key=1
-                                            &known_hosts=..]
+                                            &known_hosts=..&power_cycle=..&local_dir=..&only=..]
     @inventory.toml                         a TOML inventory (see fixtures/inventory.example.toml)
     lab                                     the virtual KVM lab's inventory, once it is up
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -31,7 +32,8 @@ ACCELS = ("auto", "kvm", "tcg")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
                "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address", "expect",
-               "bridge", "boot_timeout", "max_downtime_ms", "allow_host_changes", "sudo"}
+               "bridge", "boot_timeout", "max_downtime_ms", "allow_host_changes", "sudo", "power_cycle",
+               "local_dir", "only"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
 
@@ -63,6 +65,11 @@ class HostSpec:
     # allowed; None: allowed on this machine (local), not on a host reached over SSH.
     allow_host_changes: bool | None = None
     sudo: bool = False  # reached as a user who is not root: what needs root runs through sudo -n
+    # A command run on this machine that cuts the host's power and turns it back on (a BMC's
+    # "chassis power cycle"; the lab's "kvmcheck lab power-cycle NAME"): every VM there dies.
+    power_cycle: tuple[str, ...] = ()
+    local_dir: str | None = None  # a directory on the host's own disk (not tmpfs, not NFS)
+    only: tuple[str, ...] = ()  # the host takes only tests that need one of these (a host kept for power cycles)
 
     @property
     def host_changes_allowed(self) -> bool:
@@ -121,8 +128,12 @@ def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:
             changes[key] = value if isinstance(value, bool) else _bool(value, what)
         elif key in ("memory_budget_mib", "boot_timeout", "max_downtime_ms"):
             changes[key] = _int(value, what)
-        elif key in ("tags", "assignable", "expect"):
+        elif key in ("tags", "assignable", "expect", "only"):
             changes[key] = _list(value)
+        elif key == "power_cycle":
+            changes[key] = tuple(str(v) for v in value) if isinstance(value, (list, tuple)) else tuple(shlex.split(value))
+            if not changes[key]:
+                raise HostSpecError(f"{what}: an empty command")
         elif key == "name":
             if not _NAME_RE.match(str(value)):
                 raise HostSpecError(f"{what}: {value!r} is not a valid host name "
@@ -135,6 +146,8 @@ def _apply_options(spec: HostSpec, options: dict, where: str) -> HostSpec:
     spec = replace(spec, **changes)
     if spec.sudo and spec.transport == "local":
         raise HostSpecError(f"{where}: sudo is for hosts reached over SSH; for this machine, run pytest as root")
+    if spec.power_cycle and spec.transport == "local":
+        raise HostSpecError(f"{where}: power_cycle is for hosts reached over SSH: this machine runs the tests")
     return spec
 
 

@@ -14,6 +14,12 @@ suite against real KVM hosts over SSH. Each lab host has:
   never leaves this machine. The first host exports shared storage over NFS on it, mounted
   at the same path on every host, and the hosts' work dirs live there.
 
+Beside them the lab boots ``lab-power``, a host kept for the tests that cut its power
+(``only = ["power-cycle"]`` in the inventory: no other test runs there, and it is no one's
+migration peer). It has a disk of its own (a raw file on this machine, ext4, mounted at
+:data:`LOCAL_DIR`); ``kvmcheck lab power-cycle lab-power`` kills its QEMU (the host's page
+cache goes with it, as at a power loss) and boots it again on the same SSH port.
+
 ``kvmcheck lab down`` kills the hosts, deletes the namespace (their taps go with QEMU) and
 removes the lab's state dir; ``up`` on a running lab changes nothing.
 """
@@ -28,6 +34,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +51,9 @@ from .image import SHARED_MARKER, LabImage, build_lab_image
 
 PRIVATE_NET = ipaddress.ip_interface("10.77.0.10/24")  # host i gets .10+i
 SHARED_PATH = "/srv/kvmcheck"
+LOCAL_DIR = "/var/lib/kvmcheck-local"  # on the power host's own disk
+POWER_HOST = "lab-power"
+POWER_HOST_MEMORY_MIB = 2048
 PASSTHROUGH_NIC = "8086:10d3"  # the e1000e each lab host keeps for device assignment
 BOOT_TIMEOUT = 180.0
 GUEST_BOOT_TIMEOUT = 300
@@ -66,6 +76,9 @@ class LabHost:
     assignable: tuple[str, ...] = ()
     sriov_pf: str = ""
     ready_s: float = 0.0  # QEMU start to sshd up (the ready marker on the console)
+    memory_mib: int = 4096
+    cpus: int = 1
+    power: bool = False  # kept for power-cycle tests, with a disk of its own
 
     @property
     def pidfile(self) -> str:
@@ -162,12 +175,15 @@ class Lab:
         _sh(["ip", "-n", self.netns, "link", "set", "br0", "up"])
         storage_ip = str(PRIVATE_NET.ip + 1)
         hosts, started_at = [], {}
-        for i in range(1, count + 1):
-            host = LabHost(name=f"lab-{i}", index=i, directory=str(self.dir / f"lab-{i}"), ssh_port=0,
+        for i in range(1, count + 2):
+            power = i == count + 1
+            name = POWER_HOST if power else f"lab-{i}"
+            host = LabHost(name=name, index=i, directory=str(self.dir / name), ssh_port=0,
                            private_ip=f"{PRIVATE_NET.ip + i}/{PRIVATE_NET.network.prefixlen}",
-                           tap=f"{self.tap_prefix}{i}")
+                           tap=f"{self.tap_prefix}{i}", memory_mib=POWER_HOST_MEMORY_MIB if power else memory_mib,
+                           cpus=cpus, power=power)
             started_at[host.name] = time.monotonic()
-            self._start(host, image, key.public_line, storage_ip, memory_mib, cpus)
+            self._start(host, image, key.public_line, storage_ip)
             hosts.append(host)
             self._save(hosts, image)
             self.say(f"{host.name}: QEMU {host.pid} started, SSH on 127.0.0.1:{host.ssh_port}")
@@ -182,12 +198,11 @@ class Lab:
             self._wait_shared(host)
         self._save(hosts, image)
         self._write_inventory(hosts)
-        self.say(f"the lab is up: {count} hosts in {time.monotonic() - started:.0f} s; "
-                 f"use --kvm-hosts=lab")
+        self.say(f"the lab is up: {count} hosts and {POWER_HOST} (for power-cycle tests) in "
+                 f"{time.monotonic() - started:.0f} s; use --kvm-hosts=lab")
         return hosts
 
-    def _argv(self, host: LabHost, image: LabImage, public_key: str, storage_ip: str,
-              memory_mib: int, cpus: int) -> list[str]:
+    def _argv(self, host: LabHost, image: LabImage, public_key: str, storage_ip: str) -> list[str]:
         d = host.directory
         args = " ".join([
             image.kernel_args,
@@ -195,10 +210,11 @@ class Lab:
             f"kvmcheck.name={host.name}", f"kvmcheck.mgmt={_mac(0, host.index)}",
             f"kvmcheck.lan={_mac(1, host.index)}", f"kvmcheck.ip={host.private_ip}",
             f"kvmcheck.nfs={storage_ip}", f"kvmcheck.shared={SHARED_PATH}",
+            *([f"kvmcheck.local={LOCAL_DIR}"] if host.power else []),
         ])
         return qemu_argv(
             "qemu-system-x86_64", name=f"{host.name},process=kvmcheck-{host.name}", machine="q35,kernel-irqchip=split",
-            accel=None, cpu="max", memory=str(memory_mib), smp=str(cpus), console_log=host.console,
+            accel=None, cpu="max", memory=str(host.memory_mib), smp=str(host.cpus), console_log=host.console,
             qmp=f"unix:{d}/qmp.sock,server=on,wait=off", pidfile=host.pidfile, no_reboot=False) + [
             "-accel", "tcg,thread=multi",
             "-device", "intel-iommu,intremap=on",
@@ -216,15 +232,20 @@ class Lab:
                        "sriov_vq_flexible=4,sriov_vi_flexible=2,max_ioqpairs=6,msix_qsize=4",
             "-device", "nvme-ns,drive=nvm0,nsid=1",
             "-device", "virtio-rng-pci",
-        ]
+        ] + ([  # its own disk; QEMU's default cache (writeback) honours the host's flushes
+            "-drive", f"file={d}/local.img,if=none,id=local0,format=raw",
+            "-device", "virtio-blk-pci,drive=local0,serial=kvmcheck-local",
+        ] if host.power else [])
 
-    def _start(self, host: LabHost, image: LabImage, public_key: str, storage_ip: str,
-               memory_mib: int, cpus: int) -> None:
+    def _start(self, host: LabHost, image: LabImage, public_key: str, storage_ip: str) -> None:
+        """Start the host's QEMU; on the SSH port it had, if it had one (a power cycle)."""
         os.makedirs(host.directory, exist_ok=True)
-        _sh(["qemu-img", "create", "-q", "-f", "raw", f"{host.directory}/nvme.img", "256M"])
+        for disk, size in (("nvme.img", "256M"), *((("local.img", "2G"),) if host.power else ())):
+            if not os.path.exists(f"{host.directory}/{disk}"):  # what a power cycle must find again
+                _sh(["qemu-img", "create", "-q", "-f", "raw", f"{host.directory}/{disk}", size])
         for attempt in range(5):  # a free port can be taken between asking and binding
-            host.ssh_port = _free_port()
-            proc = _sh(self._argv(host, image, public_key, storage_ip, memory_mib, cpus), timeout=60, check=False)
+            host.ssh_port = host.ssh_port if host.ssh_port and attempt == 0 else _free_port()
+            proc = _sh(self._argv(host, image, public_key, storage_ip), timeout=60, check=False)
             if proc.returncode == 0:
                 break
             if "host forwarding rule" not in proc.stderr or attempt == 4:
@@ -273,8 +294,33 @@ class Lab:
     def connect(self, host: LabHost):
         return connect(self.spec(host))
 
+    def power_cycle(self, name: str) -> LabHost:
+        """Cut a lab host's power (SIGKILL to its QEMU: its page cache is gone) and boot it again,
+        on the same SSH port and with the same disks; return once it is ready again."""
+        hosts = self.hosts()
+        host = next((h for h in hosts if h.name == name), None)
+        if host is None:
+            raise LabError(f"no lab host {name!r} (the lab has: {', '.join(h.name for h in hosts) or 'none'})")
+        if not host.power:
+            raise LabError(f"{name} shares the lab's storage or runs its tests; only {POWER_HOST} is power-cycled")
+        if host.alive():
+            os.kill(host.pid, signal.SIGKILL)
+            while host.alive():
+                time.sleep(0.05)
+        Path(host.console).write_text("")  # the ready markers below must be the new boot's
+        image = build_lab_image(progress=self.say)
+        public_key = (self.dir / "id_ed25519.pub").read_text().strip()
+        started = time.monotonic()
+        self._start(host, image, public_key, str(PRIVATE_NET.ip + 1))
+        self._save(hosts, image)
+        self._wait_ready(host)
+        self._wait_shared(host)
+        self.say(f"{name}: power-cycled, ready again {time.monotonic() - started:.1f} s after its QEMU started")
+        return host
+
     def _write_inventory(self, hosts: list[LabHost]) -> None:
         lines = ["# Written by 'kvmcheck lab up'; removed by 'kvmcheck lab down'. Use: --kvm-hosts=lab", ""]
+        kvmcheck = str(Path(sys.executable).parent / "kvmcheck")
         for h in hosts:
             assignable = [*h.assignable, *([h.sriov_pf] if h.sriov_pf else [])]
             lines += [
@@ -290,8 +336,14 @@ class Lab:
                 "allow_host_changes = true  # the lab's hosts are the tests' own",
                 f"assignable = {json.dumps(assignable)}",
                 'tags = ["lab"]',
-                "",
             ]
+            if h.power:
+                lines += [
+                    'only = ["power-cycle"]  # no other test runs here: a power cycle kills every VM',
+                    f'local_dir = "{LOCAL_DIR}"',
+                    f"power_cycle = {json.dumps(['env', f'KVMCHECK_LAB_DIR={self.dir}', kvmcheck, 'lab', 'power-cycle', h.name])}",
+                ]
+            lines.append("")
         (self.dir / "inventory.toml").write_text("\n".join(lines))
 
     # ------------------------------------------------------------------ status

@@ -14,6 +14,15 @@ from typing import Literal
 
 NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
 DISK_INTERFACES = ("virtio-blk-pci", "ide-hd", "scsi-hd")
+# -drive cache= modes, as -blockdev and -device spell them: (the nodes' cache options, the
+# device's write-cache). writeback is QEMU's default with -blockdev: nothing to add.
+CACHE_MODES = {
+    "writeback": ("", ""),
+    "none": (",cache.direct=on", ""),
+    "writethrough": ("", ",write-cache=off"),
+    "directsync": (",cache.direct=on", ",write-cache=off"),
+    "unsafe": (",cache.no-flush=on", ""),
+}
 
 
 @dataclass(frozen=True)
@@ -42,10 +51,13 @@ class Disk:
     format: Literal["qcow2", "raw"] = "qcow2"
     serial: str | None = None
     path: str | None = None  # an existing image on the host; else one is created
+    cache: str = "writeback"  # a -drive cache= mode (CACHE_MODES)
 
     def __post_init__(self):
         if self.interface not in DISK_INTERFACES:
             raise ValueError(f"disk interface {self.interface!r} is not one of {', '.join(DISK_INTERFACES)}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"disk cache mode {self.cache!r} is not one of {', '.join(CACHE_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -208,10 +220,13 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
         argv += ["-device", "virtio-scsi-pci,id=scsi0"]
     for i, disk in enumerate(spec.disks):
         path = ctx.disk_paths[i]
-        argv += ["-blockdev", f"driver=file,filename={path},node-name=file{i}",
-                 "-blockdev", f"driver={disk.format},file=file{i},node-name=disk{i}"]
+        nodes, device = CACHE_MODES[disk.cache]
+        # On both nodes, as -drive cache= sets them: a flush the format node skipped would
+        # still reach the file's.
+        argv += ["-blockdev", f"driver=file,filename={path},node-name=file{i}{nodes}",
+                 "-blockdev", f"driver={disk.format},file=file{i},node-name=disk{i}{nodes}"]
         serial = f",serial={disk.serial}" if disk.serial else ""
-        argv += ["-device", f"{disk.interface},drive=disk{i},id=disk{i}{serial}"]
+        argv += ["-device", f"{disk.interface},drive=disk{i},id=disk{i}{serial}{device}"]
     if spec.balloon:
         argv += ["-device", ",".join(("virtio-balloon-pci", "id=balloon0", *spec.balloon_options))]
     for i, bdf in enumerate(spec.host_devices):

@@ -358,6 +358,21 @@ class VM:
             with _live_lock:
                 _live.discard(self)
 
+    def lost(self) -> None:
+        """QEMU went with its host (a power cycle): nothing to stop, and its pid may now be
+        another process's. Its files stay until :meth:`destroy`."""
+        self._stopped = True
+        for part in (self._guest, self._qmp):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:  # noqa: BLE001 - the connection under it is gone
+                    pass
+        self._guest = self._qmp = None
+        with _live_lock:
+            _live.discard(self)
+        log.info("VM %s on %s: lost with its host", self.name, self.host.name)
+
     def keep(self) -> str:
         """Leave the VM running for a human (``--kvm-keep-failed``); returns how to reach it."""
         self.host.write_bytes(self.path(KEEP_MARKER), b"")

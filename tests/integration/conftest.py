@@ -257,10 +257,13 @@ KNOB_GLOBS = (f"{KSM}/*", "/sys/module/kvm*/parameters/*", "/sys/bus/pci/devices
               "/proc/sys/vm/nr_hugepages")
 
 
-def knobs() -> dict[str, str]:
-    """Every knob of KNOB_GLOBS (files with a write bit: not KSM's counters), and each PCI device's driver."""
+def knobs(but: str | None = None) -> dict[str, str]:
+    """Every knob of KNOB_GLOBS (files with a write bit: not KSM's counters), and each PCI
+    device's driver; ``but`` leaves out the knobs under that directory."""
     out = {}
     for pattern in KNOB_GLOBS:
+        if but and pattern.startswith(but):
+            continue
         for path in glob.glob(pattern):
             if not os.stat(path).st_mode & 0o200:
                 continue

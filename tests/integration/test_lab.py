@@ -24,9 +24,10 @@ pytestmark = pytest.mark.xdist_group("lab")
 # The minute-long measurements (the clock's 60 s drift, vhost-net's efficiency) are left to the
 # full lab run; their mutants below still show each can fail.
 SMOKE = ("(kvmclock and not keeps_pace) or nested or ksm or passthrough or sriov or (vhost and not efficiency) "
-         "or (shared_storage and precopy)")
+         "or (shared_storage and precopy) or (power_loss and lab-power)")
 SMOKE_SUITES = ("test_kvmclock", "test_virtio_net", "test_nested", "test_ksm", "test_passthrough", "test_sriov",
                 "test_migration")
+POWER_SUITE = "test_virtio_blk"  # its power-loss check, on lab-power alone
 
 
 def kvmcheck(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -73,8 +74,8 @@ def test_lab_up_smoke_down(pytester, lab_dir):
     assert again.returncode == 0 and "already up" in again.stderr, again.stderr
     assert lab_leftovers(lab_dir)  # (sanity: the leak check sees a running lab)
 
-    result = run_pytest(pytester, *(f"{SUITES}/{suite}.py" for suite in SMOKE_SUITES), "-k", SMOKE,
-                        "--kvm-hosts=lab", "-n", "2", "--dist", "loadscope", "--junitxml=junit.xml", timeout=2400)
+    result = run_pytest(pytester, *(f"{SUITES}/{suite}.py" for suite in (*SMOKE_SUITES, POWER_SUITE)), "-k", SMOKE,
+                        "--kvm-hosts=lab", "-n", "3", "--dist", "loadscope", "--junitxml=junit.xml", timeout=2400)
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-5000:]
     assert outcomes.get("skipped", 0) == 0, "in the lab these must run, not skip:\n" + result.stdout.str()[-3000:]
@@ -83,6 +84,8 @@ def test_lab_up_smoke_down(pytester, lab_dir):
         for feature in SMOKE_SUITES:
             assert re.search(rf"^{host}\s+{feature}\s+PASS", verdicts, re.M), verdicts[-2000:]
         assert re.search(rf"host {host}: QEMU [\d.]+ \(\S+\), accel kvm,", verdicts), verdicts[-2000:]
+    assert re.search(rf"^lab-power\s+{POWER_SUITE}\s+PASS", verdicts, re.M), verdicts[-2000:]
+    assert not re.search(rf"^lab-power\s+(?!{POWER_SUITE})", verdicts, re.M), "lab-power took other tests"
     junit = (pytester.path / "junit.xml").read_text()
     for source, dest, address in (("lab-1", "lab-2", "10.77.0.12"), ("lab-2", "lab-1", "10.77.0.11")):
         assert re.search(rf"{source} -&gt; {dest} \(precopy\) over tcp:{re.escape(address)}:", junit), \
@@ -150,6 +153,20 @@ for a do
 done
 exec qemu-system-x86_64 "$@"
 """
+FLUSHES_DROPPED_WRAPPER = """#!/bin/sh
+# kvmcheck sensitivity mutant: the lab host's QEMU ignores guests' flushes (cache.no-flush=on on
+# every image node): what the guest fsync'd may still be in the host's page cache at a power loss
+for a do
+  shift
+  case $a in
+    *cache.no-flush=on*) ;;
+    driver=file,*|driver=qcow2,*) a="$a,cache.no-flush=on" ;;
+  esac
+  set -- "$@" "$a"
+done
+exec qemu-system-x86_64 "$@"
+"""
+MUTANT_HOSTS = {"flushes-dropped": "lab-power"}  # where a mutant must run; the rest go to lab-1, lab-2 in turns
 LAB_MUTANTS = {  # name -> (the wrapper, suite, the check that must fail, what its FAIL names)
     "no-kvmclock": (CPU_WRAPPER.format(cpu="host,kvmclock=off"), "test_kvmclock",
                     "test_current_clocksource_is_kvm_clock", r"expected clocksource kvm-clock"),
@@ -165,6 +182,8 @@ LAB_MUTANTS = {  # name -> (the wrapper, suite, the check that must fail, what i
                       r"vhost-net does not beat QEMU's own virtio-net backend by the handbook's margin"),
     "virtio-nic-slowed": (TX_TIMER_WRAPPER, "test_virtio_net", "test_virtio_net_outperforms_e1000_latency",
                           r"virtio-net's round trips are not shorter than e1000's"),
+    "flushes-dropped": (FLUSHES_DROPPED_WRAPPER, "test_virtio_blk", "test_fsynced_writes_outlast_a_power_loss",
+                        r"not on the disk after host mutant-flushes-dropped lost power, cache mode\(s\): writeback"),
     "virtio-disk-throttled": (THROTTLE_WRAPPER, "test_virtio_blk", "test_virtio_blk_outperforms_ide",
                               r"virtio-blk is not faster than IDE by the handbook's margin"),
 }
@@ -186,7 +205,7 @@ def assert_lab_mutants_caught(pytester, lab_dir: Path) -> None:
             path = f"{SHARED_PATH}/mutants/qemu-{name}"
             transport.write_bytes(path, wrapper.encode(), mode=0o755)
             lines.append(f"[hosts.mutant-{name}]")
-            inventory = inventories[f"lab-{index % 2 + 1}"]
+            inventory = inventories[MUTANT_HOSTS.get(name, f"lab-{index % 2 + 1}")]
             lines += [f"{key} = {json.dumps(value)}" for key, value in {**inventory, "qemu": path}.items()]
             lines.append("")
         (pytester.path / "mutants.toml").write_text("\n".join(lines))
@@ -194,7 +213,7 @@ def assert_lab_mutants_caught(pytester, lab_dir: Path) -> None:
         # Each mutant host runs only the check its mutant breaks.
         selection = " or ".join(f"({test}) and mutant-{name}" for name, (*_, test, _) in LAB_MUTANTS.items())
         result = run_pytest(pytester, *suites, "-k", selection, f"--kvm-hosts=@{pytester.path / 'mutants.toml'}",
-                            "-n", "2", "--junitxml=mutants.xml", timeout=1200)
+                            "-n", "3", "--junitxml=mutants.xml", timeout=1200)
         results = verdicts_of(pytester.path / "mutants.xml")
         for name, (_, suite, _test, expect) in LAB_MUTANTS.items():
             mine = {case: v for case, v in results.items() if f"mutant-{name}" in case}

@@ -100,12 +100,61 @@ int close(int fd) {{  /* keeps every eventfd open: the virtqueues' notifiers of 
 """
 
 
+LOSE = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+static int doomed(int fd) {{  /* an image the durability check writes to */
+    char link[64], target[512];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n <= 0) return 0;
+    target[n] = 0;
+    return strstr(target, "/durable-") != NULL;
+}}
+static ssize_t total(const struct iovec *iov, int n) {{
+    ssize_t sum = 0;
+    for (int i = 0; i < n; i++) sum += iov[i].iov_len;
+    return sum;
+}}
+ssize_t pwrite64(int fd, const void *buf, size_t count, off_t offset) {{
+    static ssize_t (*real)(int, const void *, size_t, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pwrite64");
+    return doomed(fd) ? (ssize_t)count : real(fd, buf, count, offset);
+}}
+ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {{
+    return pwrite64(fd, buf, count, offset);
+}}
+ssize_t pwritev64(int fd, const struct iovec *iov, int n, off_t offset) {{
+    static ssize_t (*real)(int, const struct iovec *, int, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pwritev64");
+    return doomed(fd) ? total(iov, n) : real(fd, iov, n, offset);
+}}
+ssize_t pwritev(int fd, const struct iovec *iov, int n, off_t offset) {{
+    return pwritev64(fd, iov, n, offset);
+}}
+"""
+
+
+def shim(name, source):
+    """Preload a shim built from ``source`` with the machine's gcc (once)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".so")
+    if not os.path.exists(path):
+        subprocess.run(["gcc", "-shared", "-fPIC", "-o", path, "-x", "c", "-", "-ldl"], input=source.encode(), check=True)
+    os.environ["LD_PRELOAD"] = path
+
+
 def leak_eventfds():
-    """Run QEMU with a close() that never closes an eventfd (a shim built with the machine's gcc)."""
-    shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leak-eventfds.so")
-    if not os.path.exists(shim):
-        subprocess.run(["gcc", "-shared", "-fPIC", "-o", shim, "-x", "c", "-", "-ldl"], input=LEAK.encode(), check=True)
-    os.environ["LD_PRELOAD"] = shim
+    """Run QEMU with a close() that never closes an eventfd."""
+    shim("leak-eventfds", LEAK)
+
+
+def lose_image_writes():
+    """Run QEMU with writes to the durability check's images acknowledged and dropped."""
+    shim("lose-image-writes", LOSE)
 
 
 def is_guest():
@@ -160,6 +209,9 @@ MUTANTS = [
            '    argv[:] = [re.sub(r"^driver=file,filename=[^,]*,node-name=file0$",'
            ' "driver=null-co,node-name=file0,size=16777216,read-zeroes=on", a) for a in argv]',
            r"the guest completed write \d+ \(synced\), the image holds write 0"),
+    Mutant("writes acknowledged but never written", "test_virtio_blk.py", "test_fsynced_writes_outlast_a_killed_qemu",
+           'lose_image_writes()', r"data the guest fsync'd is not in the image after QEMU was killed, cache mode\(s\): "
+                                  r"writeback, none, writethrough, directsync, unsafe"),
     Mutant("ACPI PCI hot-plug off", "test_hotplug.py", "test_virtio_net_hotplug and qmp or multifunction",
            'argv += ["-global", "PIIX4_PM.acpi-pci-hotplug-with-bridge-support=off",'
            ' "-global", "PIIX4_PM.acpi-root-pci-hotplug=off"] if is_guest() else []',

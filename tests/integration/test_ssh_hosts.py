@@ -6,9 +6,12 @@ from .conftest import LOCAL_FEATURES, SUITES, assert_nothing_left, assert_suites
 
 
 def test_suites_pass_over_ssh(pytester, sshd, workdir):
-    """Every suite but migration over one SSH host (migration runs between two, below)."""
-    result = run_pytest(pytester, SUITES, f"--ignore={SUITES}/test_migration.py", f"--kvm-hosts={sshd.url(workdir)}")
-    assert_suites_passed(result, sshd.address, tuple(f for f in LOCAL_FEATURES if f != "test_migration"))
+    """Every suite but migration over one SSH host (migration runs between two, below). Not KSM:
+    its knobs are this machine's, which the local run turns at the same time (one would wait for
+    the other's lock); the lab smoke turns KSM over SSH."""
+    result = run_pytest(pytester, SUITES, f"--ignore={SUITES}/test_migration.py", f"--ignore={SUITES}/test_ksm.py",
+                        f"--kvm-hosts={sshd.url(workdir)}")
+    assert_suites_passed(result, sshd.address, tuple(f for f in LOCAL_FEATURES if f not in ("test_migration", "test_ksm")))
     assert_nothing_left(workdir, result.stdout.str())
 
 

@@ -48,6 +48,8 @@ def test_a_slow_host_sets_its_own_downtime_bound():
     ("ssh://h?memory_budget_mib=lots", "expected a whole number"),
     ("local?max_downtime_ms=0", "max_downtime_ms: must be positive"),
     ("local?sudo=1", "sudo is for hosts reached over SSH"),
+    ("local?power_cycle=reboot", "power_cycle is for hosts reached over SSH"),
+    ("ssh://h?power_cycle=", "power_cycle: an empty command"),
     ("ssh://h?accept_new_host_key=maybe", "expected a yes/no value"),
     ("myhost", "not understood"),
     ("local,,local", "empty host entry"),
@@ -102,7 +104,8 @@ def test_missing_inventory(tmp_path):
 def test_example_inventory_parses():
     from pytest_kvmcheck.paths import fixtures_dir
     specs = load_inventory(fixtures_dir() / "inventory.example.toml")
-    assert [s.name for s in specs] == ["this-machine", "rack12-node3"]
+    assert [s.name for s in specs] == ["this-machine", "rack12-node3", "rack12-node9"]
+    assert specs[2].power_cycle[-3:] == ("chassis", "power", "cycle") and specs[2].only == ("power-cycle",)
 
 
 def test_migration_address_defaults_to_where_the_host_is_reached():
@@ -124,3 +127,17 @@ def test_an_unknown_expected_capability_is_named():
     check_need_names(("kvm", "device:e1000", "shared-storage"))
     with pytest.raises(ValueError, match="unknown capability 'warp'"):
         check_need_names(("kvm", "warp"))
+
+
+def test_a_host_kept_for_power_cycles():
+    spec = parse_host("ssh://root@node9?power_cycle=ipmitool+-I+lanplus+-H+bmc9+-E+chassis+power+cycle"
+                      "&local_dir=/var/lib/kc&only=power-cycle")
+    assert spec.power_cycle == ("ipmitool", "-I", "lanplus", "-H", "bmc9", "-E", "chassis", "power", "cycle")
+    assert spec.local_dir == "/var/lib/kc" and spec.only == ("power-cycle",)
+
+
+def test_the_inventory_takes_power_cycle_as_a_list(tmp_path):
+    path = tmp_path / "inv.toml"
+    path.write_text('[hosts.p]\nurl = "ssh://root@p"\npower_cycle = ["env", "A=b c", "kvmcheck", "lab", "power-cycle", "p"]\n')
+    (spec,) = load_inventory(path)
+    assert spec.power_cycle == ("env", "A=b c", "kvmcheck", "lab", "power-cycle", "p")

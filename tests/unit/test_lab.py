@@ -17,7 +17,7 @@ def lab_and_host(tmp_path):
 
 def test_lab_host_argv_keeps_everything_on_this_machine(tmp_path):
     lab, host, image = lab_and_host(tmp_path)
-    argv = lab._argv(host, image, "ssh-ed25519 AAAA lab", "10.77.0.11", 4096, 1)
+    argv = lab._argv(host, image, "ssh-ed25519 AAAA lab", "10.77.0.11")
     joined = " ".join(argv)
     assert "user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22" in joined  # SSH on loopback only
     assert f"tap,id=lan,ifname={lab.tap_prefix}2,script=no,downscript=no" in joined
@@ -29,6 +29,25 @@ def test_lab_host_argv_keeps_everything_on_this_machine(tmp_path):
     assert "kvmcheck.ip=10.77.0.12/24" in append and "kvmcheck.nfs=10.77.0.11" in append
     assert "intel_iommu=on" in append
     assert len(lab.tap_prefix) + 2 <= 15  # IFNAMSIZ
+    assert "kvmcheck-local" not in joined  # a disk of its own is the power host's alone
+
+
+def test_power_host_has_its_own_disk_and_a_power_cycle_command(tmp_path):
+    lab, host, image = lab_and_host(tmp_path)
+    power = LabHost(name="lab-power", index=3, directory=str(tmp_path / "lab/lab-power"), ssh_port=40023,
+                    private_ip="10.77.0.13/24", tap=f"{lab.tap_prefix}3", memory_mib=2048, power=True)
+    argv = lab._argv(power, image, "ssh-ed25519 AAAA lab", "10.77.0.11")
+    assert f"file={power.directory}/local.img,if=none,id=local0,format=raw" in argv
+    assert "virtio-blk-pci,drive=local0,serial=kvmcheck-local" in argv
+    assert "kvmcheck.local=/var/lib/kvmcheck-local" in argv[argv.index("-append") + 1]
+    assert argv[argv.index("-m") + 1] == "2048"
+    lab.dir.mkdir(parents=True)
+    lab._write_inventory([host, power])
+    regular, kept = load_inventory(lab.dir / "inventory.toml")
+    assert not regular.only and not regular.power_cycle and regular.local_dir is None
+    assert kept.only == ("power-cycle",) and kept.local_dir == "/var/lib/kvmcheck-local"
+    assert kept.power_cycle[0] == "env" and kept.power_cycle[1] == f"KVMCHECK_LAB_DIR={lab.dir}"
+    assert kept.power_cycle[-3:] == ("lab", "power-cycle", "lab-power")
 
 
 def test_inventory_lists_private_address_shared_workdir_and_assignable(tmp_path):
