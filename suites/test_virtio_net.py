@@ -20,8 +20,9 @@ from pytest_kvmcheck.qemu.legacy import describe, form
 from pytest_kvmcheck.qemu.netperf import NetProbe, median_speed
 
 ROUNDS = 3
-# virtio-net over e1000, each way, at least. Measured: TCG 1.6-1.9x both ways; the lab (nested
-# KVM) 1.8-2.2x to the guest, 8-18x from it.
+# virtio-net over e1000, each way, at least. Measured in the lab (nested KVM): 1.8-2.2x to the
+# guest, 4.8-18x from it. Under TCG the guest's emulated CPU is the bottleneck, not the device:
+# 1.6-1.9x on an idle machine, 1.02x on a busy one (CI), so the claim needs KVM.
 THROUGHPUT_MARGIN = 1.3
 # virtio-net's median round trip over e1000's, at most. The lab: 0.55-0.65x. Under TCG virtio
 # is the slower one (1.1x: its notifications cost more there than e1000's registers), so the
@@ -149,7 +150,7 @@ def record(kvm_metric, kvm_note, speeds: dict) -> None:
             kvm_metric(f"{key}_host_cpu_per_gib", speed.cpu_s_per_gib, "s/GiB")
 
 
-@pytest.mark.kvm_requires("tap", "tiny-guest")
+@pytest.mark.kvm_requires("kvm", "tap", "tiny-guest")
 def test_virtio_net_outperforms_e1000_throughput(virtio_against_e1000, kvm_metric, kvm_note):
     """Handbook 1.x: virtio-net "raises network throughput": between guest and host it moves at
     least THROUGHPUT_MARGIN times what the emulated e1000 moves, each way, in the same guest."""

@@ -11,9 +11,9 @@ from .conftest import (KSM, LOCAL_FEATURES, ROOT, SUITES, assert_nothing_left, a
                        qemu_processes, run_pytest, skip_reasons)
 
 
-# Balloon depth checks that boot a guest of their own (a cloud image takes a minute to boot on a
+# Depth checks that boot guests of their own (balloon, durability) (a cloud image takes a minute to boot on a
 # busy CI machine); they run in the full suite runs.
-OWN_GUEST_DEPTH = "free_page_reporting or deflate_on_oom"
+OWN_GUEST_DEPTH = "free_page_reporting or deflate_on_oom or fsynced_writes"
 
 
 def test_suites_pass_on_the_local_host(pytester, workdir):
