@@ -112,20 +112,6 @@ for a do
 done
 exec qemu-system-x86_64 "$@"
 """
-THROTTLE_WRAPPER = """#!/bin/sh
-# kvmcheck sensitivity mutant: the virtio disk of the virtio-blk/IDE comparison behind a
-# throttle of 100 requests a second (the suite renders its node as perfvirtio)
-for a do
-  shift
-  case $a in
-    driver=null-co,*,node-name=perfvirtio)
-      set -- "$@" "${a%node-name=perfvirtio}node-name=kcslow" -blockdev
-      a=driver=throttle,throttle-group=kcthrottle,file=kcslow,node-name=perfvirtio ;;
-  esac
-  set -- "$@" "$a"
-done
-exec qemu-system-x86_64 -object throttle-group,id=kcthrottle,x-iops-total=100 "$@"
-"""
 PAUSE_WRAPPER = """#!/bin/sh
 # kvmcheck sensitivity mutant: the guest is paused about 0.5 s in every 2.5 (stop and cont on a
 # QMP socket of the wrapper's own). A paused guest's kvm-clock stands still: its clock falls behind.
@@ -136,47 +122,44 @@ status=$?
 ( qmp() { printf '{"execute":"qmp_capabilities"}\\n{"execute":"%s"}\\n' "$1" | socat -t 0.2 - UNIX-CONNECT:$sock; }
   while sleep 2 && qmp stop; do sleep 0.3; qmp cont || break; done; rm -f $sock ) </dev/null >/dev/null 2>&1 &
 """
-VHOST_DROPPED_WRAPPER = """#!/bin/sh
-# kvmcheck sensitivity mutant: vhost=on dropped from tap netdevs (QEMU's own backend moves the packets)
-for a do
-  shift
-  case $a in tap,*,vhost=on) a=${a%,vhost=on} ;; esac
-  set -- "$@" "$a"
-done
-exec qemu-system-x86_64 "$@"
-"""
-TX_TIMER_WRAPPER = """#!/bin/sh
-# kvmcheck sensitivity mutant: the guest's second NIC (virtio-net on a tap) sends once per 5 ms
-for a do
-  shift
-  case $a in virtio-net-pci,netdev=net1,*) a="$a,tx=timer,x-txtimer=5000000" ;; esac
-  set -- "$@" "$a"
-done
-exec qemu-system-x86_64 "$@"
-"""
-FLUSHES_DROPPED_WRAPPER = """#!/bin/sh
-# kvmcheck sensitivity mutant: the lab host's QEMU ignores guests' flushes (cache.no-flush=on on
-# every image node): what the guest fsync'd may still be in the host's page cache at a power loss
+def rewriting(what: str, cases: str, options: str = "") -> str:
+    """A wrapper (busybox sh) that rewrites the arguments ``cases`` match (case patterns and
+    actions, one per line) and execs the real QEMU with ``options`` in front."""
+    return f"""#!/bin/sh
+# kvmcheck sensitivity mutant: {what}
 for a do
   shift
   case $a in
-    *cache.no-flush=on*) ;;
-    driver=file,*|driver=qcow2,*) a="$a,cache.no-flush=on" ;;
+{cases}
   esac
   set -- "$@" "$a"
 done
-exec qemu-system-x86_64 "$@"
+exec qemu-system-x86_64 {options}"$@"
 """
+
+
+THROTTLE_WRAPPER = rewriting(
+    "the virtio disk of the virtio-blk/IDE comparison behind a throttle of 100 requests a second "
+    "(the suite renders its node as perfvirtio)",
+    '    driver=null-co,*,node-name=perfvirtio)\n'
+    '      set -- "$@" "${a%node-name=perfvirtio}node-name=kcslow" -blockdev\n'
+    '      a=driver=throttle,throttle-group=kcthrottle,file=kcslow,node-name=perfvirtio ;;',
+    options="-object throttle-group,id=kcthrottle,x-iops-total=100 ")
+VHOST_DROPPED_WRAPPER = rewriting(
+    "vhost=on dropped from tap netdevs (QEMU's own backend moves the packets)",
+    "    tap,*,vhost=on) a=${a%,vhost=on} ;;")
+TX_TIMER_WRAPPER = rewriting(
+    "the guest's second NIC (virtio-net on a tap) sends once per 5 ms",
+    '    virtio-net-pci,netdev=net1,*) a="$a,tx=timer,x-txtimer=5000000" ;;')
+E1000_UNDERNEATH_WRAPPER = rewriting(
+    "the side-by-side guest's virtio NIC (its second, on a tap) is an e1000",
+    '    virtio-net-pci,netdev=net1,*) a="e1000,${a#virtio-net-pci,}" ;;')
+FLUSHES_DROPPED_WRAPPER = rewriting(
+    "the lab host's QEMU ignores guests' flushes (cache.no-flush=on on every image node): what the "
+    "guest fsync'd may still be in the host's page cache at a power loss",
+    "    *cache.no-flush=on*) ;;\n"
+    '    driver=file,*|driver=qcow2,*) a="$a,cache.no-flush=on" ;;')
 MUTANT_HOSTS = {"flushes-dropped": "lab-power"}  # where a mutant must run; the rest go to lab-1, lab-2 in turns
-E1000_UNDERNEATH_WRAPPER = """#!/bin/sh
-# kvmcheck sensitivity mutant: the side-by-side guest's virtio NIC (its second, on a tap) is an e1000
-for a do
-  shift
-  case $a in virtio-net-pci,netdev=net1,*) a="e1000,${a#virtio-net-pci,}" ;; esac
-  set -- "$@" "$a"
-done
-exec qemu-system-x86_64 "$@"
-"""
 LAB_MUTANTS = {  # name -> (the wrapper, suite, the check that must fail, what its FAIL names)
     "no-kvmclock": (CPU_WRAPPER.format(cpu="host,kvmclock=off"), "test_kvmclock",
                     "test_current_clocksource_is_kvm_clock", r"expected clocksource kvm-clock"),
