@@ -47,6 +47,16 @@ def kvm_peer(kvm_host: PreparedHost, kvm_run: KvmRun) -> PreparedHost:
 
 
 @pytest.fixture(scope="session")
+def kvm_other_qemu(kvm_host: PreparedHost, kvm_run: KvmRun) -> PreparedHost:
+    """``kvm_host`` with the second QEMU its spec offers (other_qemu=): version skew on one
+    machine, as a fleet mid-upgrade has it. Tests using it declare ``kvm_requires("other-qemu")``."""
+    try:
+        return kvm_run.other_qemu(kvm_host.name)
+    except KvmCheckError as exc:
+        raise HostError(f"host {kvm_host.name}: its other QEMU is unusable: {exc}") from None
+
+
+@pytest.fixture(scope="session")
 def kvm_caps(kvm_host: PreparedHost) -> Capabilities:
     return kvm_host.caps
 

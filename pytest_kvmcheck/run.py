@@ -247,6 +247,20 @@ class KvmRun:
         host_key = (self.state_dir / "guest_host_key.pub").read_text().split()
         return HostRun(run_dir, "", "", " ".join(host_key[:2]), boot_disk=placed["disk.qcow2"], seed=seed)
 
+    def other_qemu(self, name: str) -> PreparedHost:
+        """Host ``name`` running the second QEMU its spec names (``other_qemu=``): prepared as a
+        host of its own, ``NAME.other-qemu`` (its own probe: that QEMU's version, machine types
+        and capabilities), on the same machine and in the same run dir. It takes no test of its
+        own and is no one's peer; tests reach it through here (the ``kvm_other_qemu`` fixture)."""
+        spec = self.specs[name]
+        if not spec.other_qemu:
+            raise HostError(f"host {name}: no other_qemu= in its spec")
+        variant = f"{name}.other-qemu"
+        with self._lock:
+            self.specs.setdefault(variant, replace(spec, name=variant, qemu=spec.other_qemu, other_qemu=None,
+                                                   only=("other-qemu",)))
+        return self.host(variant)
+
     def peer(self, name: str) -> PreparedHost:
         """The host ``name`` migrates to: the next one in --kvm-hosts order, or itself if alone.
         A host kept for some tests alone (only=) is no one's peer."""

@@ -248,6 +248,55 @@ def test_handbook_block_migration(kvm_host, kvm_note):
     assert {"device", "target", "sync"} <= mirror, f"blockdev-mirror lacks what replaces migrate -b: {sorted(mirror)}"
 
 
+# --------------------------------------------------------------------------- a fleet mid-upgrade
+
+def versioned_machine(caps) -> str:
+    """The i440FX machine type of the QEMU release ``caps`` describes (pc-i440fx-X.Y): what a
+    guest started there keeps for life, so a newer QEMU can take it over unchanged."""
+    return "pc-i440fx-{}.{}".format(*caps.qemu_version[:2])
+
+
+@pytest.mark.kvm_requires("other-qemu")
+def test_live_migration_across_qemu_versions(boot_vm, kvm_host, kvm_other_qemu, kvm_note):
+    """Handbook 4.3 for a fleet upgraded host by host: a guest started on the older QEMU with
+    that release's versioned machine type moves live to the newer QEMU, the same machine type,
+    with continuity. Back to the older QEMU it either moves too or is refused with QEMU's
+    reason, the source running on: the report says which (a reviewer needs to know)."""
+    older, newer = sorted((kvm_host, kvm_other_qemu), key=lambda h: h.caps.qemu_version)
+    premise(older.caps.qemu_version[:2] != newer.caps.qemu_version[:2],
+            f"two QEMU releases: {kvm_host.name} offers QEMU {older.caps.qemu_version_text} twice")
+    machine = versioned_machine(older.caps)
+    premise(machine in older.caps.machines, f"QEMU {older.caps.qemu_version_text} has no machine type {machine}")
+    assert machine in newer.caps.machines, \
+        f"QEMU {newer.caps.qemu_version_text} dropped machine type {machine}: guests started on " \
+        f"QEMU {older.caps.qemu_version_text} cannot move to it"
+    old_text, new_text = older.caps.qemu_version_text, newer.caps.qemu_version_text
+    source = boot_vm(VMSpec(memory_mib=256, machine=machine, balloon=True), on=older)
+    GuestState.prepare(source)
+    before = GuestState.read(source)
+    dest, uri = boot_vm.destination(source, newer)
+    info = migrate(source, uri, timeout=120, destination=dest)
+    kvm_note("version-skew up", f"QEMU {old_text} -> {new_text} ({machine}): migrates: {stats(info)}")
+    problems = continuity_problems(before, dest)
+    assert not problems, f"continuity broken from QEMU {old_text} to {new_text} ({machine}):\n" + "\n".join(problems)
+
+    moved = GuestState.read(dest)
+    back, uri = boot_vm.destination(dest, older)
+    try:
+        info = migrate(dest, uri, timeout=120, destination=back)
+    except MigrationFailed as refused:
+        kvm_note("version-skew back", f"QEMU {new_text} -> {old_text} ({machine}): refused: {refused}")
+        wait_until(lambda: status(dest), 10, f"the guest resuming on QEMU {new_text}", done=lambda s: s == "running")
+        problems = continuity_problems(moved, dest)
+        assert not problems, f"a refused migration back to QEMU {old_text} broke the guest on {new_text}:\n" + \
+            "\n".join(problems)
+        return
+    kvm_note("version-skew back", f"QEMU {new_text} -> {old_text} ({machine}): migrates: {stats(info)}")
+    problems = continuity_problems(moved, back)
+    assert not problems, f"continuity broken from QEMU {new_text} back to {old_text} ({machine}):\n" + \
+        "\n".join(problems)
+
+
 # --------------------------------------------------------------------------- what must fail, and how
 
 @shared_storage

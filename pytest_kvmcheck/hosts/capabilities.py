@@ -6,7 +6,7 @@ explains every miss, naming the host and the capability, so a skip always says w
 
 Need names (see :data:`NEEDS`): ``kvm``, ``vhost-net``, ``tap``, ``bridge``, ``iommu``, ``assignable``,
 ``sriov``, ``pci-unlisted``, ``ksm``, ``nested``, ``root``, ``allow_host_changes``, ``seccomp``, ``multifd``,
-``postcopy``, ``power-cycle``, ``local-disk``,
+``postcopy``, ``power-cycle``, ``local-disk``, ``other-qemu``,
 ``disk-image-guest``, ``tiny-guest``, ``libvirt``, ``tls``, ``device:NAME``, ``object:TYPE``, ``machine:NAME``, ``memory:MIB``, ``qemu>=X.Y``;
 and of a host pair, ``shared-storage`` (see :func:`pair_has`).
 """
@@ -65,6 +65,7 @@ class Capabilities:
     bridge_cidr: str = ""  # the address/prefix of the host's bridge= (guests' bridged NICs join it)
     power_cycle: bool = False  # its spec says how to power-cycle it (power_cycle=)
     local_dir: str = ""  # its spec's local_dir=, once found on a disk of the host's own
+    other_qemu: str = ""  # its spec's other_qemu=, once found executable there
     root: bool = False  # commands run as root there
     host_changes: bool = False  # its spec allows tests to change host-wide state (allow_host_changes)
     seccomp: bool = False  # QEMU takes -sandbox on
@@ -144,6 +145,8 @@ _CHECKS = {
     "bridge": lambda c: (bool(c.bridge_cidr), "no bridge= given for the host"),
     "power-cycle": lambda c: (c.power_cycle, "no power_cycle= command given for the host (every VM there dies with it)"),
     "local-disk": lambda c: (bool(c.local_dir), "no local_dir= given for the host (a directory on its own disk)"),
+    "other-qemu": lambda c: (bool(c.other_qemu), "no other_qemu= given for the host (a second QEMU build, "
+                                                 "another release, for version skew)"),
     "assignable": _assignable,
     "iommu": lambda c: (c.iommu_groups > 0, "no IOMMU groups (/sys/kernel/iommu_groups is empty)"),
     "sriov": _sriov,
@@ -329,6 +332,7 @@ def _probe_kernel(host: Host, caps: Capabilities) -> None:
     _probe_bridge(host, caps)
     _probe_local_dir(host, caps)
     caps.power_cycle = bool(host.spec.power_cycle)
+    _probe_other_qemu(host, caps)
     caps.iommu_groups = len(host.listdir("/sys/kernel/iommu_groups"))
     caps.pci_devices = sorted(host.listdir("/sys/bus/pci/devices"))
     pfs = sriov_pfs(host)
@@ -371,6 +375,19 @@ def _probe_bridge(host: Host, caps: Capabilities) -> None:
 
 
 VOLATILE_FILESYSTEMS = ("tmpfs", "ramfs", "nfs", "nfs4", "fuseblk", "9p", "overlayfs")
+
+
+def _probe_other_qemu(host: Host, caps: Capabilities) -> None:
+    """other_qemu=: a second QEMU the host offers; it must at least say its version."""
+    path = host.spec.other_qemu
+    if not path:
+        return
+    answer = host.run([path, "--version"], timeout=30)
+    if answer.ok and "QEMU emulator version" in answer.stdout:
+        caps.other_qemu = path
+    else:
+        said = (answer.stderr.strip() or answer.stdout.strip())[-200:]
+        caps.reasons["other-qemu"] = f"other_qemu={path} does not run there (exit {answer.exit_status}: {said})"
 
 
 def _probe_local_dir(host: Host, caps: Capabilities) -> None:

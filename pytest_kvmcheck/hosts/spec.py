@@ -5,7 +5,7 @@ Accepted forms, comma separated::
     local                                   this machine, via subprocesses
     ssh://user@host[:port][?key=..&qemu=..&qemu_img=..&workdir=..&accel=..&name=..&boot_timeout=..
                                             &max_downtime_ms=..&allow_host_changes=1&sudo=1&accept_new_host_key=1
-                                            &known_hosts=..&power_cycle=..&local_dir=..&only=..]
+                                            &known_hosts=..&power_cycle=..&local_dir=..&only=..&other_qemu=..]
     @inventory.toml                         a TOML inventory (see fixtures/inventory.example.toml)
     lab                                     the virtual KVM lab's inventory, once it is up
 
@@ -33,7 +33,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
                "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address", "expect",
                "bridge", "boot_timeout", "max_downtime_ms", "allow_host_changes", "sudo", "power_cycle",
-               "local_dir", "only"}
+               "local_dir", "only", "other_qemu"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
 
@@ -70,6 +70,9 @@ class HostSpec:
     power_cycle: tuple[str, ...] = ()
     local_dir: str | None = None  # a directory on the host's own disk (not tmpfs, not NFS)
     only: tuple[str, ...] = ()  # the host takes only tests that need one of these (a host kept for power cycles)
+    # A second QEMU build on the host (another release): version skew, as a fleet upgraded host by
+    # host has it. The run prepares it as a host of its own, NAME.other-qemu (KvmRun.other_qemu).
+    other_qemu: str | None = None
 
     @property
     def host_changes_allowed(self) -> bool:

@@ -156,6 +156,7 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
     if parameters:
         q.cmd("migrate-set-parameters", parameters)
     q.clear_events()
+    was_running = q.cmd("query-status")["running"]
     q.cmd("migrate", uri=uri)
     deadline = time.monotonic() + timeout
     switch_to_postcopy = "postcopy-ram" in capabilities
@@ -194,9 +195,23 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
         running = poll(lambda: destination.qmp.cmd("query-status")["status"] == "running",
                        max(deadline - time.monotonic(), 10))
         if not running:
-            raise VMError(f"migration of {source.name} completed but the destination {destination.name} does not "
-                          f"run: {destination.qmp.cmd('query-status')['status']}")
+            raise destination_not_running(source, destination, was_running, info)
     return info
+
+
+def destination_not_running(source: VM, destination: VM, was_running: bool, info: dict) -> VMError:
+    """Why a completed migration's destination does not run. QEMU carries the source's run state
+    over: a guest that ran when the move began and arrives paused was stopped on the way (a
+    FAIL of the host); one that was paused before arrives paused by design (no verdict)."""
+    state = destination.qmp.cmd("query-status")["status"]
+    stops = len(source.qmp.events("STOP"))  # one is the switch-over's own
+    if was_running:
+        return MigrationFailed(
+            f"migration of {source.name} completed, but the guest that ran on the source when it began is "
+            f"{state} on the destination {destination.name}: it was stopped while it moved (the source "
+            f"stopped {stops} time(s); QEMU carries a stopped guest over stopped)", info)
+    return VMError(f"migration of {source.name} completed but the destination {destination.name} does not run: "
+                   f"{state} (the source guest was already stopped when the migration began)")
 
 
 def _with_totals(info: dict) -> dict | None:

@@ -22,6 +22,8 @@ from pytest_kvmcheck.hosts.spec import HostSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITES = str(ROOT / "suites")
+BACKPORTS_BIN = ROOT / ".tools" / "qemu-backports" / "bin"  # the second QEMU (make setup unpacks it)
+BACKPORTS_QEMU = BACKPORTS_BIN / "qemu-system-x86_64"
 # pytester points HOME at each test's own dir; the runs it starts keep using the real image cache.
 IMAGE_CACHE = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
 

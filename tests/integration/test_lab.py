@@ -168,9 +168,11 @@ LAB_MUTANTS = {  # name -> (the wrapper, suite, the check that must fail, what i
     "clock-paused": (PAUSE_WRAPPER, "test_kvmclock", "test_guest_clock_keeps_pace_with_the_host",
                      r"the guest's clock moved .* the bound is"),
     # Its peer is the next host here (the guest migrates there): one whose wrapper leaves it be.
-    # No name may hold another (-k selects by substring).
+    # No name may hold another (-k selects by substring). A pause that falls on the switch-over
+    # brings the guest over paused (QEMU carries the run state): a FAIL of its own.
     "migrating-paused": (PAUSE_WRAPPER, "test_kvmclock", "test_clock_across_live_migration",
-                         r"the guest's wall clock stepped .* across the migration"),
+                         r"the guest's wall clock stepped .* across the migration|"
+                         r"the guest that ran on the source when it began is paused on the destination"),
     "vhost-dropped": (VHOST_DROPPED_WRAPPER, "test_virtio_net", "test_vhost_net_raises_efficiency",
                       r"vhost-net does not beat QEMU's own virtio-net backend by the handbook's margin"),
     "virtio-nic-is-e1000": (E1000_UNDERNEATH_WRAPPER, "test_virtio_net", "test_virtio_net_outperforms_e1000_throughput",

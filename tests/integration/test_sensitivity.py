@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SUITES, assert_nothing_left, interruptible, run_pytest, verdicts_of
+from .conftest import BACKPORTS_QEMU, SUITES, assert_nothing_left, interruptible, run_pytest, verdicts_of
 
 # Helpers the wrappers share: argv is QEMU's (or qemu-img's) argument list, edited in place.
 PREAMBLE = '''#!{python}
@@ -172,7 +172,7 @@ class Mutant:
     select: str
     edit: str  # Python run by the wrapper before it execs the real binary
     expect: str  # a regex the FAIL message must match: it names the broken property
-    binary: str = "qemu"  # or qemu_img
+    binary: str = "qemu"  # or qemu_img, or other_qemu (the backports QEMU, the host's second)
     netns: bool = False  # run inside a network namespace of its own (a mutant that widens a listener)
     options: str = ""  # host options the check is judged by (a bound a release engineer would set)
 
@@ -259,6 +259,13 @@ MUTANTS = [
            '    i = argv.index("virtio-blk-pci,drive=hpdisk,id=hpblk,serial=hotmig,addr=0x10")\n'
            '    del argv[i - 1:i + 1]',
            r"migration of \S+ to tcp:\S+ failed; .*Unknown savevm section or instance '0000:00:10\.0/virtio-blk'"),
+    # The newer QEMU ignores the versioned machine type a guest from the older one arrives with.
+    Mutant("newer QEMU takes its own machine type", "test_migration.py", "test_live_migration_across_qemu_versions",
+           'if "-incoming" in argv:\n'
+           '    i = argv.index("-machine")\n'
+           '    argv[i + 1] = re.sub(r"^pc-i440fx-[0-9.]+", "pc", argv[i + 1])',
+           r"continuity broken from QEMU 7\.2\.\d+ to 10\.\d+\.\d+|migration of \S+ to tcp:\S+ failed",
+           binary="other_qemu"),
     Mutant("qemu-img convert loses a sector", "test_v2v.py", "test_converted_disk_keeps_its_data and vdi",
            'if argv[:1] == ["convert"] and argv[argv.index("-O") + 1] == "qcow2":\n'
            '    subprocess.run([REAL, *argv], check=True)\n'
@@ -293,7 +300,8 @@ MISSING = [
 
 
 def write_wrapper(directory: Path, mutant: Mutant) -> Path:
-    real = shutil.which("qemu-system-x86_64" if mutant.binary == "qemu" else "qemu-img")
+    real = str(BACKPORTS_QEMU) if mutant.binary == "other_qemu" else \
+        shutil.which("qemu-system-x86_64" if mutant.binary == "qemu" else "qemu-img")
     assert real, f"no real {mutant.binary} on this machine"
     path = directory / f"{mutant.binary}-mutant"
     path.write_text(PREAMBLE.format(python=sys.executable, real=real) + mutant.edit + "\nos.execv(REAL, [REAL, *argv])\n")

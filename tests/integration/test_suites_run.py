@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import (KSM, LOCAL_FEATURES, ROOT, SUITES, assert_nothing_left, assert_suites_passed, knobs,
+from .conftest import (BACKPORTS_BIN, BACKPORTS_QEMU, KSM, LOCAL_FEATURES, SUITES, assert_nothing_left, assert_suites_passed, knobs,
                        qemu_processes, run_pytest, skip_reasons)
 
 
@@ -17,11 +17,13 @@ OWN_GUEST_DEPTH = "free_page_reporting or deflate_on_oom or fsynced_writes"
 
 
 def test_suites_pass_on_the_local_host(pytester, workdir):
-    result = run_pytest(pytester, SUITES, f"--kvm-hosts=local?workdir={workdir}")
+    """Every suite on this machine, its second QEMU (the backports one) offered for version skew."""
+    result = run_pytest(pytester, SUITES, f"--kvm-hosts=local?workdir={workdir}&other_qemu={BACKPORTS_QEMU}")
     assert_suites_passed(result, "local")
     caps = next(line for line in result.outlines if line.startswith("kvmcheck: host local: QEMU"))
     if "accel tcg" in caps:
         assert any("needs kvm" in line for line in skip_reasons(result)), "kvm-clock must skip under TCG"
+    assert not [line for line in skip_reasons(result) if "needs other-qemu" in line], "version skew must run here"
     assert_nothing_left(workdir, result.stdout.str())
 
 
@@ -33,7 +35,7 @@ def test_suites_pass_on_the_backports_qemu(pytester, workdir):
     tests that would change a host-wide knob skip, naming the need, and no knob changes.
     KSM's knobs are left out of that comparison: the local run's KSM tests may turn them
     meanwhile (and restore them); here KSM's tests must all skip."""
-    bin_dir = ROOT / ".tools" / "qemu-backports" / "bin"
+    bin_dir = BACKPORTS_BIN
     assert (bin_dir / "qemu-system-x86_64").exists(), \
         "the backports QEMU is not unpacked: make setup runs scripts/qemu-backports.sh"
     before = knobs(but=KSM)

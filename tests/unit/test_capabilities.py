@@ -35,9 +35,9 @@ def test_all_met():
              nested="1", mem_available_mib=4096, assignable=["0000:00:03.0", "0000:01:00.0"],
              pci_devices=["0000:00:00.0", "0000:00:03.0", "0000:01:00.0"], root=True, seccomp=True,
              migration=["multifd", "postcopy-ram"], guest="disk-image", bridge_cidr="10.0.0.1/24",
-             power_cycle=True, local_dir="/var/lib/kc")
+             power_cycle=True, local_dir="/var/lib/kc", other_qemu="/opt/qemu-10/bin/qemu-system-x86_64")
     assert unmet(c, ["kvm", "vhost-net", "tap", "bridge", "iommu", "assignable", "sriov", "pci-unlisted", "ksm",
-                     "power-cycle", "local-disk",
+                     "power-cycle", "local-disk", "other-qemu",
                      "nested", "root", "seccomp", "multifd", "postcopy", "disk-image-guest", "device:e1000",
                      "machine:q35", "memory:2048", "qemu>=7.2"]) == []
 

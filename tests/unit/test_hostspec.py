@@ -136,6 +136,11 @@ def test_a_host_kept_for_power_cycles():
     assert spec.local_dir == "/var/lib/kc" and spec.only == ("power-cycle",)
 
 
+def test_a_host_offering_a_second_qemu():
+    spec = parse_host("local?other_qemu=/opt/qemu-10/bin/qemu-system-x86_64")
+    assert spec.other_qemu == "/opt/qemu-10/bin/qemu-system-x86_64" and spec.qemu is None
+
+
 def test_the_inventory_takes_power_cycle_as_a_list(tmp_path):
     path = tmp_path / "inv.toml"
     path.write_text('[hosts.p]\nurl = "ssh://root@p"\npower_cycle = ["env", "A=b c", "kvmcheck", "lab", "power-cycle", "p"]\n')
