@@ -20,12 +20,13 @@ import time
 import pytest
 
 from pytest_kvmcheck import Disk, Nic, VMSpec, premise, wait_until
-from pytest_kvmcheck.errors import MigrationDidNotConverge, MigrationFailed
+from pytest_kvmcheck.errors import EventTimeout, MigrationDidNotConverge, MigrationFailed, QMPCommandError, QMPLost
 from pytest_kvmcheck.guests.shows import MIB
 from pytest_kvmcheck.qemu.legacy import describe, form
 from pytest_kvmcheck.qemu.migration import (MARKER_PATH, Dirtier, DiskWriter, GuestState, continuity_problems,
-                                            export_disks, finish_mirrors, layout_mismatch, listen, migrate,
-                                            mirror_disks, place_base_image, preflight, stats)
+                                            cancel_in, export_disks, finish_mirrors, layout_mismatch, listen,
+                                            migrate, mirror_disks, place_base_image, preflight, stats,
+                                            unanswered_port)
 
 SPEC = VMSpec(memory_mib=512, balloon=True, disks=(Disk(size_mib=32, serial="migrate0"),))
 DIRTY_LINK_MIB = 32  # at most; a slower guest gets a slower link
@@ -91,6 +92,14 @@ def assert_continuity(before: GuestState, after_vm) -> None:
 
 def status(vm) -> str:
     return vm.qmp.cmd("query-status")["status"]
+
+
+def incoming_fate(dest) -> str:
+    """Where a destination QEMU stands: 'exited', or its run state and its incoming migration's status."""
+    try:
+        return f"{status(dest)}, incoming {dest.qmp.cmd('query-migrate').get('status')}" if dest.alive() else "exited"
+    except QMPLost:
+        return "exited"
 
 
 @shared_storage
@@ -246,6 +255,114 @@ def test_handbook_block_migration(kvm_host, kvm_note):
         f"migration is {'removed' if removed else 'still there'}"
     mirror = kvm_host.qmp_arguments("blockdev-mirror")
     assert {"device", "target", "sync"} <= mirror, f"blockdev-mirror lacks what replaces migrate -b: {sorted(mirror)}"
+
+
+# --------------------------------------------------------------------------- cancelled on the way
+
+# Each state a migration passes through that a manager can cancel in, and how it is held there.
+# Not "device": QEMU holds its big lock while it sends the devices' state after the switch-over,
+# so no monitor command, migrate_cancel included, is served until it ends.
+CANCEL_STATES = {
+    "setup": "the connect to the destination stays unanswered (a loopback port with a full accept queue)",
+    "active": "the link is held at 1 MiB/s, the guest's 256 MiB take minutes",
+    "pre-switchover": "pause-before-switchover: QEMU stops the guest and waits before the switch-over",
+}
+CANCEL_LINK = MIB  # bytes/s
+CONNECT_GIVES_UP_S = 70  # a connect refused on its next SYN: Linux retransmits at 1, 3, 7, 15, 31, 63 s
+
+
+@pytest.mark.parametrize("state", list(CANCEL_STATES))
+def test_cancelled_migration_leaves_the_source_running(boot_vm, kvm_host, kvm_peer, state, kvm_note):
+    """Handbook 4.3 (``migrate_cancel``): a migration cancelled in each state QEMU passes
+    through leaves the guest running on the source with its RAM, processes and devices; the
+    destination QEMU gives up (exits, or reports the incoming migration failed); and a second
+    migration, to a fresh destination, succeeds. Each state is held by what keeps QEMU there
+    (CANCEL_STATES), not reached by sleeping.
+
+    In setup QEMU may finish the cancel only once its connect attempt ends: 7.2 stays in
+    cancelling, 10.0 says cancelled but refuses a new migration ("duplicate yank instance").
+    The port is then closed, so the attempt ends at its next SYN; the delay is noted for the
+    reviewer, and bounded."""
+    source = boot_vm(VMSpec(memory_mib=256))
+    GuestState.prepare(source)
+    before = GuestState.read(source)
+    kvm_note("held", CANCEL_STATES[state])
+    dest = None
+    if state == "setup":
+        with unanswered_port(kvm_host.transport, kvm_host.host_run.net_probe, kvm_host.run_dir) as port:
+            cancelled = cancel_in(source, f"tcp:127.0.0.1:{port}", state, settle=1)
+    else:
+        dest, uri = boot_vm.destination(source, kvm_peer)
+        cancelled = cancel_in(source, uri, state, bandwidth_bytes=CANCEL_LINK if state == "active" else None)
+    assert not cancelled.refused, f"QEMU refused migrate_cancel in {state}: {cancelled.refused}"
+    started = time.monotonic()
+    final = wait_until(lambda: source.qmp.cmd("query-migrate").get("status"), CONNECT_GIVES_UP_S,
+                       f"the migration cancelled in {state} ending", done=lambda s: s not in ("cancelling", state))
+    waited = f"; it ended {time.monotonic() - started:.1f} s after the connect attempt was refused" \
+        if cancelled.final == "cancelling" else ""
+    kvm_note("cancel", f"in {state}: the source went through {list(cancelled.statuses)}, ends {final}{waited}")
+    assert final == "cancelled", f"cancelled in {state}, the migration ended {final}"
+    wait_until(lambda: status(source), 10, f"the source guest running after a cancel in {state}",
+               done=lambda s: s == "running")
+    problems = continuity_problems(before, source)
+    assert not problems, f"after a cancel in {state} the source guest is not as it was:\n" + "\n".join(problems)
+    if dest is not None:
+        gave_up = wait_until(lambda: incoming_fate(dest), 30,
+                             f"the destination {dest.name} giving up the cancelled migration",
+                             done=lambda s: s == "exited" or s.endswith("incoming failed"))
+        kvm_note("destination", f"{dest.name}: {gave_up}")
+    after = GuestState.read(source)
+    fresh, uri = boot_vm.destination(source, kvm_peer)
+    started, refusals = time.monotonic(), []
+    while True:  # QEMU 10.0 refuses a new migration while the abandoned connect is pending
+        try:
+            info = migrate(source, uri, timeout=120, destination=fresh)
+            break
+        except QMPCommandError as exc:
+            if "duplicate yank instance" not in exc.desc or time.monotonic() - started > CONNECT_GIVES_UP_S:
+                raise
+            refusals.append(exc.desc)
+            # The refused migrate sits in setup a moment before it reads failed: only then is another taken.
+            wait_until(lambda: source.qmp.cmd("query-migrate").get("status"), 10, "the refused migration ending",
+                       done=lambda s: s not in ("setup", "cancelling"))
+            time.sleep(0.5)
+    refused = f" (refused for {time.monotonic() - started:.1f} s before: {refusals[0]})" if refusals else ""
+    kvm_note("again", f"to a fresh destination {fresh.name}{refused}: {stats(info)}")
+    problems = continuity_problems(after, fresh)
+    assert not problems, f"the migration after a cancel in {state} broke continuity:\n" + "\n".join(problems)
+
+
+@pytest.mark.kvm_requires("postcopy")
+@pytest.mark.kvm_requires("postcopy", on="peer")
+def test_cancel_in_postcopy_never_runs_two_guests(boot_vm, kvm_host, kvm_peer, kvm_note):
+    """Handbook 4.3 with postcopy: once the guest runs on the destination, the source's RAM is
+    stale; a cancel there must not resume the source (two copies of one guest, on one disk).
+    QEMU either refuses the cancel (the migration then completes, the guest intact) or takes
+    it and leaves the source stopped; the note says which, and where the guest is left."""
+    source = boot_vm(VMSpec(memory_mib=256))
+    GuestState.prepare(source)
+    before = GuestState.read(source)
+    dest, uri = boot_vm.destination(source, kvm_peer, ("postcopy-ram",))
+    cancelled = cancel_in(source, uri, "postcopy-active", ("postcopy-ram",), bandwidth_bytes=CANCEL_LINK)
+    if cancelled.refused:
+        kvm_note("cancel", f"refused in postcopy-active: {cancelled.refused}")
+        wait_until(lambda: status(dest), 120, "the guest running on the destination once postcopy completes",
+                   done=lambda s: s == "running")
+        problems = continuity_problems(before, dest)
+        assert not problems, "continuity broken after a refused cancel in postcopy:\n" + "\n".join(problems)
+        return
+    # The cancel has ended (cancel_in waits); a resume would follow at once: give it 2 s to show.
+    try:
+        resumed = [source.qmp.wait_event("RESUME", timeout=2)]
+    except EventTimeout:
+        resumed = []
+    source_state = status(source)
+    fate = incoming_fate(dest)
+    kvm_note("cancel", f"taken in postcopy-active: the source went through {list(cancelled.statuses)} and is "
+                       f"{source_state}; the destination is {fate}: the guest is lost (QEMU's documented behaviour)")
+    assert source_state != "running" and not resumed, \
+        f"a cancel in postcopy-active resumed the source guest while it ran on the destination ({fate}): " \
+        "two copies of one guest"
 
 
 # --------------------------------------------------------------------------- a fleet mid-upgrade

@@ -421,6 +421,8 @@ def _probe_qemu_features(host: Host, caps: Capabilities, workdir: str) -> None:
                 try:
                     monitor.cmd("migrate-set-capabilities", capabilities=[{"capability": capability, "state": True}])
                     caps.migration.append(capability)
+                    # Each alone: QEMU 10.0 refuses postcopy-ram beside multifd, not postcopy-ram.
+                    monitor.cmd("migrate-set-capabilities", capabilities=[{"capability": capability, "state": False}])
                 except QMPCommandError as exc:
                     caps.reasons[NEED_OF[capability]] = \
                         f"QEMU {caps.qemu_version_text} refused the {capability} capability: {exc.desc}"
@@ -474,7 +476,7 @@ def probe(host: Host, requested_accel: str, kernel: str, workdir: str, cache: di
     caps.qemu_binary, caps.qemu_img_binary = host.spec.qemu, host.spec.qemu_img
     _probe_qemu(host, caps)
     _probe_kernel(host, caps)
-    key = hashlib.sha256(f"features2|{host.spec.url}|{caps.boot_id}|{caps.qemu_version_text}|{host.spec.qemu}"
+    key = hashlib.sha256(f"features3|{host.spec.url}|{caps.boot_id}|{caps.qemu_version_text}|{host.spec.qemu}"
                          .encode()).hexdigest()[:16]
     if cache is not None and key in cache:
         caps.seccomp, caps.tls, caps.migration, reasons = cache[key]

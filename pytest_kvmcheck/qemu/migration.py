@@ -15,8 +15,10 @@ import hashlib
 import posixpath
 import random
 import re
+import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from ..hosts.capabilities import Capabilities
@@ -143,21 +145,8 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
     device-layout mismatch, if any), :class:`MigrationDidNotConverge` at the deadline.
     """
     q = source.qmp
-    return_path = uri.startswith(("tcp:", "unix:"))
-    q.cmd("migrate-set-capabilities", capabilities=[
-        {"capability": "events", "state": True}, {"capability": "return-path", "state": return_path},
-        *({"capability": c, "state": c in capabilities} for c in OPTIONAL_CAPABILITIES),
-        {"capability": "pause-before-switchover", "state": before_switchover is not None}])
-    parameters = {}
-    if max_downtime_ms is not None:
-        parameters["downtime-limit"] = max_downtime_ms
-    if bandwidth_bytes is not None:
-        parameters["max-bandwidth"] = bandwidth_bytes
-    if parameters:
-        q.cmd("migrate-set-parameters", parameters)
-    q.clear_events()
-    was_running = q.cmd("query-status")["running"]
-    q.cmd("migrate", uri=uri)
+    was_running = start_migration(source, uri, capabilities, max_downtime_ms, bandwidth_bytes,
+                                  pause_before_switchover=before_switchover is not None)
     deadline = time.monotonic() + timeout
     switch_to_postcopy = "postcopy-ram" in capabilities
     throttle = 0  # the highest CPU throttle auto-converge applied, in percent
@@ -197,6 +186,97 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
         if not running:
             raise destination_not_running(source, destination, was_running, info)
     return info
+
+
+def start_migration(source: VM, uri: str, capabilities: tuple[str, ...] = (), max_downtime_ms: int | None = None,
+                    bandwidth_bytes: int | None = None, pause_before_switchover: bool = False) -> bool:
+    """Set the migration's capabilities and parameters on ``source`` and issue ``migrate``;
+    returns whether the guest ran when it began (QEMU brings a stopped guest over stopped)."""
+    q = source.qmp
+    return_path = uri.startswith(("tcp:", "unix:"))
+    q.cmd("migrate-set-capabilities", capabilities=[
+        {"capability": "events", "state": True}, {"capability": "return-path", "state": return_path},
+        *({"capability": c, "state": c in capabilities} for c in OPTIONAL_CAPABILITIES),
+        {"capability": "pause-before-switchover", "state": pause_before_switchover}])
+    parameters = {}
+    if max_downtime_ms is not None:
+        parameters["downtime-limit"] = max_downtime_ms
+    if bandwidth_bytes is not None:
+        parameters["max-bandwidth"] = bandwidth_bytes
+    if parameters:
+        q.cmd("migrate-set-parameters", parameters)
+    q.clear_events()
+    was_running = q.cmd("query-status")["running"]
+    q.cmd("migrate", uri=uri)
+    return was_running
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """How a migration cancelled in ``state`` ended on the source: the statuses it went through
+    and its last, or QEMU's refusal of the cancel (``refused``: its words)."""
+
+    state: str
+    statuses: tuple[str, ...]
+    final: str
+    refused: str = ""
+
+
+@contextmanager
+def unanswered_port(host: Host, program: str, directory: str, seconds: int = 150) -> Iterator[int]:
+    """A port on ``host``'s loopback whose connects stay pending (``kvmcheck-net hold``: its
+    accept queue is full, so the kernel drops SYNs): a migration there stays in setup. The
+    holder ends by itself after ``seconds`` whatever happens here, and is killed on leaving."""
+    out = posixpath.join(directory, f"hold-{random.randrange(1 << 32):08x}")
+    pid = host.run(["sh", "-c", f"{shlex.quote(program)} hold {seconds} >{out} 2>&1 </dev/null & echo $!"],
+                   timeout=10).check("starting kvmcheck-net hold").stdout.strip()
+    try:
+        said = poll(lambda: host.run(["cat", out]).stdout.strip() or None, 10, 0.05)
+        match = re.fullmatch(r"port (\d+)", said or "")
+        if not match:
+            raise VMError(f"host {host.name}: kvmcheck-net hold gave no port: {said!r}")
+        yield int(match.group(1))
+    finally:
+        host.run(["sh", "-c", f"kill {int(pid)} 2>/dev/null; rm -f {out}"])
+
+
+def cancel_in(source: VM, uri: str, state: str, capabilities: tuple[str, ...] = (),
+              bandwidth_bytes: int | None = None, timeout: float = 60.0, settle: float = 30.0) -> Cancelled:
+    """Start a migration, wait for QEMU to report ``state`` and cancel it there; wait up to
+    ``settle`` seconds for the migration to end. The bandwidth is put back as it was.
+
+    Reaching the state is the caller's part, by what holds it rather than by timing: an
+    unanswered connect (setup), a slow link (active), pause-before-switchover (pre-switchover),
+    postcopy started on a slow link (postcopy-active; started here once RAM flows)."""
+    q = source.qmp
+    bandwidth = q.cmd("query-migrate-parameters")["max-bandwidth"]
+    start_migration(source, uri, capabilities, bandwidth_bytes=bandwidth_bytes,
+                    pause_before_switchover=state == "pre-switchover")
+    postcopy = state == "postcopy-active"
+    deadline = time.monotonic() + timeout
+    while True:
+        info = q.cmd("query-migrate")
+        status = info.get("status")
+        if status == state:
+            break
+        if postcopy and status == "active" and info.get("ram", {}).get("transferred", 0) > 0:
+            q.cmd("migrate-start-postcopy")
+            postcopy = False
+        if status in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
+            raise VMError(f"migration of {source.name} to {uri} never reached {state} "
+                          f"({'ended ' + status if time.monotonic() <= deadline else f'{timeout:.0f} s'}; "
+                          f"went through {[e['data']['status'] for e in q.events('MIGRATION')]})")
+        time.sleep(0.02)
+    refused = ""
+    try:
+        q.cmd("migrate_cancel")
+    except QMPCommandError as exc:
+        refused = exc.desc
+    if not refused:
+        poll(lambda: q.cmd("query-migrate").get("status") in ("cancelled", "failed", "completed"), settle, 0.05)
+    q.cmd("migrate-set-parameters", max_bandwidth=bandwidth)
+    return Cancelled(state, tuple(e["data"]["status"] for e in q.events("MIGRATION")),
+                     q.cmd("query-migrate").get("status"), refused)
 
 
 def destination_not_running(source: VM, destination: VM, was_running: bool, info: dict) -> VMError:

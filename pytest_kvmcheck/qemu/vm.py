@@ -343,6 +343,9 @@ class VM:
                 self._guest.close()
             if self.pid is not None and self.alive():
                 try:
+                    # A QEMU that hangs in quit (a source whose postcopy was cancelled joins a stuck
+                    # migration thread) gets the same few seconds as one that ignores it.
+                    self.qmp.timeout = min(self.qmp.timeout, timeout)
                     self.qmp.cmd("quit")
                 except KvmCheckError:
                     pass
