@@ -23,10 +23,11 @@ from pytest_kvmcheck import Disk, Nic, VMSpec, premise, wait_until
 from pytest_kvmcheck.errors import EventTimeout, MigrationDidNotConverge, MigrationFailed, QMPCommandError, QMPLost
 from pytest_kvmcheck.guests.shows import MIB
 from pytest_kvmcheck.qemu.legacy import describe, form
-from pytest_kvmcheck.qemu.migration import (MARKER_PATH, Dirtier, DiskWriter, GuestState, continuity_problems,
+from pytest_kvmcheck.qemu.migration import (MARKER_PATH, UNLIMITED_BANDWIDTH, Dirtier, DiskWriter, GuestState,
+                                            await_migration, continuity_problems,
                                             cancel_in, export_disks, finish_mirrors, layout_mismatch, listen,
-                                            migrate, mirror_disks, place_base_image, preflight, stats,
-                                            unanswered_port)
+                                            measure_throughput, migrate, mirror_disks, place_base_image,
+                                            preflight, start_migration, stats, unanswered_port)
 
 SPEC = VMSpec(memory_mib=512, balloon=True, disks=(Disk(size_mib=32, serial="migrate0"),))
 DIRTY_LINK_MIB = 32  # at most; a slower guest gets a slower link
@@ -363,6 +364,75 @@ def test_cancel_in_postcopy_never_runs_two_guests(boot_vm, kvm_host, kvm_peer, k
     assert source_state != "running" and not resumed, \
         f"a cancel in postcopy-active resumed the source guest while it ran on the destination ({fate}): " \
         "two copies of one guest"
+
+
+# --------------------------------------------------------------------------- the manager's limits
+
+LIMITED_LINK = 16 * MIB  # bytes/s: well below what any host sends over loopback or a LAN
+FILL_MIB = 96  # of guest RAM that is not zero (QEMU sends no zero page): six seconds on the limited link
+BANDWIDTH_TOLERANCE = 0.10
+DOWNTIME_LIMIT_MS = 250  # below QEMU's default 300 ms: a limit the host must be seen to honour
+PACED_LINK = 32 * MIB
+
+
+def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_metric):
+    """Handbook 4.3 (``migrate_set_speed``, now max-bandwidth): a migration sends at the rate
+    the manager set, within 10 %, measured from QEMU's own byte count over 3 s of the move.
+    The guest fills RAM that is not zero (zero pages cost nothing to send); the limit is lifted after
+    the measurement and the migration completes with the guest intact."""
+    source = boot_vm(VMSpec(memory_mib=256))
+    source.run(f"yes kvmcheck | head -c {FILL_MIB * MIB} > /tmp/fill", check=True, timeout=120)
+    GuestState.prepare(source)
+    before = GuestState.read(source)
+    dest, uri = boot_vm.destination(source, kvm_peer)
+    limit, link_mib = LIMITED_LINK, LIMITED_LINK // MIB
+    start_migration(source, uri, bandwidth_bytes=limit)
+    sent, seconds = measure_throughput(source, 3.0)
+    rate = sent / seconds
+    source.qmp.cmd("migrate-set-parameters", max_bandwidth=UNLIMITED_BANDWIDTH)
+    info = await_migration(source, uri, destination=dest)
+    kvm_note("bandwidth", f"max-bandwidth {link_mib} MiB/s: sent {sent / MIB:.1f} MiB in {seconds:.2f} s = "
+                          f"{rate / MIB:.2f} MiB/s ({rate / limit - 1:+.1%}); {stats(info)}")
+    kvm_metric("migration_bandwidth_error", abs(rate / limit - 1) * 100, "%")
+    assert abs(rate / limit - 1) <= BANDWIDTH_TOLERANCE, \
+        f"with max-bandwidth {link_mib} MiB/s the migration sent {rate / MIB:.2f} MiB/s ({rate / limit - 1:+.1%}, " \
+        f"more than {BANDWIDTH_TOLERANCE:.0%} off)"
+    problems = continuity_problems(before, dest)
+    assert not problems, "continuity broken:\n" + "\n".join(problems)
+
+
+def test_downtime_limit_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_metric):
+    """Handbook 4.3 (``migrate_set_downtime``, now downtime-limit): with the limit set below
+    QEMU's default and a guest dirtying memory at a rate the link absorbs (QEMU's own
+    dirty-page rate, at most half the link), the downtime QEMU reports stays within the limit."""
+    source = boot_vm(VMSpec(memory_mib=256))
+    GuestState.prepare(source)
+    source.run("head -c 1M /dev/urandom > /tmp/paced.a && (while :; do cp /tmp/paced.a /tmp/paced; sleep 0.1; "
+               "done) >/dev/null 2>&1 </dev/null &", check=True)
+    before = GuestState.read(source)
+    dest, uri = boot_vm.destination(source, kvm_peer)
+    dirty: list[float] = []
+
+    def progress(info: dict) -> str:
+        ram = info.get("ram", {})
+        if ram.get("dirty-pages-rate"):
+            dirty.append(ram["dirty-pages-rate"] * ram.get("page-size", 4096))
+        return ""
+
+    info = migrate(source, uri, timeout=120, max_downtime_ms=DOWNTIME_LIMIT_MS, bandwidth_bytes=PACED_LINK,
+                   destination=dest, on_progress=progress)
+    numbers = stats(info)
+    rate = max(dirty, default=0.0)
+    kvm_note("downtime", f"downtime-limit {DOWNTIME_LIMIT_MS} ms, link {PACED_LINK // MIB} MiB/s, the guest "
+                         f"dirtying up to {rate / MIB:.2f} MiB/s (QEMU's dirty-pages-rate): {numbers}")
+    kvm_metric("migration_downtime_at_limit", numbers["downtime_ms"], "ms")
+    premise(rate <= PACED_LINK / 2, f"a guest dirtying at most half the link: it dirtied {rate / MIB:.1f} MiB/s, "
+                                    f"the link is {PACED_LINK // MIB} MiB/s")
+    assert numbers["downtime_ms"] <= DOWNTIME_LIMIT_MS, \
+        f"downtime {numbers['downtime_ms']} ms over the downtime-limit of {DOWNTIME_LIMIT_MS} ms " \
+        f"(the guest dirtied up to {rate / MIB:.2f} MiB/s on a {PACED_LINK // MIB} MiB/s link; {numbers})"
+    problems = continuity_problems(before, dest)
+    assert not problems, "continuity broken:\n" + "\n".join(problems)
 
 
 # --------------------------------------------------------------------------- a fleet mid-upgrade

@@ -30,6 +30,7 @@ from .vm import VM
 from .spec import VMSpec
 
 OPTIONAL_CAPABILITIES = ("auto-converge", "multifd", "postcopy-ram")
+UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: max-bandwidth that limits nothing
 MARKER_PATH = "/tmp/kvmcheck-migration-marker"  # tmpfs: it lives in guest RAM
 COUNTER_PATH = "/tmp/kvmcheck-counter"
 
@@ -144,9 +145,18 @@ def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int |
     until it runs as well. Raises :class:`MigrationFailed` naming QEMU's error (and a
     device-layout mismatch, if any), :class:`MigrationDidNotConverge` at the deadline.
     """
-    q = source.qmp
     was_running = start_migration(source, uri, capabilities, max_downtime_ms, bandwidth_bytes,
                                   pause_before_switchover=before_switchover is not None)
+    return await_migration(source, uri, timeout, capabilities, destination, before_switchover, on_progress,
+                           was_running)
+
+
+def await_migration(source: VM, uri: str, timeout: float = 120.0, capabilities: tuple[str, ...] = (),
+                    destination: VM | None = None, before_switchover: Callable[[], None] | None = None,
+                    on_progress: Callable[[dict], str] | None = None, was_running: bool = True) -> dict:
+    """The waiting half of :func:`migrate`, for a migration :func:`start_migration` began
+    (a check that measures or retunes it on the way first)."""
+    q = source.qmp
     deadline = time.monotonic() + timeout
     switch_to_postcopy = "postcopy-ram" in capabilities
     throttle = 0  # the highest CPU throttle auto-converge applied, in percent
@@ -277,6 +287,29 @@ def cancel_in(source: VM, uri: str, state: str, capabilities: tuple[str, ...] = 
     q.cmd("migrate-set-parameters", max_bandwidth=bandwidth)
     return Cancelled(state, tuple(e["data"]["status"] for e in q.events("MIGRATION")),
                      q.cmd("query-migrate").get("status"), refused)
+
+
+def measure_throughput(source: VM, seconds: float, settle: float = 0.5, least: float = 1.0) -> tuple[int, float]:
+    """Bytes of RAM the source's migration sent (query-migrate's ram.transferred) over up to
+    ``seconds`` of wall time, once it has been active for ``settle``: (bytes, seconds). A
+    migration that ends sooner is measured up to its last active reading; one active for less
+    than ``least`` seconds of the window gives no measurement (VMError)."""
+    q = source.qmp
+    if not poll(lambda: q.cmd("query-migrate").get("status") == "active", 30, 0.02):
+        raise VMError(f"migration of {source.name} never became active")
+    time.sleep(settle)  # past the first burst: the rate limit counts in 100 ms slices
+    samples = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        info = q.cmd("query-migrate")
+        if info.get("status") != "active":
+            break
+        samples.append((info["ram"]["transferred"], time.monotonic()))
+        time.sleep(0.1)
+    if len(samples) < 2 or samples[-1][1] - samples[0][1] < least:
+        raise VMError(f"migration of {source.name} was active for less than {least} s of the measurement "
+                      f"({len(samples)} readings): give it more RAM to send")
+    return samples[-1][0] - samples[0][0], samples[-1][1] - samples[0][1]
 
 
 def destination_not_running(source: VM, destination: VM, was_running: bool, info: dict) -> VMError:

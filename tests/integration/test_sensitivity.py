@@ -162,10 +162,10 @@ def is_guest():
     return "-daemonize" in argv and ("-kernel" in argv or "-incoming" in argv)
 
 
-def on_migration(status, command):
+def on_migration(status, command, **arguments):
     """Run QEMU with a monitor of the wrapper's own, and a watcher on it that sends ``command``
-    when a migration reaches ``status`` (as a careless management layer might). The watcher
-    ends when QEMU closes the monitor."""
+    (with ``arguments``) when a migration reaches ``status``, as a careless management layer
+    might. The watcher ends when QEMU closes the monitor."""
     if not is_guest():
         return
     import json, socket
@@ -187,7 +187,7 @@ def on_migration(status, command):
             for line in stream:
                 message = json.loads(line)
                 if message.get("event") == "MIGRATION" and message["data"]["status"] == status:
-                    stream.write(json.dumps(dict(execute=command)) + "\\n")
+                    stream.write(json.dumps(dict(execute=command, arguments=arguments)) + "\\n")
                     stream.flush()
         finally:
             if os.path.exists(path):
@@ -302,6 +302,12 @@ MUTANTS = [
     Mutant("source resumed after a cancel in postcopy", "test_migration.py", "test_cancel_in_postcopy_never_runs_two_guests",
            'on_migration("cancelled", "cont")',
            r"a cancel in postcopy-active resumed the source guest while it ran on the destination"),
+    Mutant("max-bandwidth lifted once the migration runs", "test_migration.py", "test_max_bandwidth_is_honoured",
+           'on_migration("active", "migrate-set-parameters", **{"max-bandwidth": 32 << 20})',
+           r"with max-bandwidth 16 MiB/s the migration sent \d+\.\d+ MiB/s \(\+\d+\.\d%, more than 10% off\)"),
+    Mutant("downtime-limit lifted once the migration runs", "test_migration.py", "test_downtime_limit_is_honoured",
+           'on_migration("active", "migrate-set-parameters", **{"downtime-limit": 100000})',
+           r"downtime \d+ ms over the downtime-limit of 250 ms"),
     # The newer QEMU ignores the versioned machine type a guest from the older one arrives with.
     Mutant("newer QEMU takes its own machine type", "test_migration.py", "test_live_migration_across_qemu_versions",
            'if "-incoming" in argv:\n'
