@@ -26,8 +26,10 @@ from pytest_kvmcheck.qemu.legacy import describe, form
 from pytest_kvmcheck.qemu.migration import (MARKER_PATH, UNLIMITED_BANDWIDTH, Dirtier, DiskWriter, GuestState,
                                             await_migration, continuity_problems,
                                             cancel_in, export_disks, finish_mirrors, layout_mismatch, listen,
-                                            measure_throughput, migrate, mirror_disks, place_base_image,
-                                            preflight, start_migration, stats, unanswered_port)
+                                            measure_throughput, migrate, migrate_to_state, mirror_disks,
+                                            pause_postcopy, place_base_image, preflight, recover_postcopy,
+                                            start_migration,
+                                            stats, unanswered_port)
 
 SPEC = VMSpec(memory_mib=512, balloon=True, disks=(Disk(size_mib=32, serial="migrate0"),))
 DIRTY_LINK_MIB = 32  # at most; a slower guest gets a slower link
@@ -352,18 +354,83 @@ def test_cancel_in_postcopy_never_runs_two_guests(boot_vm, kvm_host, kvm_peer, k
         problems = continuity_problems(before, dest)
         assert not problems, "continuity broken after a refused cancel in postcopy:\n" + "\n".join(problems)
         return
-    # The cancel has ended (cancel_in waits); a resume would follow at once: give it 2 s to show.
-    try:
-        resumed = [source.qmp.wait_event("RESUME", timeout=2)]
-    except EventTimeout:
-        resumed = []
+    again = resumed(source)  # the cancel has ended (cancel_in waits): a resume would follow at once
     source_state = status(source)
     fate = incoming_fate(dest)
     kvm_note("cancel", f"taken in postcopy-active: the source went through {list(cancelled.statuses)} and is "
                        f"{source_state}; the destination is {fate}: the guest is lost (QEMU's documented behaviour)")
-    assert source_state != "running" and not resumed, \
+    assert source_state != "running" and not again, \
         f"a cancel in postcopy-active resumed the source guest while it ran on the destination ({fate}): " \
         "two copies of one guest"
+
+
+# --------------------------------------------------------------------------- postcopy, interrupted
+
+POSTCOPY = ("postcopy-ram",)
+FILL_SHA = "/tmp/fill.sha256"
+
+
+def postcopy_source(boot_vm):
+    """A guest with RAM worth moving after the switch (64 MiB not zero, its checksum kept) and a counter."""
+    source = boot_vm(VMSpec(memory_mib=256))
+    source.run(f"yes kvmcheck | head -c {64 * MIB} > /tmp/fill && sha256sum /tmp/fill > {FILL_SHA}", check=True)
+    GuestState.prepare(source)
+    return source
+
+
+def resumed(vm, window: float = 2.0) -> bool:
+    """Whether QEMU resumes ``vm``'s guest within ``window`` s (a resume follows a migration's end at once)."""
+    try:
+        vm.qmp.wait_event("RESUME", timeout=window)
+        return True
+    except EventTimeout:
+        return False
+
+
+@pytest.mark.kvm_requires("postcopy")
+@pytest.mark.kvm_requires("postcopy", on="peer")
+def test_postcopy_recovers_from_a_broken_stream(boot_vm, kvm_host, kvm_peer, kvm_note):
+    """Handbook 4.3 with postcopy: the stream breaks while the guest runs on the destination
+    and its RAM still moves (the destination shuts its end: ``migrate-pause``). Both sides
+    must wait in postcopy-paused; ``migrate-recover`` on a new channel and ``migrate
+    resume=true`` finish the move, the guest's RAM and processes intact. The destination is
+    spoken to out of band meanwhile: its main thread may wait for a page that is not there."""
+    source = postcopy_source(boot_vm)
+    before = GuestState.read(source)
+    dest, uri = boot_vm.destination(source, kvm_peer, POSTCOPY)
+    migrate_to_state(source, uri, "postcopy-active", POSTCOPY, bandwidth_bytes=CANCEL_LINK)
+    pause_postcopy(dest)
+    wait_until(lambda: source.qmp.cmd("query-migrate").get("status"), 30, f"{source.name} waiting in postcopy-paused",
+               done=lambda s: s == "postcopy-paused")
+    info = recover_postcopy(source, dest, kvm_peer.spec.migration_address)
+    kvm_note("recovery", f"{kvm_host.name} -> {kvm_peer.name}: broken in postcopy-active, recovered: {stats(info)}")
+    assert "postcopy-recover" in info["statuses"], f"the source never recovered: went through {info['statuses']}"
+    assert status(dest) == "running"
+    problems = continuity_problems(before, dest)
+    checked = dest.run(["sha256sum", "-c", FILL_SHA])
+    if not checked.ok:
+        problems.append(f"64 MiB the guest wrote before the move read back different: {checked.stdout.strip()}")
+    assert not problems, "continuity broken across the recovered postcopy:\n" + "\n".join(problems)
+
+
+@pytest.mark.kvm_requires("postcopy")
+@pytest.mark.kvm_requires("postcopy", on="peer")
+def test_destination_lost_in_postcopy_fails_and_names_the_guests_fate(boot_vm, kvm_host, kvm_peer, kvm_note):
+    """Handbook 4.3 with postcopy: the destination QEMU dies while the guest runs there. Its
+    newest pages died with it: the migration must fail saying the guest is lost, and the
+    source must not run its stale copy (QEMU keeps it in postcopy-paused)."""
+    source = postcopy_source(boot_vm)
+    dest, uri = boot_vm.destination(source, kvm_peer, POSTCOPY)
+    migrate_to_state(source, uri, "postcopy-active", POSTCOPY, bandwidth_bytes=CANCEL_LINK)
+    kvm_peer.transport.kill(dest.pid, "KILL")
+    with pytest.raises(MigrationFailed) as failed:
+        await_migration(source, uri, 60, destination=dest)
+    kvm_note("failure", str(failed.value))
+    again = resumed(source)
+    state = status(source)
+    assert state != "running" and not again, \
+        f"the destination died in postcopy and the source runs its stale guest ({state}): RAM from before the switch"
+    assert "the guest is lost" in str(failed.value), f"the failure does not state the guest's fate: {failed.value}"
 
 
 # --------------------------------------------------------------------------- the manager's limits

@@ -55,9 +55,8 @@ def listen(dest: VM, address: str, capabilities: tuple[str, ...] = ()) -> str:
     ``capabilities`` that both sides must enable (multifd, postcopy-ram) are set first; a
     QEMU without them refuses with :class:`QMPCommandError`.
     """
-    if capabilities:
-        dest.qmp.cmd("migrate-set-capabilities",
-                     capabilities=[{"capability": c, "state": True} for c in capabilities])
+    dest.qmp.cmd("migrate-set-capabilities",  # events: the destination's own MIGRATION events
+                 capabilities=[{"capability": c, "state": True} for c in ("events", *capabilities)])
     dest.qmp.cmd("migrate-incoming", uri=f"tcp:{address}:0")
     socket_address = dest.qmp.cmd("query-migrate")["socket-address"][0]
     return f"tcp:{socket_address['host']}:{socket_address['port']}"
@@ -177,9 +176,19 @@ def await_migration(source: VM, uri: str, timeout: float = 120.0, capabilities: 
             info = poll(lambda: _with_totals(q.cmd("query-migrate")), 5) or info
             info["max-cpu-throttle-percentage"] = throttle
             break
-        if status in ("failed", "cancelled"):
+        if status in ("failed", "cancelled", "postcopy-paused"):
+            went = [e["data"]["status"] for e in q.events("MIGRATION")]
+            if "postcopy-active" in went or status == "postcopy-paused":  # the guest ran on the destination
+                raise MigrationFailed(postcopy_broke(source, uri, status, info, destination), info)
             raise MigrationFailed(failure_message(source, uri, status, info, destination), info)
         why = on_progress(info) if on_progress is not None and status == "active" else ""
+        if not why and time.monotonic() > deadline and status != "active":  # not a question of converging
+            went = [e["data"]["status"] for e in q.events("MIGRATION")]
+            held = f"QEMU still holds it in {status} after {timeout:.0f} s (went through {went})"
+            if "postcopy-active" in went:
+                raise MigrationFailed(postcopy_broke(source, uri, status, {**info, "error-desc": held}, destination),
+                                      info)
+            raise MigrationFailed(f"migration of {source.name} to {uri} did not end: {held}", info)
         if why or time.monotonic() > deadline:
             q.cmd("migrate_cancel")
             poll(lambda: q.cmd("query-migrate").get("status") == "cancelled", 10)
@@ -199,7 +208,8 @@ def await_migration(source: VM, uri: str, timeout: float = 120.0, capabilities: 
 
 
 def start_migration(source: VM, uri: str, capabilities: tuple[str, ...] = (), max_downtime_ms: int | None = None,
-                    bandwidth_bytes: int | None = None, pause_before_switchover: bool = False) -> bool:
+                    bandwidth_bytes: int | None = None, pause_before_switchover: bool = False,
+                    postcopy_bandwidth_bytes: int | None = None) -> bool:
     """Set the migration's capabilities and parameters on ``source`` and issue ``migrate``;
     returns whether the guest ran when it began (QEMU brings a stopped guest over stopped)."""
     q = source.qmp
@@ -213,6 +223,8 @@ def start_migration(source: VM, uri: str, capabilities: tuple[str, ...] = (), ma
         parameters["downtime-limit"] = max_downtime_ms
     if bandwidth_bytes is not None:
         parameters["max-bandwidth"] = bandwidth_bytes
+    if postcopy_bandwidth_bytes is not None:  # postcopy has a limit of its own (0: none)
+        parameters["max-postcopy-bandwidth"] = postcopy_bandwidth_bytes
     if parameters:
         q.cmd("migrate-set-parameters", parameters)
     q.clear_events()
@@ -250,25 +262,25 @@ def unanswered_port(host: Host, program: str, directory: str, seconds: int = 150
         host.run(["sh", "-c", f"kill {int(pid)} 2>/dev/null; rm -f {out}"])
 
 
-def cancel_in(source: VM, uri: str, state: str, capabilities: tuple[str, ...] = (),
-              bandwidth_bytes: int | None = None, timeout: float = 60.0, settle: float = 30.0) -> Cancelled:
-    """Start a migration, wait for QEMU to report ``state`` and cancel it there; wait up to
-    ``settle`` seconds for the migration to end. The bandwidth is put back as it was.
+def migrate_to_state(source: VM, uri: str, state: str, capabilities: tuple[str, ...] = (),
+                     bandwidth_bytes: int | None = None, timeout: float = 60.0) -> None:
+    """Start a migration and return once QEMU reports ``state`` (the migration still running).
 
     Reaching the state is the caller's part, by what holds it rather than by timing: an
     unanswered connect (setup), a slow link (active), pause-before-switchover (pre-switchover),
-    postcopy started on a slow link (postcopy-active; started here once RAM flows)."""
+    postcopy started on a slow link (postcopy-active: started here once RAM flows, the link
+    limit applying to postcopy too)."""
     q = source.qmp
-    bandwidth = q.cmd("query-migrate-parameters")["max-bandwidth"]
-    start_migration(source, uri, capabilities, bandwidth_bytes=bandwidth_bytes,
-                    pause_before_switchover=state == "pre-switchover")
     postcopy = state == "postcopy-active"
+    start_migration(source, uri, capabilities, bandwidth_bytes=bandwidth_bytes,
+                    postcopy_bandwidth_bytes=bandwidth_bytes if postcopy else None,
+                    pause_before_switchover=state == "pre-switchover")
     deadline = time.monotonic() + timeout
     while True:
         info = q.cmd("query-migrate")
         status = info.get("status")
-        if status == state:
-            break
+        if status == state or q.events("MIGRATION") and state in [e["data"]["status"] for e in q.events("MIGRATION")]:
+            return  # there now, or there in between two readings (QEMU's event says so)
         if postcopy and status == "active" and info.get("ram", {}).get("transferred", 0) > 0:
             q.cmd("migrate-start-postcopy")
             postcopy = False
@@ -277,6 +289,16 @@ def cancel_in(source: VM, uri: str, state: str, capabilities: tuple[str, ...] = 
                           f"({'ended ' + status if time.monotonic() <= deadline else f'{timeout:.0f} s'}; "
                           f"went through {[e['data']['status'] for e in q.events('MIGRATION')]})")
         time.sleep(0.02)
+
+
+def cancel_in(source: VM, uri: str, state: str, capabilities: tuple[str, ...] = (),
+              bandwidth_bytes: int | None = None, timeout: float = 60.0, settle: float = 30.0) -> Cancelled:
+    """Start a migration, cancel it once QEMU reports ``state`` (see :func:`migrate_to_state`)
+    and wait up to ``settle`` seconds for it to end. The link limits are put back as they were."""
+    q = source.qmp
+    limits = {k: v for k, v in q.cmd("query-migrate-parameters").items()
+              if k in ("max-bandwidth", "max-postcopy-bandwidth")}
+    migrate_to_state(source, uri, state, capabilities, bandwidth_bytes, timeout)
     refused = ""
     try:
         q.cmd("migrate_cancel")
@@ -284,9 +306,46 @@ def cancel_in(source: VM, uri: str, state: str, capabilities: tuple[str, ...] = 
         refused = exc.desc
     if not refused:
         poll(lambda: q.cmd("query-migrate").get("status") in ("cancelled", "failed", "completed"), settle, 0.05)
-    q.cmd("migrate-set-parameters", max_bandwidth=bandwidth)
+    q.cmd("migrate-set-parameters", limits)
     return Cancelled(state, tuple(e["data"]["status"] for e in q.events("MIGRATION")),
                      q.cmd("query-migrate").get("status"), refused)
+
+
+def pause_postcopy(dest: VM, timeout: float = 30.0) -> None:
+    """Break a postcopy stream from the destination's end (``migrate-pause``, out of band) and
+    wait for its MIGRATION event postcopy-paused. Its main thread may be blocked on a page that
+    has not arrived, so nothing here needs it. The guest must run on the destination first
+    (its RESUME event): a stream broken while the destination still loads the devices' state
+    fails the migration, as QEMU 7.2 showed."""
+    dest.qmp.wait_event("RESUME", timeout)
+    dest.qmp.clear_events()
+    dest.qmp.cmd_oob("migrate-pause")
+    dest.qmp.wait_event("MIGRATION", timeout, match={"data": {"status": "postcopy-paused"}})
+
+
+def recover_postcopy(source: VM, dest: VM, address: str, timeout: float = 120.0, attempts: int = 20) -> dict:
+    """Resume a postcopy migration both sides hold in postcopy-paused: the destination listens
+    on a new channel (``migrate-recover``, out of band: its main thread may wait for a page;
+    free ports tried in turn, as QEMU cannot be asked which it picked), the source connects
+    there with ``migrate resume=true``; the link limits are lifted and the migration awaited."""
+    for _ in range(attempts):
+        uri = f"tcp:{address}:{random.randrange(20000, 60000)}"
+        try:
+            dest.qmp.cmd_oob("migrate-recover", uri=uri)
+            break
+        except QMPCommandError as exc:
+            if "in use" not in str(exc):
+                raise
+    else:
+        raise VMError(f"VM {dest.name}: no free port for migrate-recover on {address} after {attempts} tries")
+    source.qmp.cmd("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH, "max-postcopy-bandwidth": 0})
+    source.qmp.clear_events()
+    source.qmp.cmd("migrate", uri=uri, resume=True)
+    # Until the source takes the new channel it still reads postcopy-paused, which await_migration calls a failure.
+    taken = source.qmp.wait_event("MIGRATION", 30, match=lambda e: e["data"]["status"] != "postcopy-paused")
+    info = await_migration(source, uri, timeout, destination=dest)
+    info["statuses"] = ["postcopy-paused", taken["data"]["status"], *info["statuses"]]  # from the pause on
+    return info
 
 
 def measure_throughput(source: VM, seconds: float, settle: float = 0.5, least: float = 1.0) -> tuple[int, float]:
@@ -310,6 +369,19 @@ def measure_throughput(source: VM, seconds: float, settle: float = 0.5, least: f
         raise VMError(f"migration of {source.name} was active for less than {least} s of the measurement "
                       f"({len(samples)} readings): give it more RAM to send")
     return samples[-1][0] - samples[0][0], samples[-1][1] - samples[0][1]
+
+
+def postcopy_broke(source: VM, uri: str, status: str, info: dict, destination: VM | None) -> str:
+    """Why a migration that had switched to postcopy stopped, and the guest's fate: its RAM is
+    split between the hosts, so it runs nowhere until the destination recovers the stream
+    (migrate-recover), and is lost with the destination."""
+    where = ("postcopy-paused, its guest stopped, waiting for the destination to recover the stream"
+             if status == "postcopy-paused" else f"{status} after the switch to postcopy: its copy of the guest is stale")
+    there = "" if destination is None else f"; the destination {destination.name}: " + (
+        destination_side(destination) if destination.alive() else "its QEMU exited: the guest is lost "
+        "(its newest pages died with it, QEMU's documented behaviour for postcopy)")
+    return (f"migration of {source.name} to {uri} broke in postcopy: the source is {where} "
+            f"({info.get('error-desc', 'no error-desc')}){there}")
 
 
 def destination_not_running(source: VM, destination: VM, was_running: bool, info: dict) -> VMError:

@@ -93,10 +93,19 @@ class Monitor:
         ``cmd("blockdev-del", node_name="d0")`` sends ``{"node-name": "d0"}``; names with an
         underscore of their own (some device properties) go in ``args``, sent as they are.
         """
-        args = qmp_arguments(args, keywords)
-        self._log("->", {"execute": name, "arguments": args} if args else {"execute": name})
+        return self._execute(name, qmp_arguments(args, keywords), oob=False)
+
+    def cmd_oob(self, name: str, args: dict | None = None, /, **keywords: Any) -> Any:
+        """Run a QMP command out of band (``exec-oob``): QEMU's monitor thread answers it even
+        while the main thread is blocked, as a destination's is in a paused postcopy
+        (``migrate-recover``, ``migrate-pause``). Needs a QEMU that offered the oob capability."""
+        return self._execute(name, qmp_arguments(args, keywords), oob=True)
+
+    def _execute(self, name: str, args: dict, oob: bool) -> Any:
+        verb = "exec-oob" if oob else "execute"
+        self._log("->", {verb: name, "arguments": args} if args else {verb: name})
         try:
-            result = self._qmp.cmd(name, **args)
+            result = self._qmp._sync(self._qmp._qmp.execute(name, args, oob=oob), self.timeout)
         except ExecuteError as exc:
             # qemu.qmp: error_class is QEMU's class, str(exc) its desc (error.error.desc).
             desc = str(exc)

@@ -163,12 +163,17 @@ def is_guest():
 
 
 def on_migration(status, command, **arguments):
-    """Run QEMU with a monitor of the wrapper's own, and a watcher on it that sends ``command``
-    (with ``arguments``) when a migration reaches ``status``, as a careless management layer
-    might. The watcher ends when QEMU closes the monitor."""
+    """Send ``command`` (with ``arguments``) when a migration reaches ``status``: see watch_migration."""
+    watch_migration(dict([(status, (command, arguments))]))
+
+
+def watch_migration(steps):
+    """Run QEMU with a monitor of the wrapper's own, and a watcher on it that sends a command
+    when a migration reaches a status (steps: status -> (command, arguments[, delay])), as a careless
+    management layer might. The watcher ends when QEMU closes the monitor."""
     if not is_guest():
         return
-    import json, socket
+    import json, socket, time
     path = "/tmp/kc-mutant-%d.sock" % os.getpid()
     status_code = subprocess.call([REAL, *argv, "-qmp", "unix:%s,server=on,wait=off" % path])
     if status_code == 0 and os.fork() == 0:
@@ -186,7 +191,9 @@ def on_migration(status, command, **arguments):
             stream.flush()
             for line in stream:
                 message = json.loads(line)
-                if message.get("event") == "MIGRATION" and message["data"]["status"] == status:
+                if message.get("event") == "MIGRATION" and message["data"]["status"] in steps:
+                    command, arguments = steps[message["data"]["status"]][:2]
+                    time.sleep(steps[message["data"]["status"]][2:3] and steps[message["data"]["status"]][2] or 0)
                     stream.write(json.dumps(dict(execute=command, arguments=arguments)) + "\\n")
                     stream.flush()
         finally:
@@ -302,6 +309,13 @@ MUTANTS = [
     Mutant("source resumed after a cancel in postcopy", "test_migration.py", "test_cancel_in_postcopy_never_runs_two_guests",
            'on_migration("cancelled", "cont")',
            r"a cancel in postcopy-active resumed the source guest while it ran on the destination"),
+    Mutant("QEMU quits when postcopy pauses", "test_migration.py", "test_postcopy_recovers_from_a_broken_stream",
+           'on_migration("postcopy-paused", "quit")',
+           r"QMP connection lost during (query-migrate|migrate-recover|migrate).*has exited"),
+    Mutant("stale source resumed after postcopy began", "test_migration.py",
+           "test_destination_lost_in_postcopy_fails_and_names_the_guests_fate",
+           'watch_migration(dict([("postcopy-active", ("migrate_cancel", dict())), ("cancelled", ("cont", dict()))]))',
+           r"the destination died in postcopy and the source runs its stale guest"),
     Mutant("max-bandwidth lifted once the migration runs", "test_migration.py", "test_max_bandwidth_is_honoured",
            'on_migration("active", "migrate-set-parameters", **{"max-bandwidth": 32 << 20})',
            r"with max-bandwidth 16 MiB/s the migration sent \d+\.\d+ MiB/s \(\+\d+\.\d%, more than 10% off\)"),
