@@ -20,9 +20,10 @@ import time
 import pytest
 
 from pytest_kvmcheck import Disk, Nic, VMSpec, premise, wait_until
-from pytest_kvmcheck.errors import EventTimeout, MigrationDidNotConverge, MigrationFailed, QMPCommandError, QMPLost
+from pytest_kvmcheck.errors import KvmCheckError, EventTimeout, MigrationDidNotConverge, MigrationFailed, QMPCommandError, QMPLost
 from pytest_kvmcheck.guests.shows import MIB
 from pytest_kvmcheck.qemu.legacy import describe, form
+from pytest_kvmcheck.qemu.netperf import NetProbe, Streaming
 from pytest_kvmcheck.qemu.migration import (MARKER_PATH, UNLIMITED_BANDWIDTH, Dirtier, DiskWriter, GuestState,
                                             await_migration, continuity_problems,
                                             cancel_in, export_disks, finish_mirrors, layout_mismatch, listen,
@@ -258,6 +259,85 @@ def test_handbook_block_migration(kvm_host, kvm_note):
         f"migration is {'removed' if removed else 'still there'}"
     mirror = kvm_host.qmp_arguments("blockdev-mirror")
     assert {"device", "target", "sync"} <= mirror, f"blockdev-mirror lacks what replaces migrate -b: {sorted(mirror)}"
+
+
+# --------------------------------------------------------------------------- a production guest
+
+# What production guests have, beyond the seed's: vCPUs, a ballooned target, a NIC and a disk
+# plugged while it ran, and load; network load over the host's bridge (the guest's bridged
+# address moves with it), with vhost-net where both hosts offer it.
+PRODUCTION = VMSpec(memory_mib=512, smp=2, balloon=True, disks=(Disk(size_mib=32, serial="prod0"),))
+LOADS = {"disk-load": (), "network-load": ("bridge",), "network-load-vhost": ("bridge", "vhost-net")}
+LOAD_PARAMS = [pytest.param(load, id=load, marks=[m for need in needs for m in (
+    pytest.mark.kvm_requires(need), pytest.mark.kvm_requires(need, on="peer"))]) for load, needs in LOADS.items()]
+STREAM_S = 12  # the network load's length: it spans the whole move
+
+
+@shared_storage
+@pytest.mark.parametrize("load", LOAD_PARAMS)
+def test_production_guest_moves_under_load(boot_vm, kvm_host, kvm_peer, load, kvm_note):
+    """Handbook 3 and 4.3 together, as a production guest has them: two vCPUs, a ballooned
+    target, a NIC and a disk hot-plugged while it ran, a process writing its disk (synced)
+    and, over the host's bridge, a TCP stream from the host. After a live migration to a
+    destination started with the plugged devices: the same machine (QEMU's devices, vCPUs,
+    balloon), the guest's RAM and processes intact, the writer still writing with no completed
+    write lost, and the stream completed without a break."""
+    network = load != "disk-load"
+    spec = PRODUCTION.with_(nics=(Nic(), Nic(bridged=True, vhost=load.endswith("vhost"))) if network else (Nic(),))
+    source = boot_vm(spec)
+    source.qmp.cmd("balloon", value=BALLOON_MIB * MIB)
+    image = kvm_host.transport.qemu_img.create(source.path("plugged.qcow2"), 16)
+    source.qmp.cmd("blockdev-add", driver="qcow2", node_name="prodhp", file={"driver": "file", "filename": image})
+    source.qmp.cmd("device_add", driver="virtio-blk-pci", id="prodblk", drive="prodhp", serial="prodhp", addr="0x10")
+    source.qmp.cmd("netdev_add", type="user", id="prodnet", net="10.0.9.0/24", restrict=True)
+    source.qmp.cmd("device_add", driver="virtio-net-pci", id="prodnic", netdev="prodnet", mac="52:54:00:9a:00:01",
+                   addr="0x11")
+    plugged = wait_until(lambda: source.guest.find_block_device("prodhp"), 15, "the plugged disk (serial prodhp)")
+    written = plugged.write_pattern(1)
+    wait_until(lambda: source.qmp.cmd("query-balloon")["actual"], 20, f"the balloon settled at {BALLOON_MIB} MiB",
+               done=lambda actual: actual == BALLOON_MIB * MIB)
+    cpus = source.run(["nproc"], check=True).stdout.strip()
+    writer = DiskWriter(source, source.guest.block_device("prod0").path)
+    GuestState.prepare(source)
+    before = GuestState.read(source)
+    dest = boot_vm.start(boot_vm.successor(
+        source, kvm_peer, "-incoming", "defer",
+        "-blockdev", f"driver=file,filename={image},node-name=prodhpfile",
+        "-blockdev", "driver=qcow2,file=prodhpfile,node-name=prodhp",
+        "-device", "virtio-blk-pci,drive=prodhp,id=prodblk,serial=prodhp,addr=0x10",
+        "-netdev", "user,id=prodnet,net=10.0.9.0/24,restrict=on",
+        "-device", "virtio-net-pci,netdev=prodnet,id=prodnic,mac=52:54:00:9a:00:01,addr=0x11"))
+    uri = listen(dest, kvm_peer.spec.migration_address)
+    stream = None
+    if network:
+        address = source.bring_up_bridged(1, kvm_host.caps.bridge_cidr)
+        probe = NetProbe(source, kvm_host.transport, kvm_host.host_run.net_probe)
+        probe.wait_ready(address)
+        stream = Streaming(probe, address, STREAM_S)
+    written_before = writer.completed(source)
+    info = migrate(source, uri, timeout=120, destination=dest)
+    kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name} ({load}): {stats(info)}")
+    problems = continuity_problems(before, dest)
+    if dest.run(["nproc"], check=True).stdout.strip() != cpus:
+        problems.append(f"the guest saw {cpus} CPUs before the move and {dest.run(['nproc']).stdout.strip()} after")
+    if dest.guest.block_device("prodhp").checksum(1) != written:
+        problems.append("the hot-plugged disk reads back other data on the destination")
+    assert writer.stop(dest), f"the disk writer (pid {writer.pid}) is not running on the destination"
+    done, on_disk = writer.completed(dest), writer.on_disk(dest)
+    if done <= written_before:
+        problems.append("the disk writer did not write while the guest moved")
+    if on_disk < done:
+        problems.append(f"the disk holds write {on_disk}, the guest last completed {done}: writes were lost")
+    if stream is not None:
+        try:
+            sent, seconds = stream.result()
+            kvm_note("network-load", f"the host streamed {sent / MIB:.1f} MiB to the guest in {seconds:.1f} s "
+                                     "across the move")
+            if sent <= 0:
+                problems.append("the host's stream to the guest delivered nothing")
+        except KvmCheckError as exc:
+            problems.append(f"the host's stream to the guest broke across the move: {exc}")
+    assert not problems, f"the production guest after the move ({load}):\n" + "\n".join(problems)
 
 
 # --------------------------------------------------------------------------- cancelled on the way

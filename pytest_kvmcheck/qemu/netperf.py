@@ -8,6 +8,7 @@ one at a time (the request/response latency the handbook's "lowers latency" is a
 from __future__ import annotations
 
 import re
+import threading
 import statistics
 from dataclasses import dataclass
 from typing import Callable
@@ -40,9 +41,16 @@ class LinkSpeed:
                 f"round trip median {self.median_us:.0f} us, p99 {self.p99_us:.0f} us{cpu}")
 
 
+def _fields(pattern: str, text: str, what: str) -> tuple[str, ...]:
+    match = re.fullmatch(pattern, text)
+    if match is None:
+        raise VMError(f"kvmcheck-net's {what} said {text.strip()[:200]!r}, not what it prints")
+    return match.groups()
+
+
 def parse_stream(text: str) -> tuple[int, float]:
     """(bytes, seconds) from ``bytes B seconds S``."""
-    nbytes, seconds = re.fullmatch(r"bytes (\d+) seconds ([\d.]+)\s*", text).groups()
+    nbytes, seconds = _fields(r"bytes (\d+) seconds ([\d.]+)\s*", text, "stream")
     return int(nbytes), float(seconds)
 
 
@@ -52,7 +60,7 @@ def mbps(nbytes: int, seconds: float) -> float:
 
 def parse_round_trips(text: str) -> tuple[float, float]:
     """(median, p99) in microseconds from ``count N median_us M p99_us P``."""
-    median, p99 = re.fullmatch(r"count \d+ median_us ([\d.]+) p99_us ([\d.]+)\s*", text).groups()
+    median, p99 = _fields(r"count \d+ median_us ([\d.]+) p99_us ([\d.]+)\s*", text, "round trips")
     return float(median), float(p99)
 
 
@@ -92,3 +100,29 @@ class NetProbe:
         per_gib = (cpu() - cpu_before) / ((to_guest[0] + from_guest[0]) / GIB) if cpu else 0.0
         return LinkSpeed(mbps(*to_guest), mbps(*from_guest),
                          *parse_round_trips(self._client("rr", address, round_trips, 120)), cpu_s_per_gib=per_gib)
+
+
+class Streaming:
+    """A stream from the host to the guest's kvmcheck-net for ``seconds``, run in a thread
+    while the test does something else (migrates the guest); :meth:`result` waits for it:
+    (bytes the guest confirmed, seconds). A stream that broke raises the host's error."""
+
+    def __init__(self, probe: NetProbe, address: str, seconds: float):
+        self._outcome: list = []
+        self._thread = threading.Thread(target=self._run, args=(probe, address, seconds), daemon=True)
+        self._thread.start()
+        self.seconds = seconds
+
+    def _run(self, probe: NetProbe, address: str, seconds: float) -> None:
+        try:
+            self._outcome.append(parse_stream(probe._client("send", address, seconds, seconds + 60)))
+        except BaseException as exc:  # handed to result(), in the test's thread
+            self._outcome.append(exc)
+
+    def result(self) -> tuple[int, float]:
+        self._thread.join(self.seconds + 90)
+        if not self._outcome:
+            raise VMError(f"the host's stream to the guest did not end within {self.seconds + 90:.0f} s")
+        if isinstance(self._outcome[0], BaseException):
+            raise self._outcome[0]
+        return self._outcome[0]

@@ -1,6 +1,7 @@
 """kvmcheck-net's output read back, medians over rounds, and QEMU's CPU time from /proc stat lines."""
 import pytest
 
+from pytest_kvmcheck.errors import VMError
 from pytest_kvmcheck.hosts.tools import cpu_ticks
 from pytest_kvmcheck.qemu.netperf import LinkSpeed, mbps, median_speed, parse_round_trips, parse_stream
 
@@ -9,8 +10,10 @@ def test_streams_and_round_trips_parse():
     assert parse_stream("bytes 250000000 seconds 2.000\n") == (250000000, 2.0)
     assert mbps(250000000, 2.0) == pytest.approx(1000.0)
     assert parse_round_trips("count 1000 median_us 212.5 p99_us 406.0\n") == (212.5, 406.0)
-    with pytest.raises(AttributeError):
+    with pytest.raises(VMError, match="kvmcheck-net's stream said 'connect: Connection refused'"):
         parse_stream("connect: Connection refused\n")  # never read as a number
+    with pytest.raises(VMError, match="round trips"):
+        parse_round_trips("")
 
 
 def test_median_over_rounds_takes_each_number_apart():
