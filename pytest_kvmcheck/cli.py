@@ -5,7 +5,7 @@
     kvmcheck doctor [--kvm-hosts=...]     what each host has of what the suites need, and what to do;
                                           exit 1 if a host cannot run the suites at all
     kvmcheck cleanup [--kvm-hosts=...]    remove every run's leftovers on the hosts, kept VMs too
-    kvmcheck lab up [--hosts N]           boot the virtual KVM lab (nested KVM hosts under TCG)
+    kvmcheck lab up [--hosts N] [--other-qemu PREFIX]  boot the virtual KVM lab (nested KVM hosts under TCG)
     kvmcheck lab status                   each lab host: alive, reachable, KVM, nested, shared storage
     kvmcheck lab power-cycle NAME         cut lab-power's power and boot it again (its disk stays)
     kvmcheck lab down                     stop the lab and remove everything it made
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     lab_up.add_argument("--memory", type=int, default=4096, help="MiB of RAM per lab host (default 4096)")
     lab_up.add_argument("--cpus", type=int, default=1,
                         help="vCPUs per lab host (default 1: with more, 6.1 kernels under multi-threaded TCG can livelock in text patching when KVM starts guests)")
+    lab_up.add_argument("--other-qemu", metavar="PREFIX",
+                        help="an unpacked QEMU package tree (scripts/qemu-backports.sh's) offered to each host as "
+                             "its second QEMU, for version skew")
     lab_sub.add_parser("status", help="show each lab host")
     lab_sub.add_parser("down", help="stop the lab; leaves no process, device, namespace or dir")
     power = lab_sub.add_parser("power-cycle", help="kill a power host's QEMU (its page cache goes) and boot it again")
@@ -155,7 +158,7 @@ def _lab(args) -> int:
     from .paths import lab_inventory
     lab = Lab(progress=lambda m: print(f"kvmcheck lab: {m}", file=sys.stderr, flush=True))
     if args.lab_command == "up":
-        hosts = lab.up(args.hosts, memory_mib=args.memory, cpus=args.cpus)
+        hosts = lab.up(args.hosts, memory_mib=args.memory, cpus=args.cpus, other_qemu=args.other_qemu)
         for h in hosts:
             print(f"{h.name}: ssh 127.0.0.1:{h.ssh_port}, private {h.private_ip}, "
                   f"assignable {', '.join(h.assignable) or '-'}, SR-IOV PF {h.sriov_pf or '-'}")

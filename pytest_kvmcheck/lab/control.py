@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ from .image import SHARED_MARKER, LabImage, build_lab_image
 
 PRIVATE_NET = ipaddress.ip_interface("10.77.0.10/24")  # host i gets .10+i
 SHARED_PATH = "/srv/kvmcheck"
+OTHER_QEMU_BINARY = "usr/bin/qemu-system-x86_64"
+# What of a QEMU package tree the lab's second QEMU needs: its binary, modules and x86 firmware.
+OTHER_QEMU_PARTS = (OTHER_QEMU_BINARY, "usr/lib/x86_64-linux-gnu/qemu", "usr/share/qemu", "usr/share/seabios")
 LOCAL_DIR = "/var/lib/kvmcheck-local"  # on the power host's own disk
 POWER_HOST = "lab-power"
 POWER_HOST_MEMORY_MIB = 2048
@@ -147,8 +151,14 @@ class Lab:
         return bool(hosts) and all(h.alive() for h in hosts) and (self.dir / "inventory.toml").is_file()
 
     # ------------------------------------------------------------------ up
-    def up(self, count: int = 2, memory_mib: int = 4096, cpus: int = 1) -> list[LabHost]:
-        """Boot ``count`` lab hosts and write the inventory; a lab already up is left as it is."""
+    def up(self, count: int = 2, memory_mib: int = 4096, cpus: int = 1, other_qemu: str | None = None) -> list[LabHost]:
+        """Boot ``count`` lab hosts and write the inventory; a lab already up is left as it is.
+
+        ``other_qemu``: an unpacked QEMU tree on this machine (scripts/qemu-backports.sh's
+        prefix, usr/bin/qemu-system-x86_64 in it) placed on the lab's shared storage and offered
+        to every host as its second QEMU (other_qemu=): version skew under KVM."""
+        if other_qemu is not None and not (Path(other_qemu) / OTHER_QEMU_BINARY).is_file():
+            raise LabError(f"--other-qemu {other_qemu}: no {OTHER_QEMU_BINARY} in it (an unpacked QEMU package tree)")
         if count < 1 or count > 40:
             raise LabError(f"--hosts must be between 1 and 40, got {count}")
         if self.is_up():
@@ -162,12 +172,13 @@ class Lab:
         image = build_lab_image(progress=self.say)
         self.say(f"lab image {image.digest} ready after {time.monotonic() - started:.0f} s")
         try:
-            return self._boot(image, count, memory_mib, cpus, started)
+            return self._boot(image, count, memory_mib, cpus, started, other_qemu)
         except BaseException:  # a failure or Ctrl-C part way: nothing of the lab stays
             self.down()
             raise
 
-    def _boot(self, image: LabImage, count: int, memory_mib: int, cpus: int, started: float) -> list[LabHost]:
+    def _boot(self, image: LabImage, count: int, memory_mib: int, cpus: int, started: float,
+              other_qemu: str | None = None) -> list[LabHost]:
         self.dir.mkdir(parents=True, exist_ok=True)
         key = RunKey.create(self.dir / "id_ed25519")
         _sh(["ip", "netns", "add", self.netns])
@@ -196,8 +207,9 @@ class Lab:
         for host in hosts:
             self._describe_devices(host)
             self._wait_shared(host)
+        second = self._place_other_qemu(hosts[0], other_qemu) if other_qemu else None
         self._save(hosts, image)
-        self._write_inventory(hosts)
+        self._write_inventory(hosts, second)
         self.say(f"the lab is up: {count} hosts and {POWER_HOST} (for power-cycle tests) in "
                  f"{time.monotonic() - started:.0f} s; use --kvm-hosts=lab")
         return hosts
@@ -318,7 +330,38 @@ class Lab:
         self.say(f"{name}: power-cycled, ready again {time.monotonic() - started:.1f} s after its QEMU started")
         return host
 
-    def _write_inventory(self, hosts: list[LabHost]) -> None:
+    def _place_other_qemu(self, host: LabHost, prefix: str) -> str:
+        """Copy what a QEMU tree needs to run x86 guests (the binary, its modules, its firmware)
+        to the shared storage, through ``host``, with a wrapper pointing it at its own files;
+        returns the wrapper's path, the same on every host."""
+        started = time.monotonic()
+        root = Path(prefix)
+        parts = [p for p in OTHER_QEMU_PARTS if (root / p).exists()]
+        target = f"{SHARED_PATH}/other-qemu"
+        transport = self.connect(host)
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                bundle = Path(scratch) / "qemu.tar.gz"
+                subprocess.run(["tar", "-czf", str(bundle), "-C", str(root), *parts], check=True)
+                transport.makedirs(target)
+                transport.put_file(str(bundle), f"{target}/qemu.tar.gz")
+            transport.run(["tar", "-xzf", f"{target}/qemu.tar.gz", "-C", target], timeout=120).check(
+                "unpacking the other QEMU on the lab's shared storage")
+            transport.run(["rm", "-f", f"{target}/qemu.tar.gz"]).check()
+            wrapper = f"{target}/bin/qemu-system-x86_64"
+            transport.makedirs(f"{target}/bin")
+            transport.write_bytes(wrapper, (
+                "#!/bin/sh\n"
+                f"export QEMU_MODULE_DIR={target}/usr/lib/x86_64-linux-gnu/qemu\n"
+                f"exec {target}/{OTHER_QEMU_BINARY} -L {target}/usr/share/qemu -L {target}/usr/share/seabios \"$@\"\n"
+            ).encode(), mode=0o755)
+            said = transport.run([wrapper, "--version"], timeout=60).check("the other QEMU on a lab host").stdout
+        finally:
+            transport.close()
+        self.say(f"other QEMU ({said.splitlines()[0]}) on the shared storage in {time.monotonic() - started:.0f} s")
+        return wrapper
+
+    def _write_inventory(self, hosts: list[LabHost], other_qemu: str | None = None) -> None:
         lines = ["# Written by 'kvmcheck lab up'; removed by 'kvmcheck lab down'. Use: --kvm-hosts=lab", ""]
         kvmcheck = str(Path(sys.executable).parent / "kvmcheck")
         for h in hosts:
@@ -337,6 +380,8 @@ class Lab:
                 f"assignable = {json.dumps(assignable)}",
                 'tags = ["lab"]',
             ]
+            if other_qemu and not h.power:
+                lines.append(f'other_qemu = "{other_qemu}"  # kvmcheck lab up --other-qemu: version skew')
             if h.power:
                 lines += [
                     'only = ["power-cycle"]  # no other test runs here: a power cycle kills every VM',

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SUITES, interruptible, qemu_processes, run_pytest, verdicts_of
+from .conftest import BACKPORTS_BIN, SUITES, interruptible, qemu_processes, run_pytest, verdicts_of
 
 KVMCHECK = str(Path(sys.executable).parent / "kvmcheck")
 # One lab at a time on this machine: both tests on one xdist worker (make test uses --dist loadgroup).
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.xdist_group("lab")
 # The minute-long measurements (the clock's 60 s drift, vhost-net's efficiency) are left to the
 # full lab run; their mutants below still show each can fail.
 SMOKE = ("(kvmclock and not keeps_pace) or nested or ksm or passthrough or sriov or (vhost and not efficiency) "
-         "or (shared_storage and precopy) or (power_loss and lab-power)")
+         "or (shared_storage and precopy) or (power_loss and lab-power) or across_qemu_versions")
 SMOKE_SUITES = ("test_kvmclock", "test_virtio_net", "test_nested", "test_ksm", "test_passthrough", "test_sriov",
                 "test_migration")
 POWER_SUITE = "test_virtio_blk"  # its power-loss check, on lab-power alone
@@ -56,9 +56,12 @@ def lab_leftovers(lab_dir: Path) -> list[str]:
 
 
 def test_lab_up_smoke_down(pytester, lab_dir):
-    up = kvmcheck("lab", "up", "--hosts", "2")
+    """The lab comes up with the backports QEMU as each host's second (version skew under KVM),
+    passes the smoke selection and catches its mutants, and goes down leaving nothing."""
+    up = kvmcheck("lab", "up", "--hosts", "2", "--other-qemu", str(BACKPORTS_BIN.parent))
     assert up.returncode == 0, up.stderr[-3000:]
     assert "the lab is up: 2 hosts" in up.stderr, up.stderr
+    assert re.search(r"other QEMU \(QEMU emulator version 10\.", up.stderr), up.stderr
     status = kvmcheck("lab", "status", timeout=120)
     assert status.returncode == 0, status.stdout + status.stderr
     for name in ("lab-1", "lab-2"):
@@ -88,6 +91,8 @@ def test_lab_up_smoke_down(pytester, lab_dir):
     others = [line for line in result.outlines if line.startswith("lab-power ") and line.split()[1] != POWER_SUITE]
     assert not others, f"lab-power took other tests: {others}"
     junit = (pytester.path / "junit.xml").read_text()
+    skew = re.findall(r"QEMU 7\.2\.\d+ -&gt; 10\.\d+\.\d+ \(pc-i440fx-7\.2\): migrates", junit)
+    assert len(skew) == 2, f"version skew under KVM: {len(skew)} of the two lab hosts moved a guest to QEMU 10"
     for source, dest, address in (("lab-1", "lab-2", "10.77.0.12"), ("lab-2", "lab-1", "10.77.0.11")):
         assert re.search(rf"{source} -&gt; {dest} \(precopy\) over tcp:{re.escape(address)}:", junit), \
             f"no {source} -> {dest} migration over the private network in the report"
