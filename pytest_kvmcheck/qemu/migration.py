@@ -328,16 +328,9 @@ def recover_postcopy(source: VM, dest: VM, address: str, timeout: float = 120.0,
     on a new channel (``migrate-recover``, out of band: its main thread may wait for a page;
     free ports tried in turn, as QEMU cannot be asked which it picked), the source connects
     there with ``migrate resume=true``; the link limits are lifted and the migration awaited."""
-    for _ in range(attempts):
-        uri = f"tcp:{address}:{random.randrange(20000, 60000)}"
-        try:
-            dest.qmp.cmd_oob("migrate-recover", uri=uri)
-            break
-        except QMPCommandError as exc:
-            if "in use" not in str(exc):
-                raise
-    else:
-        raise VMError(f"VM {dest.name}: no free port for migrate-recover on {address} after {attempts} tries")
+    port = on_a_free_port(dest, "migrate-recover", address, attempts,
+                          lambda p: dest.qmp.cmd_oob("migrate-recover", uri=f"tcp:{address}:{p}"))
+    uri = f"tcp:{address}:{port}"
     source.qmp.cmd("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH, "max-postcopy-bandwidth": 0})
     source.qmp.clear_events()
     source.qmp.cmd("migrate", uri=uri, resume=True)
@@ -435,6 +428,20 @@ def destination_side(dest: VM) -> str:
     return said + (f"; its QEMU stderr:\n{tail}" if tail else "; its QEMU stderr is empty")
 
 
+def on_a_free_port(vm: VM, what: str, address: str, attempts: int, listen: Callable[[int], object]) -> int:
+    """Call ``listen(port)`` with free ports tried in turn (QEMU cannot be asked which port it
+    took for these listeners); returns the port taken."""
+    for _ in range(attempts):
+        port = random.randrange(20000, 60000)
+        try:
+            listen(port)
+            return port
+        except QMPCommandError as exc:
+            if "in use" not in str(exc):
+                raise
+    raise VMError(f"VM {vm.name}: no free port for {what} on {address} after {attempts} tries")
+
+
 def place_base_image(host: Host, directory: str, data: bytes, size_mib: int) -> str:
     """A raw image of ``size_mib`` in ``directory`` with ``data`` at offset 0; named by the
     data's hash, so every host given the same data holds the same base image."""
@@ -451,16 +458,8 @@ def export_disks(dest: VM, address: str, attempts: int = 20) -> int:
 
     QEMU cannot be asked which port it picked for NBD, so free ones are tried in turn.
     """
-    for _ in range(attempts):
-        port = random.randrange(20000, 60000)
-        try:
-            dest.qmp.cmd("nbd-server-start", addr={"type": "inet", "data": {"host": address, "port": str(port)}})
-            break
-        except QMPCommandError as exc:
-            if "in use" not in str(exc):
-                raise
-    else:
-        raise VMError(f"VM {dest.name}: no free port for the NBD server on {address} after {attempts} tries")
+    port = on_a_free_port(dest, "the NBD server", address, attempts, lambda p: dest.qmp.cmd(
+        "nbd-server-start", addr={"type": "inet", "data": {"host": address, "port": str(p)}}))
     for i in range(len(dest.spec.disks)):
         dest.qmp.cmd("block-export-add", type="nbd", id=f"mirror-export{i}", name=f"disk{i}",
                      writable=True, node_name=f"disk{i}")

@@ -316,6 +316,11 @@ MUTANTS = [
            "test_destination_lost_in_postcopy_fails_and_names_the_guests_fate",
            'watch_migration(dict([("postcopy-active", ("migrate_cancel", dict())), ("cancelled", ("cont", dict()))]))',
            r"the destination died in postcopy and the source runs its stale guest"),
+    Mutant("production guest's destination with one vCPU", "test_migration.py",
+           "test_production_guest_moves_under_load and disk-load",
+           'if "-incoming" in argv:\n'
+           '    replace_value("-smp", "2", "1")',
+           r"migration of \S+ to tcp:\S+ failed; .*(cpu|apic)"),
     Mutant("max-bandwidth lifted once the migration runs", "test_migration.py", "test_max_bandwidth_is_honoured",
            'on_migration("active", "migrate-set-parameters", **{"max-bandwidth": 32 << 20})',
            r"with max-bandwidth 16 MiB/s the migration sent \d+\.\d+ MiB/s \(\+\d+\.\d%, more than 10% off\)"),
