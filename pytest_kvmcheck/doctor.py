@@ -39,6 +39,7 @@ ADVICE = {
     "postcopy": "a kernel with userfaultfd, and a QEMU allowed to use it",
     "power-cycle": "set power_cycle= to a command that cuts the host's power and turns it back on (a BMC's)",
     "local-disk": "set local_dir= to a directory on the host's own disk",
+    "other-qemu": "set other_qemu= to a second QEMU build on the host, another release (version skew)",
 }
 CAPABILITIES = ("kvm", "vhost-net", "tap", "iommu", "sriov", "ksm", "nested", "seccomp", "tls", "multifd",
                 "postcopy", "bridge")

@@ -22,6 +22,7 @@ import pytest
 from pytest_kvmcheck import Disk, Nic, VMSpec, premise, wait_until
 from pytest_kvmcheck.errors import KvmCheckError, EventTimeout, MigrationDidNotConverge, MigrationFailed, QMPCommandError, QMPLost
 from pytest_kvmcheck.guests.shows import MIB
+from pytest_kvmcheck.hosts.settings import HostLock, SysfsSettings
 from pytest_kvmcheck.qemu.legacy import describe, form
 from pytest_kvmcheck.qemu.netperf import NetProbe, Streaming
 from pytest_kvmcheck.qemu.migration import (MARKER_PATH, UNLIMITED_BANDWIDTH, Dirtier, DiskWriter, GuestState,
@@ -338,6 +339,57 @@ def test_production_guest_moves_under_load(boot_vm, kvm_host, kvm_peer, load, kv
         except KvmCheckError as exc:
             problems.append(f"the host's stream to the guest broke across the move: {exc}")
     assert not problems, f"the production guest after the move ({load}):\n" + "\n".join(problems)
+
+
+HUGE_PAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB"
+HUGE_GUEST_MIB = 256
+HUGE_GUEST = VMSpec(memory_mib=HUGE_GUEST_MIB, extra_args=(
+    "-object", f"memory-backend-memfd,id=kvmcheck-ram,size={HUGE_GUEST_MIB}M,hugetlb=on,hugetlbsize=2M",
+    "-machine", "memory-backend=kvmcheck-ram"))
+
+
+@pytest.fixture
+def huge_pages(kvm_host, kvm_peer):
+    """2 MiB pages reserved on the host and its peer for a guest on each, as production hosts
+    set them aside for guests; given back after (one test at a time changes the reserve)."""
+    guests = {kvm_host.name: [kvm_host, 0], kvm_peer.name: [kvm_peer, 0]}
+    guests[kvm_host.name][1] += 1
+    guests[kvm_peer.name][1] += 1
+    reserves = []
+    with HostLock(kvm_host.transport, "hugepages"):
+        try:
+            for host, count in guests.values():
+                reserve = SysfsSettings(host.transport, HUGE_PAGES, ("nr_hugepages",))
+                reserves.append((host, reserve))
+                wanted = int(reserve.original["nr_hugepages"]) + count * HUGE_GUEST_MIB // 2
+                reserve.write("nr_hugepages", wanted)
+                premise(reserve.read_int("nr_hugepages") >= wanted,
+                        f"host {host.name}: the kernel reserved {reserve.read('nr_hugepages')} of {wanted} huge "
+                        "pages (2 MiB): not enough free contiguous memory")
+            yield
+        finally:
+            left = {host.name: reserve.restore() for host, reserve in reserves}
+    assert not any(left.values()), f"could not give the huge pages back (original, now): {left}"
+
+
+@pytest.mark.kvm_changes_host
+@pytest.mark.kvm_requires("allow_host_changes", on="peer")
+def test_guest_in_huge_pages_moves(huge_pages, boot_vm, kvm_host, kvm_peer, kvm_note):
+    """Handbook 4.3 for a guest whose RAM is in 2 MiB huge pages (a hugetlb memory backend):
+    the RAM is in huge pages on both sides, and the guest moves with its RAM and processes."""
+    source = boot_vm(HUGE_GUEST)
+    assert source.process.hugetlb_kib() >= HUGE_GUEST_MIB * 1024, \
+        f"the source's guest RAM is not in huge pages: {source.process.hugetlb_kib()} KiB of {HUGE_GUEST_MIB} MiB"
+    GuestState.prepare(source)
+    before = GuestState.read(source)
+    dest, uri = boot_vm.destination(source, kvm_peer)
+    info = migrate(source, uri, timeout=120, destination=dest)
+    kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name}, {HUGE_GUEST_MIB} MiB in 2 MiB pages: {stats(info)}")
+    held = dest.process.hugetlb_kib()
+    assert held >= HUGE_GUEST_MIB * 1024, \
+        f"on the destination the guest RAM is not in huge pages: {held} KiB of {HUGE_GUEST_MIB} MiB"
+    problems = continuity_problems(before, dest)
+    assert not problems, "continuity broken:\n" + "\n".join(problems)
 
 
 # --------------------------------------------------------------------------- cancelled on the way

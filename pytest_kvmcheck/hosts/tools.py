@@ -143,6 +143,11 @@ def mergeable_kib(smaps: str) -> int:
     return sum(m.size_kib for m in parse_smaps(smaps) if "mg" in m.flags)
 
 
+def hugetlb_kib(smaps: str) -> int:
+    """KiB of mappings backed by huge pages ('ht' in VmFlags: hugetlbfs or a hugetlb memfd)."""
+    return sum(m.size_kib for m in parse_smaps(smaps) if "ht" in m.flags)
+
+
 def rss_outside_kib(smaps: str, guest_ram_kib: int) -> int:
     """KiB resident outside any mapping of exactly ``guest_ram_kib`` (the guest's RAM): what
     QEMU itself holds, whatever the guest touched."""
@@ -212,6 +217,10 @@ class QemuProcess:
     def mergeable_kib(self) -> int:
         """KiB of its memory that KSM may merge."""
         return mergeable_kib(self.file("smaps"))
+
+    def hugetlb_kib(self) -> int:
+        """KiB of its memory in huge pages (guest RAM from a hugetlb backend)."""
+        return hugetlb_kib(self.file("smaps"))
 
     def cpu_seconds(self) -> float:
         """CPU time QEMU has used (user and system, every thread) plus its vhost workers', which

@@ -9,7 +9,7 @@ import pytest
 from pytest_kvmcheck.errors import HostError
 from pytest_kvmcheck.hosts.local import LocalHost
 from pytest_kvmcheck.hosts.spec import HostSpec
-from pytest_kvmcheck.hosts.tools import (Ip, QemuImg, mergeable_kib, open_to_others, parse_ss, parse_status, path_access,
+from pytest_kvmcheck.hosts.tools import (Ip, QemuImg, hugetlb_kib, mergeable_kib, open_to_others, parse_ss, parse_status, path_access,
                                          rss_outside_kib)
 from pytest_kvmcheck.hosts.transport import CommandResult
 
@@ -130,3 +130,11 @@ def test_a_zombie_is_not_alive():
     assert not host.pid_alive(child.pid)
     child.wait()
     assert not host.pid_alive(child.pid) and host.pid_alive(os.getpid())
+
+
+def test_huge_page_mappings_are_counted_by_their_flag():
+    smaps = ("7f00-7f10 rw-s 0 00:0f 1 /memfd:kvmcheck-ram (deleted)\nSize: 262144 kB\nRss: 0 kB\n"
+             "KernelPageSize: 2048 kB\nVmFlags: rd wr sh mr mw me ms ht sd\n"
+             "7f20-7f30 rw-p 0 00:00 0\nSize: 1024 kB\nRss: 512 kB\nVmFlags: rd wr mr mw me ac sd\n")
+    assert hugetlb_kib(smaps) == 262144
+    assert hugetlb_kib(smaps.replace(" ht ", " ")) == 0
