@@ -182,13 +182,16 @@ class VMFactory:
     def release(self) -> None:
         """Stop and remove every VM, unless it was kept for a human."""
         errors = []
-        for vm in self.vms:
-            if vm.kept:
-                continue
-            try:
-                vm.destroy()
-            except KvmCheckError as exc:  # the host went away: the run's end removes what is left
-                errors.append(f"{vm.name}: {exc}")
+        # Every QEMU first, then the files: a destination on another host may hold an image in
+        # its source's dir open, and on NFS a file open elsewhere keeps that dir from going.
+        for stage in ("stop", "destroy"):
+            for vm in self.vms:
+                if vm.kept:
+                    continue
+                try:
+                    getattr(vm, stage)()
+                except KvmCheckError as exc:  # the host went away: the run's end removes what is left
+                    errors.append(f"{vm.name}: {exc}")
         self.vms.clear()
         if errors:
             raise HostError("could not remove VMs: " + "; ".join(errors))

@@ -589,6 +589,13 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
     sent, seconds = measure_throughput(source, 3.0)
     rate = sent / seconds
     source.qmp.cmd("migrate-set-parameters", max_bandwidth=UNLIMITED_BANDWIDTH)
+    if rate < limit * (1 - BANDWIDTH_TOLERANCE):  # slower than the limit: QEMU, or the link?
+        unlimited, took = measure_throughput(source, 2.0, settle=0.3, least=0.3)
+        capacity = unlimited / took
+        kvm_note("link", f"with no limit the migration sent {capacity / MIB:.2f} MiB/s")
+        premise(capacity > limit * (1 + BANDWIDTH_TOLERANCE),
+                f"a link faster than max-bandwidth {link_mib} MiB/s: with no limit the migration sent "
+                f"{capacity / MIB:.2f} MiB/s ({kvm_host.name} -> {kvm_peer.name})")
     info = await_migration(source, uri, destination=dest)
     kvm_note("bandwidth", f"max-bandwidth {link_mib} MiB/s: sent {sent / MIB:.1f} MiB in {seconds:.2f} s = "
                           f"{rate / MIB:.2f} MiB/s ({rate / limit - 1:+.1%}); {stats(info)}")
@@ -603,7 +610,11 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
 def test_downtime_limit_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_metric):
     """Handbook 4.3 (``migrate_set_downtime``, now downtime-limit): with the limit set below
     QEMU's default and a guest dirtying memory at a rate the link absorbs (QEMU's own
-    dirty-page rate, at most half the link), the downtime QEMU reports stays within the limit."""
+    dirty-page rate, at most half the link), the downtime QEMU reports stays within the limit.
+
+    QEMU's limit covers the RAM it sends after the stop, not the devices' state: a host that
+    declares a slower switch-over (max_downtime_ms=, the lab's emulated CPUs: 331 ms seen there)
+    is held to what it declares; the note keeps the downtime measured."""
     source = boot_vm(VMSpec(memory_mib=256))
     GuestState.prepare(source)
     source.run("head -c 1M /dev/urandom > /tmp/paced.a && (while :; do cp /tmp/paced.a /tmp/paced; sleep 0.1; "
@@ -618,17 +629,20 @@ def test_downtime_limit_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_m
             dirty.append(ram["dirty-pages-rate"] * ram.get("page-size", 4096))
         return ""
 
-    info = migrate(source, uri, timeout=120, max_downtime_ms=DOWNTIME_LIMIT_MS, bandwidth_bytes=PACED_LINK,
+    limit = DOWNTIME_LIMIT_MS
+    bound = max([limit, *(h.spec.max_downtime_ms for h in (kvm_host, kvm_peer) if h.spec.max_downtime_ms)])
+    info = migrate(source, uri, timeout=120, max_downtime_ms=limit, bandwidth_bytes=PACED_LINK,
                    destination=dest, on_progress=progress)
     numbers = stats(info)
     rate = max(dirty, default=0.0)
-    kvm_note("downtime", f"downtime-limit {DOWNTIME_LIMIT_MS} ms, link {PACED_LINK // MIB} MiB/s, the guest "
+    kvm_note("downtime", f"downtime-limit {limit} ms (bound {bound} ms), link {PACED_LINK // MIB} MiB/s, the guest "
                          f"dirtying up to {rate / MIB:.2f} MiB/s (QEMU's dirty-pages-rate): {numbers}")
     kvm_metric("migration_downtime_at_limit", numbers["downtime_ms"], "ms")
     premise(rate <= PACED_LINK / 2, f"a guest dirtying at most half the link: it dirtied {rate / MIB:.1f} MiB/s, "
                                     f"the link is {PACED_LINK // MIB} MiB/s")
-    assert numbers["downtime_ms"] <= DOWNTIME_LIMIT_MS, \
-        f"downtime {numbers['downtime_ms']} ms over the downtime-limit of {DOWNTIME_LIMIT_MS} ms " \
+    assert numbers["downtime_ms"] <= bound, \
+        f"downtime {numbers['downtime_ms']} ms over the downtime-limit of {limit} ms " \
+        f"{f'(and the {bound} ms the hosts declare) ' if bound > limit else ''}" \
         f"(the guest dirtied up to {rate / MIB:.2f} MiB/s on a {PACED_LINK // MIB} MiB/s link; {numbers})"
     problems = continuity_problems(before, dest)
     assert not problems, "continuity broken:\n" + "\n".join(problems)
