@@ -12,6 +12,7 @@ The destination is ``kvm_peer``: the next host given in --kvm-hosts, or the same
 only one is given. Before anything moves, the seed's checks (4.3.2) run: QEMU version,
 machine type, CPU (NX, long mode, and every flag under KVM), the images at the same path.
 """
+import contextlib
 import hashlib
 import os
 import secrets
@@ -356,7 +357,10 @@ def huge_pages(kvm_host, kvm_peer):
     guests[kvm_host.name][1] += 1
     guests[kvm_peer.name][1] += 1
     reserves = []
-    with HostLock(kvm_host.transport, "hugepages"):
+    # Both hosts' reserves, locked in name order: the peer's test changes this host's reserve too.
+    with contextlib.ExitStack() as locks:
+        for name in sorted(guests):
+            locks.enter_context(HostLock(guests[name][0].transport, "hugepages"))
         try:
             for host, count in guests.values():
                 reserve = SysfsSettings(host.transport, HUGE_PAGES, ("nr_hugepages",))
@@ -570,6 +574,7 @@ def test_destination_lost_in_postcopy_fails_and_names_the_guests_fate(boot_vm, k
 LIMITED_LINK = 16 * MIB  # bytes/s: well below what any host sends over loopback or a LAN
 FILL_MIB = 96  # of guest RAM that is not zero (QEMU sends no zero page): six seconds on the limited link
 BANDWIDTH_TOLERANCE = 0.10
+LINK_HEADROOM = 1.5  # a link carrying this many times the limit with no limit is clearly faster than it
 DOWNTIME_LIMIT_MS = 250  # below QEMU's default 300 ms: a limit the host must be seen to honour
 PACED_LINK = 32 * MIB
 
@@ -578,7 +583,9 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
     """Handbook 4.3 (``migrate_set_speed``, now max-bandwidth): a migration sends at the rate
     the manager set, within 10 %, measured from QEMU's own byte count over 3 s of the move.
     The guest fills RAM that is not zero (zero pages cost nothing to send); the limit is lifted after
-    the measurement and the migration completes with the guest intact."""
+    the measurement and the migration completes with the guest intact. Where the link is
+    slower than the limit (the lab's, under load: 8-17 MiB/s), it is measured with no limit
+    and the check runs again at half of that."""
     source = boot_vm(VMSpec(memory_mib=256))
     source.run(f"yes kvmcheck | head -c {FILL_MIB * MIB} > /tmp/fill", check=True, timeout=120)
     GuestState.prepare(source)
@@ -593,9 +600,17 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
         unlimited, took = measure_throughput(source, 2.0, settle=0.3, least=0.3)
         capacity = unlimited / took
         kvm_note("link", f"with no limit the migration sent {capacity / MIB:.2f} MiB/s")
-        premise(capacity > limit * (1 + BANDWIDTH_TOLERANCE),
-                f"a link faster than max-bandwidth {link_mib} MiB/s: with no limit the migration sent "
-                f"{capacity / MIB:.2f} MiB/s ({kvm_host.name} -> {kvm_peer.name})")
+        # Not clearly faster than the limit (an emulated CPU sends less with the limiter on): a limit
+        # it can carry with room, again. Clearly faster, yet short of the limit: QEMU's fault.
+        if capacity <= limit * LINK_HEADROOM:
+            limit = int(capacity / 2)
+            link_mib = round(limit / MIB, 2)
+            premise(limit >= MIB // 4, f"a link of at least 0.5 MiB/s: with no limit the migration sent "
+                                       f"{capacity / MIB:.2f} MiB/s ({kvm_host.name} -> {kvm_peer.name})")
+            source.qmp.cmd("migrate-set-parameters", max_bandwidth=limit)
+            sent, seconds = measure_throughput(source, 3.0)
+            rate = sent / seconds
+            source.qmp.cmd("migrate-set-parameters", max_bandwidth=UNLIMITED_BANDWIDTH)
     info = await_migration(source, uri, destination=dest)
     kvm_note("bandwidth", f"max-bandwidth {link_mib} MiB/s: sent {sent / MIB:.1f} MiB in {seconds:.2f} s = "
                           f"{rate / MIB:.2f} MiB/s ({rate / limit - 1:+.1%}); {stats(info)}")

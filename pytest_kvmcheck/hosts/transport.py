@@ -124,9 +124,14 @@ class Host(abc.ABC):
         deadline = time.monotonic() + settle
         while True:
             result = self.run(["rm", "-rf", "--", path])
-            if result.ok or "not empty" not in result.stderr or time.monotonic() > deadline:
+            if result.ok or "not empty" not in result.stderr:
                 result.check()
                 return
+            if time.monotonic() > deadline:  # say what stays, and who holds it
+                left = self.run(["sh", "-c", f"ls -la -- {shlex.quote(path)}; ls -l /proc/[0-9]*/fd 2>/dev/null | "
+                                             f"grep -F -- {shlex.quote(path)} | head -5"], timeout=30).stdout
+                raise HostError(f"rm -rf -- {path} on {self.name}: the directory keeps files {settle:.0f} s on "
+                                f"(open elsewhere?):\n{left.strip()[-1500:]}")
             time.sleep(0.2)
 
     def size(self, path: str) -> int:
