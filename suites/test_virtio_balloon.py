@@ -162,12 +162,16 @@ def test_free_page_reporting_returns_freed_memory(boot_vm, kvm_metric):
     vm = boot_vm(VMSpec(memory_mib=MEMORY_MIB, balloon=True, balloon_options=("free-page-reporting=on",)))
     rss = lambda: int(vm.process.status()["VmRSS"].split()[0]) // 1024  # noqa: E731  (MiB)
     baseline = rss()
-    # dd touches one buffer of bs bytes and frees it when it exits: the guest used, then freed, that much.
-    vm.guest.run(["dd", "if=/dev/zero", "of=/dev/null", f"bs={REPORTED_MIB}M", "count=1"], check=True, timeout=120)
+    # Held until measured, then freed: measuring after a short-lived allocation races the report
+    # itself (the guest reports free pages 2 s after they are freed; a busy host answers later).
+    held = vm.guest.hold_memory(REPORTED_MIB)
+    try:
+        filled = rss()
+        premise(filled - baseline >= REPORTED_MIB // 2, f"the guest's {REPORTED_MIB} MiB allocation must raise "
+                f"QEMU's RSS (from {baseline} MiB; {filled} MiB while the guest held it)")
+    finally:
+        held.release()
     freed = time.monotonic()
-    filled = rss()  # the guest reports free pages 2 s after they are freed, not at once
-    premise(filled - baseline >= REPORTED_MIB // 2, f"the guest's {REPORTED_MIB} MiB allocation must raise QEMU's RSS "
-            f"(from {baseline} MiB; it was {filled} MiB once the guest freed it)")
     wait_until(rss, 60, f"QEMU's RSS down by at least {REPORTED_MIB // 2} MiB from {filled} MiB after the guest "
                         f"freed {REPORTED_MIB} MiB", done=lambda now: filled - now >= REPORTED_MIB // 2,
                show=lambda now: f"{now} MiB", interval=0.5)
