@@ -33,11 +33,15 @@ def cells(tests: list[dict]) -> dict[tuple[str, str], Counter]:
     return out
 
 
-def _cell(counts: Counter | None, link: str = "") -> str:
+def _counts(counts: Counter) -> str:
+    return ", ".join(f"{counts[v]} {v}" for v in verdicts.ORDER if counts[v])
+
+
+def _cell(counts: Counter | None, link: str = "", detail: str = "") -> str:
     if not counts:
         return '<td class="kvm-cell kvm-none">-</td>'
     verdict = verdicts.cell_verdict(counts)
-    detail = ", ".join(f"{counts[v]} {v}" for v in verdicts.ORDER if counts[v])
+    detail = detail or _counts(counts)
     body = f"<b>{verdict}</b><br><small>{detail}</small>"
     if link:
         body = f'<a href="#{link}">{body}</a>'
@@ -45,14 +49,23 @@ def _cell(counts: Counter | None, link: str = "") -> str:
             f"{body}</td>")
 
 
-def matrix_table(tests: list[dict], link: bool = True) -> str:
-    """Rows: features; columns: hosts; each cell the feature's verdict on the host, with counts."""
+def matrix_table(tests: list[dict], link: bool = True, stood_in_by: dict[str, dict[str, str]] | None = None) -> str:
+    """Rows: features; columns: hosts; each cell the feature's verdict on the host, with counts.
+    A cell another host stood for (--kvm-spread) shows that host's verdict and names it."""
     grid = cells(tests)
-    hosts = sorted({h for h, _ in grid})
+    stood = {(h, f): by for h, features in (stood_in_by or {}).items() for f, by in features.items()}
+    hosts = sorted({h for h, _ in grid} | {h for h, _ in stood})
     features = sorted({f for _, f in grid})
+
+    def cell(h: str, f: str) -> str:
+        by = stood.get((h, f))
+        if by is None:
+            return _cell(grid.get((h, f)), anchor(h, f) if link else "")
+        own, theirs = grid.get((h, f), Counter()), grid.get((by, f), Counter())
+        return _cell(own + theirs, anchor(by, f) if link else "",
+                     "; ".join(filter(None, (_counts(own), f"{by} stood for it: {verdicts.cell_verdict(theirs)}"))))
     head = "".join(f"<th>{html.escape(h)}</th>" for h in hosts)
-    rows = "".join(f"<tr><th>{html.escape(f)}</th>" + "".join(
-        _cell(grid.get((h, f)), anchor(h, f) if link else "") for h in hosts) + "</tr>" for f in features)
+    rows = "".join(f"<tr><th>{html.escape(f)}</th>" + "".join(cell(h, f) for h in hosts) + "</tr>" for f in features)
     return f'<table class="kvm-matrix" id="kvm-matrix"><tr><th>feature \\ host</th>{head}</tr>{rows}</table>'
 
 
@@ -84,7 +97,8 @@ def report_head(tests: list[dict], hosts: dict[str, dict]) -> str:
     line = ", ".join(f"{totals[v]} {v}" for v in verdicts.ORDER)
     return (f"<style>{STYLE} body{{display:flex;flex-direction:column}} #title{{order:-2}} "
             f".summary{{order:-1}}</style><h2>kvmcheck verdicts</h2><p class=\"kvm-totals\">{line}</p>"
-            + matrix_table(tests) + fingerprint_table(hosts) + handbook_notes(tests))
+            + matrix_table(tests, stood_in_by={h: v.get("stood_in_by", {}) for h, v in hosts.items()})
+            + fingerprint_table(hosts) + handbook_notes(tests))
 
 
 def history_page(runs: list[tuple[str, dict]]) -> str:

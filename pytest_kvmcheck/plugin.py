@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import Counter
 
 import pytest
 
-from . import hookspecs, reporting, verdicts
+from . import hookspecs, reporting, spread, verdicts
 from .errors import HostSpecError, KvmCheckError
 from .fixtures import *  # noqa: F401,F403 - registers the fixtures with pytest
 from .fixtures import vms_of
@@ -21,11 +22,12 @@ from .hosts.spec import ACCELS, parse_hosts
 from .images.cloud import CloudImage, CloudImageError
 from .compare import compare, parse_pairs, render_html, render_text
 from .matrix import report_head
-from .record import NOT_NOTES, RunRecorder, load
+from .record import NOT_NOTES, RunRecorder, load, met_needs
 from .run import RUN_KEY, KvmRun, worker_id
 
 VERDICTS_KEY = pytest.StashKey[verdicts.Verdicts]()
 SUMMARY_KEY = pytest.StashKey[list]()
+SPREAD_KEY = pytest.StashKey[dict]()
 RECORD_KEY = pytest.StashKey[RunRecorder]()
 DOCUMENT_KEY = pytest.StashKey[dict]()
 DEFAULT_TIMEOUT_S = 900  # a hung guest or host never hangs a run (pytest-timeout; --timeout overrides)
@@ -54,6 +56,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kvm-keep-failed", dest="kvm_keep_failed", action="store_true", default=None,
                     help="leave a failed test's VM running and print how to reach it")
     parser.addini("kvm_keep_failed", type="bool", default=False, help="as --kvm-keep-failed")
+    group.addoption("--kvm-spread", dest="kvm_spread", action="store_true", default=None,
+                    help="hosts of one fingerprint split the host-local features between them, each feature on "
+                    "one of them (migration still pairs different hosts); the report says who stood for whom")
+    parser.addini("kvm_spread", type="bool", default=False, help="as --kvm-spread")
     parser.addini("kvm_max_downtime_ms", default="2000", help="live migration downtime bound (ms), default 2000")
     for flag, ini, default, help_text in [
         ("--kvm-record", "kvm_record", "reports/run.json", "where the run record goes (run.json: verdicts, reasons, "
@@ -171,8 +177,12 @@ def description(item: pytest.Item) -> str:
     return inspect.cleandoc(function.__doc__) if function is not None and function.__doc__ else ""
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected theirs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each kvmcheck test gets the default time limit (unless one is set) and its docstring as description."""
+    """Each kvmcheck test gets the default time limit (unless one is set) and its docstring as
+    description; with --kvm-spread, identical hosts' host-local tests are split between them."""
+    if setting(config, "kvm_spread"):
+        spread_items(config, items)
     limit = None
     if config.pluginmanager.hasplugin("timeout") and not config.getoption("timeout", None) \
             and not config.getini("timeout"):
@@ -186,6 +196,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if text:
             item.user_properties.append(("description", text))
         reporting.allure_labels(item, _host_of(item), text)
+
+
+def _has_peer(item: pytest.Item) -> bool:
+    return "kvm_peer" in getattr(item, "fixturenames", ()) or any(
+        m.kwargs.get("on") == "peer" for m in item.iter_markers("kvm_requires"))
+
+
+def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--kvm-spread: deselect the tests another host of the same fingerprint runs (spread.py).
+
+    The hosts are prepared here, during collection, to read their fingerprints; a host that
+    cannot be prepared is in no group (its tests end as ERROR, as without --kvm-spread)."""
+    run = config.stash[RUN_KEY]
+    keys = {}
+    for name, spec in run.specs.items():
+        if spec.only:  # kept for some tests alone: it stands for no one
+            continue
+        try:
+            caps = run.host(name).caps.to_dict()
+        except KvmCheckError:
+            keys[name] = None
+            continue
+        keys[name] = spread.group_key({"caps": caps}, spec.expect, met_needs(caps))
+    host_groups = spread.groups(keys)
+    if not host_groups:
+        return
+    weights: Counter = Counter()
+    for item in items:
+        host = _host_of(item)
+        if host is not None and not _has_peer(item):
+            weights[(verdicts.feature_of(item.nodeid), host)] += 1
+    assignment = spread.plan(weights, host_groups)
+    keep, drop = [], []
+    for item in items:
+        host = _host_of(item)
+        chosen = assignment.get((verdicts.feature_of(item.nodeid), host)) if host and not _has_peer(item) else None
+        (drop if chosen not in (None, host) else keep).append(item)
+    run.write_spread(spread.stood_in_by(assignment))
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -265,6 +316,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         reporting.write_allure_environment(config.option.allure_report_dir, rows)
     summary = []
     states = run.prepared_states()
+    stood = config.stash[SPREAD_KEY] = run.spread()
+    summary += spread.summary_lines(stood)
     for name, state in states.items():
         summary += [f"host {name}: {note}" for note in state.get("notes", [])]
         if "caps" in state:
@@ -320,7 +373,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return
     collected = config.stash[VERDICTS_KEY]
-    lines = collected.lines()
+    lines = collected.lines(config.stash.get(SPREAD_KEY, {}))
     if lines:
         terminalreporter.section("kvmcheck verdicts per host and feature")
         for line in lines:

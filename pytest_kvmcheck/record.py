@@ -6,7 +6,8 @@ interrupted. Schema ``kvmcheck-run/1`` (a later version only adds keys)::
     {"schema": "kvmcheck-run/1", "run_id": ..., "started": epoch, "finished": epoch,
      "status": "passed" | "failed" | "interrupted" | "error", "argv": [...],
      "hosts": {NAME: {"url": ..., "usable": bool, "error": str, "fingerprint": {...},
-                      "capabilities": [needs met], "expect": [...], "summary": str}},
+                      "capabilities": [needs met], "expect": [...], "summary": str,
+                      "stood_in_by": {FEATURE: the host that ran it in this one's place (--kvm-spread)}}},
      "tests": [{"nodeid": ..., "test": nodeid without the host, "host": ..., "feature": suite module,
                 "verdict": "PASS" | "FAIL" | "ERROR" | "BROKEN" | "SKIP", "reason": str,
                 "duration_s": float, "start": epoch, "stop": epoch, "worker": xdist worker id or "",
@@ -90,12 +91,14 @@ class RunRecorder:
 
     def document(self, run, states: dict[str, dict], exitstatus: int) -> dict:
         hosts = {}
+        stood = run.spread()
         for name, spec in run.specs.items():
             state = states.get(name, {})
             caps = state.get("caps")
             hosts[name] = {"url": spec.url, "usable": caps is not None, "error": state.get("error", ""),
                            "expect": list(spec.expect), "fingerprint": (caps or {}).get("fingerprint", {}),
-                           "capabilities": met_needs(caps) if caps else [], "summary": summary(caps)}
+                           "capabilities": met_needs(caps) if caps else [], "summary": summary(caps),
+                           "stood_in_by": stood.get(name, {})}
         status = {0: "passed", 1: "failed", 2: "interrupted"}.get(int(exitstatus), "error")
         return {"schema": SCHEMA, "run_id": run.run_id, "started": self.started, "finished": time.time(),
                 "status": status, "argv": sys.argv, "hosts": hosts,

@@ -287,6 +287,19 @@ class KvmRun:
                                      "shared-storage" in peer.spec.expect))
         return out
 
+    def write_spread(self, stood_in_by: dict[str, dict[str, str]]) -> None:
+        """--kvm-spread's plan (host -> {feature: the host that ran it instead}), for the controller.
+        Every worker computes the same plan; each writes it whole."""
+        self._ensure_state()
+        tmp = self.state_dir / f"spread.json.{os.getpid()}"
+        tmp.write_text(json.dumps(stood_in_by))
+        os.replace(tmp, self.state_dir / "spread.json")
+
+    def spread(self) -> dict[str, dict[str, str]]:
+        """The plan :meth:`write_spread` kept: empty without --kvm-spread."""
+        path = self.state_dir / "spread.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
     def prepared_states(self) -> dict[str, dict]:
         out = {}
         if not self.started:

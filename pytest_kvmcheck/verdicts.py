@@ -147,13 +147,26 @@ class Verdicts:
     def totals(self) -> Counter:
         return Counter(verdict for _, _, verdict in self.tests.values())
 
-    def rows(self) -> list[tuple[str, str, str, str]]:
-        """(host, feature, the cell's verdict, its counts as text), sorted by host and feature."""
-        return [(host, feature, cell_verdict(counts), ", ".join(f"{counts[v]} {v}" for v in ORDER if counts[v]))
-                for (host, feature), counts in sorted(self.cells().items())]
+    def rows(self, stood_in_by: dict[str, dict[str, str]] | None = None) -> list[tuple[str, str, str, str]]:
+        """(host, feature, the cell's verdict, its counts as text), sorted by host and feature.
+        With --kvm-spread's plan, a host another stood for shows that host's verdict, saying so."""
+        cells = self.cells()
+        stood = {(host, feature): by for host, features in (stood_in_by or {}).items()
+                 for feature, by in features.items()}
+        out = []
+        for key in sorted(cells.keys() | stood.keys()):
+            counts, by = cells.get(key, Counter()), stood.get(key)
+            detail = ", ".join(f"{counts[v]} {v}" for v in ORDER if counts[v])
+            if by is not None:
+                theirs = cells.get((by, key[1]), Counter())
+                counts = counts + theirs
+                detail = "; ".join(filter(None, (detail, f"{by} stood for it: {cell_verdict(theirs)}")))
+            out.append((*key, cell_verdict(counts), detail))
+        return out
 
-    def lines(self) -> list[str]:
-        return [f"{host:<16} {feature:<28} {cell:<6} ({detail})" for host, feature, cell, detail in self.rows()]
+    def lines(self, stood_in_by: dict[str, dict[str, str]] | None = None) -> list[str]:
+        return [f"{host:<16} {feature:<28} {cell:<6} ({detail})"
+                for host, feature, cell, detail in self.rows(stood_in_by)]
 
     def summary(self) -> str:
         totals = self.totals()

@@ -123,3 +123,36 @@ def test_suites_pass_with_a_cloud_image_guest(pytester, workdir, cloud_image):
     outcomes = result.parseoutcomes()
     assert result.ret == 0 and outcomes.get("passed") == 15, result.stdout.str()[-4000:]
     assert_nothing_left(workdir, result.stdout.str())
+
+
+def test_spread_over_identical_hosts(pytester, workdir):
+    """--kvm-spread over two hosts of one build (two names for this machine): each host-local
+    feature runs on one of them, the check with a migration peer (TLS) on both, across the
+    pair; the terminal, run.json and the HTML matrix say who stood for whom."""
+    hosts = ",".join(f"local?name={n}&workdir={workdir / n}" for n in ("one", "two"))
+    for n in ("one", "two"):
+        (workdir / n).mkdir()
+    result = run_pytest(pytester, f"{SUITES}/test_security.py", f"{SUITES}/test_cmdline.py", "--kvm-spread",
+                        f"--kvm-hosts={hosts}", "-n", "2", "--dist", "loadscope", "--html=r.html",
+                        "--self-contained-html")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    tests = json.loads((pytester.path / "reports/run.json").read_text())
+    ran = {}
+    for t in tests["tests"]:
+        ran.setdefault((t["feature"], t["test"].rsplit("::", 1)[-1]), set()).add(t["host"])
+    assert ran[("test_security", "test_live_migration_over_tls")] == {"one", "two"}, "the peer check is not spread"
+    for (feature, test), where in ran.items():
+        if test != "test_live_migration_over_tls":
+            assert len(where) == 1, f"{feature}::{test} ran on {where}: not spread"
+    security = next(iter(ran[("test_security", "test_sandbox_on_installs_a_seccomp_filter")]))
+    cmdline = next(iter(ran[("test_cmdline", "test_incoming_tcp_0_binds_where_told")]))
+    assert security != cmdline, "the two features went to one host: not balanced"
+    stood = {name: host["stood_in_by"] for name, host in tests["hosts"].items()}
+    other = {"one": "two", "two": "one"}
+    assert stood == {security: {"test_cmdline": cmdline}, cmdline: {"test_security": security}}
+    text = result.stdout.str()
+    assert f"spread: host {other[security]} (same fingerprint) was stood for by {security} in test_security" in text
+    assert re.search(rf"^{other[security]}\s+test_security\s+PASS\s+\(1 PASS; {security} stood for it: PASS\)",
+                     text, re.M), text[-2000:]
+    assert f"{security} stood for it: PASS" in (pytester.path / "r.html").read_text()
+    assert_nothing_left(workdir, text)

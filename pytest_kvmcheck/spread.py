@@ -1,0 +1,77 @@
+"""``--kvm-spread``: identical hosts split the host-local features between them.
+
+A fleet's hosts often share one build: same CPU, kernel, QEMU binary, firmware, and the same
+capabilities. Running every host-local feature on each of them checks one build many times.
+With ``--kvm-spread`` the hosts of one fingerprint (the run record's, plus the needs they
+meet and the inventory's expectations) form a group; each feature (suite module) runs on one
+host of the group, which stands for the others. Tests with a migration peer are not spread:
+every host still moves guests to a different one. The terminal summary, the run record
+(``hosts.NAME.stood_in_by``) and the verdict table say which host stood for which feature.
+
+The plan is a pure function of the hosts' prepared states and the collected items, so every
+xdist worker, collecting on its own, deselects the same tests.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+
+def group_key(state: Mapping, expect: Iterable[str] = (), met: Iterable[str] = ()) -> str | None:
+    """What identical hosts share: fingerprint, the needs met, the expected needs. None for
+    a host that could not be prepared (it stands for nobody, and nobody for it)."""
+    caps = state.get("caps")
+    if not caps or not caps.get("fingerprint"):
+        return None
+    return json.dumps([caps["fingerprint"], sorted(met), sorted(expect)], sort_keys=True)
+
+
+def groups(keys: Mapping[str, str | None]) -> list[list[str]]:
+    """Hosts with the same key, in the order given; only groups of two or more."""
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for host, key in keys.items():
+        if key is not None:
+            by_key[key].append(host)
+    return [hosts for hosts in by_key.values() if len(hosts) > 1]
+
+
+def plan(weights: Mapping[tuple[str, str], float], host_groups: list[list[str]]) -> dict[tuple[str, str], str]:
+    """(feature, host) -> the host that runs the feature for it.
+
+    ``weights`` holds each (feature, host)'s spreadable work (its test count, or seconds).
+    Within a group each feature goes to one host, heaviest feature first to the host with the
+    least work so far (ties: the group's order), so the group's hosts finish together."""
+    out: dict[tuple[str, str], str] = {}
+    for hosts in host_groups:
+        features = sorted({f for (f, h) in weights if h in hosts},
+                          key=lambda f: (-max(weights.get((f, h), 0) for h in hosts), f))
+        load = dict.fromkeys(hosts, 0.0)
+        for feature in features:
+            able = [h for h in hosts if (feature, h) in weights]
+            chosen = min(able, key=lambda h: (load[h], hosts.index(h)))
+            load[chosen] += weights[(feature, chosen)]
+            for host in able:
+                out[(feature, host)] = chosen
+    return out
+
+
+def stood_in_by(assignment: Mapping[tuple[str, str], str]) -> dict[str, dict[str, str]]:
+    """host -> {feature: the host that ran it in its place}, for hosts that did not run it."""
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    for (feature, host), chosen in sorted(assignment.items()):
+        if chosen != host:
+            out[host][feature] = chosen
+    return dict(out)
+
+
+def summary_lines(stood: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """One line per host that another stood for: which host ran which of its features."""
+    lines = []
+    for host, features in sorted(stood.items()):
+        by: dict[str, list[str]] = defaultdict(list)
+        for feature, chosen in sorted(features.items()):
+            by[chosen].append(feature)
+        lines.append(f"spread: host {host} (same fingerprint) was stood for by "
+                     + "; ".join(f"{chosen} in {', '.join(fs)}" for chosen, fs in sorted(by.items())))
+    return lines

@@ -1,0 +1,60 @@
+"""--kvm-spread's plan: identical hosts split the features; every feature runs somewhere."""
+from collections import Counter
+
+from pytest_kvmcheck import matrix, spread
+from pytest_kvmcheck.verdicts import Verdicts
+
+FP = {"qemu_sha256": "ab", "kernel": "6.1"}
+
+
+def state(**fingerprint):
+    return {"caps": {"fingerprint": {**FP, **fingerprint}}}
+
+
+def test_hosts_group_by_fingerprint_needs_and_expectations():
+    keys = {"a": spread.group_key(state(), met=["kvm"]), "b": spread.group_key(state(), met=["kvm"]),
+            "c": spread.group_key(state(kernel="6.2"), met=["kvm"]),  # another kernel
+            "d": spread.group_key(state(), met=["kvm", "iommu"]),  # another capability (a spec's assignable=)
+            "e": spread.group_key(state(), expect=["kvm"], met=["kvm"]),  # an inventory that expects more
+            "f": spread.group_key({"error": "unreachable"}), "g": spread.group_key({"error": "unreachable"})}
+    assert spread.groups(keys) == [["a", "b"]]
+
+
+def test_each_feature_runs_on_one_host_of_a_group_and_the_work_is_balanced():
+    weights = Counter({(f, h): n for f, n in (("net", 14), ("blk", 12), ("nested", 6), ("ksm", 2), ("clock", 4))
+                       for h in ("a", "b")})
+    weights[("solo", "c")] = 3  # a host of no group keeps its features
+    assignment = spread.plan(weights, [["a", "b"]])
+    assert assignment[("net", "a")] == assignment[("net", "b")] == "a"
+    assert assignment[("blk", "a")] == "b"
+    load = Counter()
+    for (feature, host), chosen in assignment.items():
+        if host == chosen:
+            load[host] += weights[(feature, host)]
+    assert sorted(load.values()) == [18, 20]  # the best split of 14, 12, 6, 4, 2
+    assert ("solo", "c") not in assignment
+    assert all(chosen in ("a", "b") for chosen in assignment.values())
+
+
+def test_a_feature_only_one_host_has_stays_on_it():
+    weights = Counter({("net", "a"): 5, ("net", "b"): 5, ("sriov", "b"): 3})
+    assignment = spread.plan(weights, [["a", "b"]])
+    assert assignment[("sriov", "b")] == "b"
+    assert assignment[("net", "a")] == assignment[("net", "b")]
+
+
+def test_the_report_says_who_stood_for_whom():
+    assignment = {("net", "a"): "a", ("net", "b"): "a", ("blk", "a"): "b", ("blk", "b"): "b"}
+    stood = spread.stood_in_by(assignment)
+    assert stood == {"a": {"blk": "b"}, "b": {"net": "a"}}
+    assert spread.summary_lines(stood) == [
+        "spread: host a (same fingerprint) was stood for by b in blk",
+        "spread: host b (same fingerprint) was stood for by a in net"]
+    collected = Verdicts()
+    collected.tests = {"x[a]": ("a", "net", "PASS"), "y[b]": ("b", "blk", "FAIL"), "z[b]": ("b", "net", "PASS")}
+    rows = {(h, f): (cell, detail) for h, f, cell, detail in collected.rows(stood)}
+    assert rows[("a", "blk")] == ("FAIL", "b stood for it: FAIL")
+    assert rows[("b", "net")] == ("PASS", "1 PASS; a stood for it: PASS")  # its own peer test, and a's
+    tests = [{"host": h, "feature": f, "verdict": v} for h, f, v in collected.tests.values()]
+    table = matrix.matrix_table(tests, stood_in_by=stood)
+    assert "b stood for it: FAIL" in table and 'data-verdict="FAIL"' in table
