@@ -159,6 +159,8 @@ class Verdicts:
             detail = ", ".join(f"{counts[v]} {v}" for v in ORDER if counts[v])
             if by is not None:
                 theirs = cells.get((by, key[1]), Counter())
+                if not counts and not theirs:  # nothing ran (--collect-only, an interrupted run)
+                    continue
                 counts = counts + theirs
                 detail = "; ".join(filter(None, (detail, f"{by} stood for it: {cell_verdict(theirs)}")))
             out.append((*key, cell_verdict(counts), detail))

@@ -172,7 +172,8 @@ def test_free_page_reporting_returns_freed_memory(boot_vm, kvm_metric):
     finally:
         held.release()
     freed = time.monotonic()
-    wait_until(rss, 60, f"QEMU's RSS down by at least {REPORTED_MIB // 2} MiB from {filled} MiB after the guest "
+    # The guest reports 2 s after the free (measured: 2.0 s under TCG); 20 s is ten times that.
+    wait_until(rss, 20, f"QEMU's RSS down by at least {REPORTED_MIB // 2} MiB from {filled} MiB after the guest "
                         f"freed {REPORTED_MIB} MiB", done=lambda now: filled - now >= REPORTED_MIB // 2,
                show=lambda now: f"{now} MiB", interval=0.5)
     kvm_metric("free_page_reporting_response", time.monotonic() - freed, "s")

@@ -253,18 +253,19 @@ def sshd(ssh_hosts) -> SshHost:
 
 
 KSM = "/sys/kernel/mm/ksm"
+HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 # What the suites could turn, host-wide: KSM, module parameters, VF counts, driver bindings, hugepages.
 KNOB_GLOBS = (f"{KSM}/*", "/sys/module/kvm*/parameters/*", "/sys/bus/pci/devices/*/sriov_numvfs",
               "/sys/bus/pci/devices/*/sriov_drivers_autoprobe", "/sys/bus/pci/devices/*/driver_override",
-              "/proc/sys/vm/nr_hugepages")
+              HUGEPAGES)
 
 
-def knobs(but: str | None = None) -> dict[str, str]:
+def knobs(but: tuple[str, ...] = ()) -> dict[str, str]:
     """Every knob of KNOB_GLOBS (files with a write bit: not KSM's counters), and each PCI
-    device's driver; ``but`` leaves out the knobs under that directory."""
+    device's driver; ``but`` leaves out the knobs under those paths."""
     out = {}
     for pattern in KNOB_GLOBS:
-        if but and pattern.startswith(but):
+        if pattern.startswith(but):
             continue
         for path in glob.glob(pattern):
             if not os.stat(path).st_mode & 0o200:

@@ -78,7 +78,8 @@ def test_lab_up_smoke_down(pytester, lab_dir):
     assert lab_leftovers(lab_dir)  # (sanity: the leak check sees a running lab)
 
     result = run_pytest(pytester, *(f"{SUITES}/{suite}.py" for suite in (*SMOKE_SUITES, POWER_SUITE)), "-k", SMOKE,
-                        "--kvm-hosts=lab", "-n", "3", "--dist", "loadscope", "--junitxml=junit.xml", timeout=2400)
+                        "--kvm-hosts=lab", "--kvm-spread", "-n", "3", "--dist", "loadscope", "--junitxml=junit.xml",
+                        timeout=2400)
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-5000:]
     assert outcomes.get("skipped", 0) == 0, "in the lab these must run, not skip:\n" + result.stdout.str()[-3000:]
@@ -88,6 +89,8 @@ def test_lab_up_smoke_down(pytester, lab_dir):
             assert re.search(rf"^{host}\s+{feature}\s+PASS", verdicts, re.M), verdicts[-2000:]
         assert re.search(rf"host {host}: QEMU [\d.]+ \(\S+\), accel kvm,", verdicts), verdicts[-2000:]
     assert re.search(rf"^lab-power\s+{POWER_SUITE}\s+PASS", verdicts, re.M), verdicts[-2000:]
+    # The two clones share a fingerprint: each host-local feature ran on one of them (--kvm-spread).
+    assert re.search(r"spread: host lab-\d \(same fingerprint\) was stood for by lab-\d in ", verdicts), verdicts[-2000:]
     others = [line for line in result.outlines if line.startswith("lab-power ") and line.split()[1] != POWER_SUITE]
     assert not others, f"lab-power took other tests: {others}"
     junit = (pytester.path / "junit.xml").read_text()

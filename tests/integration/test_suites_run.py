@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import (BACKPORTS_BIN, BACKPORTS_QEMU, KSM, LOCAL_FEATURES, SUITES, assert_nothing_left, assert_suites_passed, knobs,
-                       qemu_processes, run_pytest, skip_reasons)
+from .conftest import (BACKPORTS_QEMU, SUITES, assert_nothing_left, assert_suites_passed, qemu_processes, run_pytest, skip_reasons)
 
 
 # Depth checks that boot guests of their own (balloon, durability) (a cloud image takes a minute to boot on a
@@ -24,33 +23,6 @@ def test_suites_pass_on_the_local_host(pytester, workdir):
     if "accel tcg" in caps:
         assert any("needs kvm" in line for line in skip_reasons(result)), "kvm-clock must skip under TCG"
     assert not [line for line in skip_reasons(result) if "needs other-qemu" in line], "version skew must run here"
-    assert_nothing_left(workdir, result.stdout.str())
-
-
-def test_suites_pass_on_the_backports_qemu(pytester, workdir):
-    """The same suites on a second QEMU (Debian's backports suite, 10.x, unpacked beside the
-    system's by make setup): what differs between versions is read from the host's QEMU.
-
-    The host's spec does not allow host changes here, as on an SSH host by default: the
-    tests that would change a host-wide knob skip, naming the need, and no knob changes.
-    KSM's knobs are left out of that comparison: the local run's KSM tests may turn them
-    meanwhile (and restore them); here KSM's tests must all skip."""
-    bin_dir = BACKPORTS_BIN
-    assert (bin_dir / "qemu-system-x86_64").exists(), \
-        "the backports QEMU is not unpacked: make setup runs scripts/qemu-backports.sh"
-    before = knobs(but=KSM)
-    result = run_pytest(pytester, SUITES, f"--kvm-hosts=local?name=backports&workdir={workdir}&allow_host_changes=0"
-                        f"&qemu={bin_dir}/qemu-system-x86_64&qemu_img={bin_dir}/qemu-img")
-    after = knobs(but=KSM)
-    assert after == before, {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
-                             if before.get(k) != after.get(k)}
-    assert_suites_passed(result, "backports", tuple(f for f in LOCAL_FEATURES if f != "test_ksm"))
-    assert [line for line in skip_reasons(result)
-            if "host backports: needs allow_host_changes: the test changes host-wide state" in line], \
-        "KSM's tests must skip for allow_host_changes"
-    assert re.search(r"^backports\s+test_ksm\s+SKIP", "\n".join(result.outlines), re.M), "KSM's tests must all skip"
-    versions = [line for line in result.outlines if line.startswith("kvmcheck: host backports: QEMU")]
-    assert versions and int(re.match(r"kvmcheck: host backports: QEMU (\d+)", versions[0]).group(1)) >= 10, versions
     assert_nothing_left(workdir, result.stdout.str())
 
 
