@@ -126,6 +126,11 @@ def layout_mismatch(source: VM, dest: VM) -> str:
     return "; ".join(parts)
 
 
+def statuses(vm: VM) -> list[str]:
+    """The migration states QEMU's MIGRATION events have reported so far, oldest first."""
+    return [e["data"]["status"] for e in vm.qmp.events("MIGRATION")]
+
+
 def migrate(source: VM, uri: str, timeout: float = 120.0, max_downtime_ms: int | None = None,
             bandwidth_bytes: int | None = None, capabilities: tuple[str, ...] = (),
             destination: VM | None = None, before_switchover: Callable[[], None] | None = None,
@@ -177,13 +182,13 @@ def await_migration(source: VM, uri: str, timeout: float = 120.0, capabilities: 
             info["max-cpu-throttle-percentage"] = throttle
             break
         if status in ("failed", "cancelled", "postcopy-paused"):
-            went = [e["data"]["status"] for e in q.events("MIGRATION")]
+            went = statuses(source)
             if "postcopy-active" in went or status == "postcopy-paused":  # the guest ran on the destination
                 raise MigrationFailed(postcopy_broke(source, uri, status, info, destination), info)
             raise MigrationFailed(failure_message(source, uri, status, info, destination), info)
         why = on_progress(info) if on_progress is not None and status == "active" else ""
         if not why and time.monotonic() > deadline and status != "active":  # not a question of converging
-            went = [e["data"]["status"] for e in q.events("MIGRATION")]
+            went = statuses(source)
             held = f"QEMU still holds it in {status} after {timeout:.0f} s (went through {went})"
             if "postcopy-active" in went:
                 raise MigrationFailed(postcopy_broke(source, uri, status, {**info, "error-desc": held}, destination),
@@ -198,7 +203,7 @@ def await_migration(source: VM, uri: str, timeout: float = 120.0, capabilities: 
                 f"{info.get('ram', {}).get('remaining')} bytes remaining; CPU throttled up to {throttle}%): "
                 f"it did not converge", info)
         time.sleep(0.05)
-    info["statuses"] = [e["data"]["status"] for e in q.events("MIGRATION")]  # what the move went through
+    info["statuses"] = statuses(source)  # what the move went through
     if destination is not None:
         running = poll(lambda: destination.qmp.cmd("query-status")["status"] == "running",
                        max(deadline - time.monotonic(), 10))
@@ -279,7 +284,7 @@ def migrate_to_state(source: VM, uri: str, state: str, capabilities: tuple[str, 
     while True:
         info = q.cmd("query-migrate")
         status = info.get("status")
-        if status == state or q.events("MIGRATION") and state in [e["data"]["status"] for e in q.events("MIGRATION")]:
+        if status == state or state in statuses(source):
             return  # there now, or there in between two readings (QEMU's event says so)
         if postcopy and status == "active" and info.get("ram", {}).get("transferred", 0) > 0:
             q.cmd("migrate-start-postcopy")
@@ -287,7 +292,7 @@ def migrate_to_state(source: VM, uri: str, state: str, capabilities: tuple[str, 
         if status in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
             raise VMError(f"migration of {source.name} to {uri} never reached {state} "
                           f"({'ended ' + status if time.monotonic() <= deadline else f'{timeout:.0f} s'}; "
-                          f"went through {[e['data']['status'] for e in q.events('MIGRATION')]})")
+                          f"went through {statuses(source)})")
         time.sleep(0.02)
 
 
@@ -307,7 +312,7 @@ def cancel_in(source: VM, uri: str, state: str, capabilities: tuple[str, ...] = 
     if not refused:
         poll(lambda: q.cmd("query-migrate").get("status") in ("cancelled", "failed", "completed"), settle, 0.05)
     q.cmd("migrate-set-parameters", limits)
-    return Cancelled(state, tuple(e["data"]["status"] for e in q.events("MIGRATION")),
+    return Cancelled(state, tuple(statuses(source)),
                      q.cmd("query-migrate").get("status"), refused)
 
 

@@ -83,6 +83,10 @@ class NetProbe:
         result = self.host.run([self.program, mode, address, str(PORT), f"{amount:g}"], timeout=timeout)
         return result.check(f"kvmcheck-net {mode} from host {self.host.name} to {address}").stdout
 
+    def stream_to_guest(self, address: str, seconds: float) -> tuple[int, float]:
+        """Stream from the host to the guest for ``seconds``: (bytes the guest confirmed, seconds)."""
+        return parse_stream(self._client("send", address, seconds, seconds + 60))
+
     def wait_ready(self, address: str, timeout: float = 10.0) -> None:
         """Until the guest's server answers on ``address`` (its NIC is up and it listens)."""
         answered = poll(lambda: self.host.run([self.program, "rr", address, str(PORT), "1"], timeout=10).ok,
@@ -95,7 +99,7 @@ class NetProbe:
         """Stream ``seconds`` each way, then ``round_trips`` one-byte round trips; ``cpu`` (a
         reader of the host CPU seconds to count) is read around the streams."""
         cpu_before = cpu() if cpu else 0.0
-        to_guest = parse_stream(self._client("send", address, seconds, seconds + 60))
+        to_guest = self.stream_to_guest(address, seconds)
         from_guest = parse_stream(self._client("recv", address, seconds, seconds + 60))
         per_gib = (cpu() - cpu_before) / ((to_guest[0] + from_guest[0]) / GIB) if cpu else 0.0
         return LinkSpeed(mbps(*to_guest), mbps(*from_guest),
@@ -115,7 +119,7 @@ class Streaming:
 
     def _run(self, probe: NetProbe, address: str, seconds: float) -> None:
         try:
-            self._outcome.append(parse_stream(probe._client("send", address, seconds, seconds + 60)))
+            self._outcome.append(probe.stream_to_guest(address, seconds))
         except BaseException as exc:  # handed to result(), in the test's thread
             self._outcome.append(exc)
 
