@@ -18,11 +18,11 @@ from pytest_kvmcheck import Disk, VMSpec, vm_fixture, wait_until
 from pytest_kvmcheck.errors import QMPCommandError
 from pytest_kvmcheck.guests.shows import MIB
 from pytest_kvmcheck.hosts.settings import VfioBinding
+from pytest_kvmcheck.qemu.hotplug import APPEAR_S, unplug
 from pytest_kvmcheck.qemu.migration import DiskWriter
 from pytest_kvmcheck.qemu.legacy import describe, form
 
 OOPS = r"Oops|BUG:|general protection|Kernel panic|Call Trace"  # the guest kernel hurt itself
-APPEAR_S = 15.0  # deadline for the guest to see a plugged device (ACPI hot-plug under TCG)
 DIMM_MIB = 256
 
 HOTPLUG_SPEC = VMSpec(max_cpus=2, max_memory_mib=1024, memory_slots=2)
@@ -31,13 +31,6 @@ hotplug_guest = vm_fixture(HOTPLUG_SPEC)  # PCI tests: each unplugs what it plug
 
 def pci_slots(vm) -> list[tuple[int, str]]:
     return sorted((d["slot"], d.get("qdev_id", "")) for bus in vm.qmp.cmd("query-pci") for d in bus["devices"])
-
-
-def unplug(vm, device_id: str) -> None:
-    """device_del, then DEVICE_DELETED: the guest acknowledged the ACPI eject."""
-    vm.qmp.clear_events()
-    vm.qmp.cmd("device_del", id=device_id)
-    vm.qmp.wait_event("DEVICE_DELETED", timeout=APPEAR_S, match={"data": {"device": device_id}})
 
 
 @pytest.mark.parametrize("form", ["qmp", "hmp"])

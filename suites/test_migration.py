@@ -24,6 +24,7 @@ from pytest_kvmcheck import Disk, Nic, VMSpec, premise, wait_until
 from pytest_kvmcheck.errors import KvmCheckError, EventTimeout, MigrationDidNotConverge, MigrationFailed, QMPCommandError, QMPLost
 from pytest_kvmcheck.guests.shows import MIB
 from pytest_kvmcheck.hosts.settings import HostLock, SysfsSettings
+from pytest_kvmcheck.qemu.hotplug import plug_disk
 from pytest_kvmcheck.qemu.legacy import describe, form
 from pytest_kvmcheck.qemu.netperf import NetProbe, Streaming
 from pytest_kvmcheck.qemu.migration import (MARKER_PATH, UNLIMITED_BANDWIDTH, Dirtier, DiskWriter, GuestState,
@@ -288,14 +289,12 @@ def test_production_guest_moves_under_load(boot_vm, kvm_host, kvm_peer, load, kv
     spec = PRODUCTION.with_(nics=(Nic(), Nic(bridged=True, vhost=load.endswith("vhost"))) if network else (Nic(),))
     source = boot_vm(spec)
     source.qmp.cmd("balloon", value=BALLOON_MIB * MIB)
-    image = kvm_host.transport.qemu_img.create(source.path("plugged.qcow2"), 16)
-    source.qmp.cmd("blockdev-add", driver="qcow2", node_name="prodhp", file={"driver": "file", "filename": image})
-    source.qmp.cmd("device_add", driver="virtio-blk-pci", id="prodblk", drive="prodhp", serial="prodhp", addr="0x10")
+    plugged = plug_disk(source, kvm_host.transport.qemu_img.create(source.path("plugged.qcow2"), 16), "prodhp",
+                        addr="0x10")
     source.qmp.cmd("netdev_add", type="user", id="prodnet", net="10.0.9.0/24", restrict=True)
     source.qmp.cmd("device_add", driver="virtio-net-pci", id="prodnic", netdev="prodnet", mac="52:54:00:9a:00:01",
                    addr="0x11")
-    plugged = wait_until(lambda: source.guest.find_block_device("prodhp"), 15, "the plugged disk (serial prodhp)")
-    written = plugged.write_pattern(1)
+    written = plugged.disk.write_pattern(1)
     wait_until(lambda: source.qmp.cmd("query-balloon")["actual"], 20, f"the balloon settled at {BALLOON_MIB} MiB",
                done=lambda actual: actual == BALLOON_MIB * MIB)
     cpus = source.run(["nproc"], check=True).stdout.strip()
@@ -303,10 +302,7 @@ def test_production_guest_moves_under_load(boot_vm, kvm_host, kvm_peer, load, kv
     GuestState.prepare(source)
     before = GuestState.read(source)
     dest = boot_vm.start(boot_vm.successor(
-        source, kvm_peer, "-incoming", "defer",
-        "-blockdev", f"driver=file,filename={image},node-name=prodhpfile",
-        "-blockdev", "driver=qcow2,file=prodhpfile,node-name=prodhp",
-        "-device", "virtio-blk-pci,drive=prodhp,id=prodblk,serial=prodhp,addr=0x10",
+        source, kvm_peer, "-incoming", "defer", *plugged.argv(),
         "-netdev", "user,id=prodnet,net=10.0.9.0/24,restrict=on",
         "-device", "virtio-net-pci,netdev=prodnet,id=prodnic,mac=52:54:00:9a:00:01,addr=0x11"))
     uri = listen(dest, kvm_peer.spec.migration_address)
@@ -822,17 +818,13 @@ def test_hotplugged_disk_moves_with_the_guest(boot_vm, kvm_host, kvm_peer, kvm_n
     migration to a destination started with that disk on its command line (same slot, same
     image): the guest reads there what it wrote before the move."""
     source = boot_vm(VMSpec(memory_mib=256))
-    image = kvm_host.transport.qemu_img.create(source.path("hotplugged.qcow2"), 32)
-    source.qmp.cmd("blockdev-add", driver="qcow2", node_name="hpdisk", file={"driver": "file", "filename": image})
-    source.qmp.cmd("device_add", driver="virtio-blk-pci", id="hpblk", drive="hpdisk", serial="hotmig", addr="0x10")
-    disk = wait_until(lambda: source.guest.find_block_device("hotmig"), 15, "the plugged disk (serial hotmig)")
-    written = disk.write_pattern(2)
+    plugged = plug_disk(source, kvm_host.transport.qemu_img.create(source.path("hotplugged.qcow2"), 32), "hotmig",
+                        addr="0x10")
+    written = plugged.disk.write_pattern(2)
     GuestState.prepare(source)
     before = GuestState.read(source)
     dest = boot_vm.start(boot_vm.successor(
-        source, kvm_peer, "-incoming", "defer", "-blockdev", f"driver=file,filename={image},node-name=hpfile",
-        "-blockdev", "driver=qcow2,file=hpfile,node-name=hpdisk",
-        "-device", "virtio-blk-pci,drive=hpdisk,id=hpblk,serial=hotmig,addr=0x10"))
+        source, kvm_peer, "-incoming", "defer", *plugged.argv()))
     info = migrate(source, listen(dest, kvm_peer.spec.migration_address), timeout=120, destination=dest)
     kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name} with a hot-plugged disk: {stats(info)}")
     problems = continuity_problems(before, dest)

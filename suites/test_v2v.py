@@ -3,7 +3,8 @@
 The handbook converts a VMware or VirtualBox disk with ``qemu-img convert -O qcow2`` and
 boots it with virtio devices. Each format is made on the host from known data (nothing
 is downloaded), converted to qcow2 as the handbook does, compared by ``qemu-img compare``,
-and attached to a guest as virtio-blk, where its checksum must match. With a disk-image
+and plugged into a running guest as virtio-blk (one guest per host reads every format's
+disk in turn), where its checksum must match. With a disk-image
 guest (``--kvm-guest=IMAGE.qcow2``) the guest's own boot disk makes the round trip through
 VMDK and must boot.
 """
@@ -14,8 +15,9 @@ import secrets
 
 import pytest
 
-from pytest_kvmcheck import Disk, VMSpec
+from pytest_kvmcheck import VMSpec, vm_fixture
 from pytest_kvmcheck.guests.shows import MIB
+from pytest_kvmcheck.qemu.hotplug import plug_disk
 from pytest_kvmcheck.qemu.migration import place_base_image
 
 # name -> qemu-img output format and options: what VMware (OVA exports are streamOptimized),
@@ -29,6 +31,8 @@ FOREIGN = {
     "raw": ("raw", ""),
 }
 DATA_MIB = 4
+IMAGE_MIB = 16  # the disk's size: the data, and room beyond it that every format must keep empty
+reader = vm_fixture(VMSpec())  # reads each converted disk, plugged in and pulled out again
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ def workspace(kvm_host):
 
 def foreign_disk(kvm_host, workspace: str, fmt: str, options: str, data: bytes) -> str:
     """Another hypervisor's disk holding ``data`` at offset 0 (made here from raw)."""
-    raw = place_base_image(kvm_host.transport, workspace, data, 64)
+    raw = place_base_image(kvm_host.transport, workspace, data, IMAGE_MIB)
     if fmt == "raw":
         return raw
     qemu_img = kvm_host.transport.qemu_img
@@ -53,7 +57,7 @@ def foreign_disk(kvm_host, workspace: str, fmt: str, options: str, data: bytes) 
 
 
 @pytest.mark.parametrize("name", FOREIGN)
-def test_converted_disk_keeps_its_data(kvm_host, workspace, boot_vm, name, kvm_note):  # boot_vm after workspace: VMs stop before their images go
+def test_converted_disk_keeps_its_data(kvm_host, reader, workspace, name, kvm_note):  # the disk leaves before its image
     """Handbook 10: ``qemu-img convert -O qcow2`` of another hypervisor's disk: identical to the source
     (``qemu-img compare``), and a guest reads the same data from it over virtio-blk."""
     fmt, options = FOREIGN[name]
@@ -64,10 +68,12 @@ def test_converted_disk_keeps_its_data(kvm_host, workspace, boot_vm, name, kvm_n
     compared = qemu_img.compare(source, converted, fmt, "qcow2")
     assert compared.ok, f"qemu-img compare: {compared.stdout.strip()} {compared.stderr.strip()}"
     kvm_note("v2v", f"{name}: qemu-img convert -f {fmt} -O qcow2; compare: {compared.stdout.strip()}")
-    vm = boot_vm(VMSpec(disks=(Disk(path=converted, serial="v2v0"),)))
-    disk = vm.guest.block_device("v2v0")
-    assert disk.driver == "virtio_blk", f"the converted disk is not on virtio-blk: {disk.driver!r}"
-    seen = disk.checksum(DATA_MIB)
+    plugged = plug_disk(reader, converted, f"v2v-{name}"[:20])  # a virtio-blk serial holds 20 characters
+    try:
+        assert plugged.disk.driver == "virtio_blk", f"the converted disk is not on virtio-blk: {plugged.disk.driver!r}"
+        seen = plugged.disk.checksum(DATA_MIB)
+    finally:
+        plugged.unplug()
     assert seen == hashlib.sha256(data).hexdigest(), f"the guest reads other data from the {name} disk"
 
 

@@ -299,7 +299,7 @@ MUTANTS = [
     Mutant("destination started without the hot-plugged disk", "test_migration.py",
            "test_hotplugged_disk_moves_with_the_guest",
            'if "-incoming" in argv:\n'
-           '    i = argv.index("virtio-blk-pci,drive=hpdisk,id=hpblk,serial=hotmig,addr=0x10")\n'
+           '    i = argv.index("virtio-blk-pci,drive=hotmig-node,id=hotmig-dev,serial=hotmig,addr=0x10")\n'
            '    del argv[i - 1:i + 1]',
            r"migration of \S+ to tcp:\S+ failed; .*Unknown savevm section or instance '0000:00:10\.0/virtio-blk'"),
     Mutant("source left stopped after a cancel", "test_migration.py",
