@@ -13,12 +13,15 @@ import secrets
 import paramiko
 import pytest
 
-from pytest_kvmcheck import VMSpec
+from pytest_kvmcheck import VMSpec, vm_fixture
 from pytest_kvmcheck.errors import MigrationFailed
 from pytest_kvmcheck.hosts.tools import open_to_others, path_access
 from pytest_kvmcheck.qemu import vnc
 from pytest_kvmcheck.qemu.migration import listen, migrate, stats
 from pytest_kvmcheck.qemu.tls import Pki, creds_object
+
+
+plain_guest = vm_fixture(VMSpec())  # what the checks of a default guest share: nothing they do changes it
 
 
 def greeting(vm, address: str) -> bytes:
@@ -33,9 +36,9 @@ def greeting(vm, address: str) -> bytes:
 
 
 @pytest.mark.kvm_requires("seccomp")
-def test_sandbox_on_installs_a_seccomp_filter(boot_vm):
+def test_sandbox_on_installs_a_seccomp_filter(plain_guest, boot_vm):
     """Handbook 7: ``-sandbox on`` puts QEMU under a seccomp filter (mode 2); without it, none."""
-    plain = boot_vm(VMSpec())
+    plain = plain_guest
     # The handbook's plain form. Stricter sub-options stop a daemonized QEMU 7.2 from starting
     # here (spawn=deny: SIGSYS at the -daemonize fork; elevateprivileges=deny: exit 1).
     sandboxed = boot_vm(VMSpec(extra_args=("-sandbox", "on")))
@@ -80,11 +83,11 @@ def test_listeners_are_on_loopback(boot_vm):
                          "its unix socket"
 
 
-def test_the_monitor_is_closed_to_other_users(boot_vm, kvm_note):
+def test_the_monitor_is_closed_to_other_users(plain_guest, kvm_note):
     """Handbook 7: the monitor commands the whole guest, so QEMU's QMP socket must not let
     other users of the host connect (that takes write permission on the socket and search
     permission on every directory above it)."""
-    vm = boot_vm(VMSpec())
+    vm = plain_guest
     sock, *_ = chain = path_access(vm.host, vm.qmp_socket)
     kvm_note("monitor socket", "; ".join(f"{p.path} {p.kind} {p.mode:o} {p.owner}:{p.group}" for p in chain))
     assert sock.kind == "socket", f"QEMU's QMP path {sock.path} is a {sock.kind}, not a socket"
@@ -92,9 +95,9 @@ def test_the_monitor_is_closed_to_other_users(boot_vm, kvm_note):
     assert not why, f"other users of the host can connect to QEMU's monitor at {sock.path}: {why}"
 
 
-def test_guest_takes_no_passwords(kvm_host, boot_vm):
+def test_guest_takes_no_passwords(kvm_host, plain_guest):
     """Handbook 7: the guest's SSH server offers key logins and no password (or keyboard-interactive) ones."""
-    vm = boot_vm(VMSpec())
+    vm = plain_guest
     transport = paramiko.Transport(kvm_host.transport.connect_tcp("127.0.0.1", vm.ssh_port))
     try:
         transport.start_client(timeout=15)
