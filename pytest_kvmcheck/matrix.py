@@ -10,7 +10,7 @@ import html
 import json
 from collections import Counter, defaultdict
 
-from . import verdicts
+from . import spread, verdicts
 
 STYLE = """
 .kvm-matrix{border-collapse:collapse;margin:0.5em 0 1em}
@@ -61,8 +61,9 @@ def matrix_table(tests: list[dict], link: bool = True, stood_in_by: dict[str, di
         by = stood.get((h, f))
         if by is None:
             return _cell(grid.get((h, f)), anchor(h, f) if link else "")
-        own, theirs = grid.get((h, f), Counter()), grid.get((by, f), Counter())
-        return _cell(own + theirs, anchor(by, f) if link else "",
+        own = grid.get((h, f), Counter())
+        theirs = sum((grid.get((b, f), Counter()) for b in by.split(", ")), Counter())
+        return _cell(own + theirs, anchor(by.split(", ")[0], f) if link else "",
                      "; ".join(filter(None, (_counts(own), f"{by} stood for it: {verdicts.cell_verdict(theirs)}"))))
     head = "".join(f"<th>{html.escape(h)}</th>" for h in hosts)
     rows = "".join(f"<tr><th>{html.escape(f)}</th>" + "".join(cell(h, f) for h in hosts) + "</tr>" for f in features)
@@ -97,7 +98,7 @@ def report_head(tests: list[dict], hosts: dict[str, dict]) -> str:
     line = ", ".join(f"{totals[v]} {v}" for v in verdicts.ORDER)
     return (f"<style>{STYLE} body{{display:flex;flex-direction:column}} #title{{order:-2}} "
             f".summary{{order:-1}}</style><h2>kvmcheck verdicts</h2><p class=\"kvm-totals\">{line}</p>"
-            + matrix_table(tests, stood_in_by={h: v.get("stood_in_by", {}) for h, v in hosts.items()})
+            + matrix_table(tests, stood_in_by=spread.by_feature({h: v.get("stood_in_by", {}) for h, v in hosts.items()}))
             + fingerprint_table(hosts) + handbook_notes(tests))
 
 

@@ -58,7 +58,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("kvm_keep_failed", type="bool", default=False, help="as --kvm-keep-failed")
     group.addoption("--kvm-spread", dest="kvm_spread", action="store_true", default=None,
                     help="hosts of one fingerprint split the host-local features between them, each feature on "
-                    "one of them (migration still pairs different hosts); the report says who stood for whom")
+                    "one of them, and alike pairs split their moves (each still between two different hosts); "
+                    "the report says who stood for whom")
     parser.addini("kvm_spread", type="bool", default=False, help="as --kvm-spread")
     parser.addini("kvm_max_downtime_ms", default="2000", help="live migration downtime bound (ms), default 2000")
     for flag, ini, default, help_text in [
@@ -222,17 +223,30 @@ def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
     host_groups = spread.groups(keys)
     if not host_groups:
         return
-    weights: Counter = Counter()
+    peers = {}
+    for name in keys:
+        try:
+            peers[name] = run.peer(name).name
+        except KvmCheckError:
+            peers[name] = name  # an unusable peer: its moves are not spread
+    pair_groups = spread.pair_groups(keys, peers)
+    units = {}
     for item in items:
         host = _host_of(item)
-        if host is not None and not _has_peer(item):
-            weights[(verdicts.feature_of(item.nodeid), host)] += 1
-    assignment = spread.plan(weights, host_groups)
+        if host is None:
+            continue
+        feature = verdicts.feature_of(item.nodeid)
+        if _has_peer(item):
+            rest = f"-{item.callspec.id}-".replace(f"-{host}-", "-", 1).strip("-")  # the test's id without its host
+            feature += f"::{getattr(item, 'originalname', item.name)}{f'[{rest}]' if rest else ''}"
+        units[item.nodeid] = (feature, host)
+    local = Counter(unit for unit in units.values() if "::" not in unit[0])
+    moves = Counter(unit for unit in units.values() if "::" in unit[0])
+    assignment = {**spread.plan(local, host_groups), **spread.plan(moves, pair_groups)}
     keep, drop = [], []
     for item in items:
-        host = _host_of(item)
-        chosen = assignment.get((verdicts.feature_of(item.nodeid), host)) if host and not _has_peer(item) else None
-        (drop if chosen not in (None, host) else keep).append(item)
+        unit = units.get(item.nodeid)
+        (drop if unit and assignment.get(unit, unit[1]) != unit[1] else keep).append(item)
     run.write_spread(spread.stood_in_by(assignment))
     if drop:
         config.hook.pytest_deselected(items=drop)
@@ -373,7 +387,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return
     collected = config.stash[VERDICTS_KEY]
-    lines = collected.lines(config.stash.get(SPREAD_KEY, {}))
+    lines = collected.lines(spread.by_feature(config.stash.get(SPREAD_KEY, {})))
     if lines:
         terminalreporter.section("kvmcheck verdicts per host and feature")
         for line in lines:

@@ -4,9 +4,12 @@ A fleet's hosts often share one build: same CPU, kernel, QEMU binary, firmware, 
 capabilities. Running every host-local feature on each of them checks one build many times.
 With ``--kvm-spread`` the hosts of one fingerprint (the run record's, plus the needs they
 meet and the inventory's expectations) form a group; each feature (suite module) runs on one
-host of the group, which stands for the others. Tests with a migration peer are not spread:
-every host still moves guests to a different one. The terminal summary, the run record
-(``hosts.NAME.stood_in_by``) and the verdict table say which host stood for which feature.
+host of the group, which stands for the others. A test with a migration peer is spread test
+by test, and only where the pairs are alike (hosts of one group whose peers are of one group
+too, never themselves): each such move runs once, between two different hosts, and the
+group's hosts take turns as its source. The terminal summary, the run record
+(``hosts.NAME.stood_in_by``: feature, or feature::test for a move) and the verdict table say
+which host stood for which.
 
 The plan is a pure function of the hosts' prepared states and the collected items, so every
 xdist worker, collecting on its own, deselects the same tests.
@@ -56,6 +59,28 @@ def plan(weights: Mapping[tuple[str, str], float], host_groups: list[list[str]])
     return out
 
 
+def pair_groups(keys: Mapping[str, str | None], peers: Mapping[str, str]) -> list[list[str]]:
+    """Hosts whose moves are alike: the same key, and peers of the same key, not themselves."""
+    return groups({h: None if keys.get(h) is None or peers.get(h, h) == h or keys.get(peers[h]) is None
+                   else json.dumps([keys[h], keys[peers[h]]]) for h in keys})
+
+
+def feature_of_unit(unit: str) -> str:
+    """A spread unit is a feature, or feature::test for a test with a migration peer."""
+    return unit.split("::", 1)[0]
+
+
+def by_feature(stood: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    """host -> {feature: the host(s) that stood for it there}, units folded into their features."""
+    out: dict[str, dict[str, str]] = {}
+    for host, units in stood.items():
+        bys: dict[str, set[str]] = defaultdict(set)
+        for unit, by in units.items():
+            bys[feature_of_unit(unit)].add(by)
+        out[host] = {feature: ", ".join(sorted(hosts)) for feature, hosts in bys.items()}
+    return out
+
+
 def stood_in_by(assignment: Mapping[tuple[str, str], str]) -> dict[str, dict[str, str]]:
     """host -> {feature: the host that ran it in its place}, for hosts that did not run it."""
     out: dict[str, dict[str, str]] = defaultdict(dict)
@@ -68,10 +93,11 @@ def stood_in_by(assignment: Mapping[tuple[str, str], str]) -> dict[str, dict[str
 def summary_lines(stood: Mapping[str, Mapping[str, str]]) -> list[str]:
     """One line per host that another stood for: which host ran which of its features."""
     lines = []
-    for host, features in sorted(stood.items()):
-        by: dict[str, list[str]] = defaultdict(list)
-        for feature, chosen in sorted(features.items()):
-            by[chosen].append(feature)
-        lines.append(f"spread: host {host} (same fingerprint) was stood for by "
-                     + "; ".join(f"{chosen} in {', '.join(fs)}" for chosen, fs in sorted(by.items())))
+    for host, units in sorted(stood.items()):
+        by: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for unit, chosen in sorted(units.items()):
+            by[chosen][feature_of_unit(unit)] += "::" in unit
+        lines.append(f"spread: host {host} (same fingerprint) was stood for by " + "; ".join(
+            f"{chosen} in " + ", ".join(f"{f} ({n} of its moves)" if n else f for f, n in fs.items())
+            for chosen, fs in sorted(by.items())))
     return lines

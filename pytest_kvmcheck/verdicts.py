@@ -158,7 +158,7 @@ class Verdicts:
             counts, by = cells.get(key, Counter()), stood.get(key)
             detail = ", ".join(f"{counts[v]} {v}" for v in ORDER if counts[v])
             if by is not None:
-                theirs = cells.get((by, key[1]), Counter())
+                theirs = sum((cells.get((h, key[1]), Counter()) for h in by.split(", ")), Counter())
                 if not counts and not theirs:  # nothing ran (--collect-only, an interrupted run)
                     continue
                 counts = counts + theirs

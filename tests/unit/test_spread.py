@@ -58,3 +58,25 @@ def test_the_report_says_who_stood_for_whom():
     tests = [{"host": h, "feature": f, "verdict": v} for h, f, v in collected.tests.values()]
     table = matrix.matrix_table(tests, stood_in_by=stood)
     assert "b stood for it: FAIL" in table and 'data-verdict="FAIL"' in table
+
+
+def test_moves_are_spread_only_between_alike_pairs():
+    same = spread.group_key(state(), met=["kvm"])
+    other = spread.group_key(state(kernel="6.2"), met=["kvm"])
+    # The lab: two clones, each the other's peer: a move from either checks the same pair.
+    assert spread.pair_groups({"a": same, "b": same}, {"a": "b", "b": "a"}) == [["a", "b"]]
+    # a -> b and b -> c are different pairs (c is another build): neither stands for the other.
+    assert spread.pair_groups({"a": same, "b": same, "c": other}, {"a": "b", "b": "c", "c": "a"}) == []
+    # Three clones in a ring: every move is between two of them.
+    assert spread.pair_groups({"a": same, "b": same, "c": same}, {"a": "b", "b": "c", "c": "a"}) == [["a", "b", "c"]]
+    # A host that is its own peer moves nothing between hosts.
+    assert spread.pair_groups({"a": same, "b": same}, {"a": "a", "b": "b"}) == []
+
+
+def test_moves_take_turns_and_fold_into_their_feature_in_the_report():
+    moves = Counter({(f"mig::t{i}", h): 1 for i in range(4) for h in ("a", "b")})
+    assignment = spread.plan(moves, [["a", "b"]])
+    assert Counter(chosen for (unit, host), chosen in assignment.items() if host == "a") == {"a": 2, "b": 2}
+    stood = spread.stood_in_by(assignment)
+    assert spread.by_feature(stood) == {"a": {"mig": "b"}, "b": {"mig": "a"}}
+    assert spread.summary_lines(stood)[0] == "spread: host a (same fingerprint) was stood for by b in mig (2 of its moves)"
