@@ -25,10 +25,11 @@ plain_guest = vm_fixture(VMSpec())  # what the checks of a default guest share: 
 
 
 def greeting(vm, address: str) -> bytes:
-    """The first bytes a TCP listener of the VM sends a new client (QMP, VNC and SSH all speak first)."""
+    """The first bytes a TCP listener of the VM sends a new client (QMP, VNC and SSH all speak first;
+    a busy host's QEMU may take seconds to: a 3 s wait once missed a monitor on TCP)."""
     host, port = address.rsplit(":", 1)
     with vm.host.connect_tcp(host.strip("[]"), int(port)) as sock:
-        sock.settimeout(3)
+        sock.settimeout(15)
         try:
             return sock.recv(64)
         except OSError:

@@ -357,14 +357,18 @@ class GuestShows:
     def online_cpu(self, cpu: int) -> None:
         self.run(f"echo 1 > /sys/devices/system/cpu/cpu{cpu}/online", check=True)
 
-    def hold_memory(self, mib: int) -> "HeldMemory":
+    def hold_memory(self, mib: int, data: bool = False) -> "HeldMemory":
         """Take ``mib`` MiB of the guest's RAM (a tmpfs of its own, filled), until released.
 
         A tmpfs, not /tmp: a disk-image guest's /tmp is on its disk, and a file there is page
-        cache the guest can drop, not memory in use."""
+        cache the guest can drop, not memory in use. ``data``: filled with bytes that are not
+        zero (a migration sends such pages in full; zero pages cost it next to nothing)."""
         where = "/run/kvmcheck-held"
-        self.run(f"mkdir -p {where} && mount -t tmpfs -o size={mib + 16}m kvmcheck-held {where} && "
-                 f"dd if=/dev/zero of={where}/fill bs=1M count={mib} 2>/dev/null", check=True, timeout=120)
+        fill = (f"head -c 1048576 /dev/urandom > {where}/one && i=0 && while [ $i -lt {mib - 1} ]; do "
+                f"cat {where}/one; i=$((i + 1)); done > {where}/fill" if data else
+                f"dd if=/dev/zero of={where}/fill bs=1M count={mib} 2>/dev/null")
+        self.run(f"mkdir -p {where} && mount -t tmpfs -o size={mib + 16}m kvmcheck-held {where} && {fill}",
+                 check=True, timeout=120)
         return HeldMemory(self, where)
 
     def memory_blocks(self) -> dict[str, str]:
