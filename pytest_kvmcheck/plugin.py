@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections import Counter
 
 import pytest
 
@@ -220,8 +219,7 @@ def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
             keys[name] = None
             continue
         keys[name] = spread.group_key({"caps": caps}, spec.expect, met_needs(caps))
-    host_groups = spread.groups(keys)
-    if not host_groups:
+    if not spread.groups(keys):
         return
     peers = {}
     for name in keys:
@@ -229,20 +227,17 @@ def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
             peers[name] = run.peer(name).name
         except KvmCheckError:
             peers[name] = name  # an unusable peer: its moves are not spread
-    pair_groups = spread.pair_groups(keys, peers)
     units = {}
     for item in items:
         host = _host_of(item)
         if host is None:
             continue
-        feature = verdicts.feature_of(item.nodeid)
+        move = ""
         if _has_peer(item):
             rest = f"-{item.callspec.id}-".replace(f"-{host}-", "-", 1).strip("-")  # the test's id without its host
-            feature += f"::{getattr(item, 'originalname', item.name)}{f'[{rest}]' if rest else ''}"
-        units[item.nodeid] = (feature, host)
-    local = Counter(unit for unit in units.values() if "::" not in unit[0])
-    moves = Counter(unit for unit in units.values() if "::" in unit[0])
-    assignment = {**spread.plan(local, host_groups), **spread.plan(moves, pair_groups)}
+            move = f"{getattr(item, 'originalname', item.name)}{f'[{rest}]' if rest else ''}"
+        units[item.nodeid] = (spread.unit(verdicts.feature_of(item.nodeid), move), host)
+    assignment = spread.assign(units.values(), keys, peers)
     keep, drop = [], []
     for item in items:
         unit = units.get(item.nodeid)

@@ -17,7 +17,7 @@ xdist worker, collecting on its own, deselects the same tests.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
 
@@ -65,6 +65,26 @@ def pair_groups(keys: Mapping[str, str | None], peers: Mapping[str, str]) -> lis
                    else json.dumps([keys[h], keys[peers[h]]]) for h in keys})
 
 
+def unit(feature: str, move: str = "") -> str:
+    """What is spread as one: a feature (suite module), or ``feature::test[params]`` for a move
+    (a test with a migration peer), ``move`` being the test's id without its host."""
+    return f"{feature}::{move}" if move else feature
+
+
+def is_move(unit: str) -> bool:
+    return "::" in unit
+
+
+def assign(units: Iterable[tuple[str, str]], keys: Mapping[str, str | None],
+           peers: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    """(unit, host) -> the host that runs it: features within groups of alike hosts, moves
+    within groups of alike pairs, each counted by its tests."""
+    units = list(units)
+    local = Counter(u for u in units if not is_move(u[0]))
+    moves = Counter(u for u in units if is_move(u[0]))
+    return {**plan(local, groups(keys)), **plan(moves, pair_groups(keys, peers))}
+
+
 def feature_of_unit(unit: str) -> str:
     """A spread unit is a feature, or feature::test for a test with a migration peer."""
     return unit.split("::", 1)[0]
@@ -96,7 +116,7 @@ def summary_lines(stood: Mapping[str, Mapping[str, str]]) -> list[str]:
     for host, units in sorted(stood.items()):
         by: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for unit, chosen in sorted(units.items()):
-            by[chosen][feature_of_unit(unit)] += "::" in unit
+            by[chosen][feature_of_unit(unit)] += is_move(unit)
         lines.append(f"spread: host {host} (same fingerprint) was stood for by " + "; ".join(
             f"{chosen} in " + ", ".join(f"{f} ({n} of its moves)" if n else f for f, n in fs.items())
             for chosen, fs in sorted(by.items())))
