@@ -513,7 +513,7 @@ FILL_SHA = "/tmp/fill.sha256"
 def postcopy_source(boot_vm):
     """A guest with RAM worth moving after the switch (64 MiB not zero, its checksum kept) and a counter."""
     source = boot_vm(VMSpec(memory_mib=256))
-    source.run(f"yes kvmcheck | head -c {64 * MIB} > /tmp/fill && sha256sum /tmp/fill > {FILL_SHA}", check=True)
+    source.run(f"yes kvmcheck | head -c {64 * MIB} > /tmp/fill && sha256sum /tmp/fill > {FILL_SHA}", check=True, timeout=120)
     GuestState.prepare(source)
     return source
 
