@@ -130,7 +130,7 @@ class SSHHost(Host):
         where = f"host {self.name} ({params['username']}@{params['hostname']}:{params['port']})"
         try:
             client.connect(params["hostname"], port=params["port"], username=params["username"],
-                           key_filename=params["key_filename"], timeout=10, banner_timeout=10,
+                           key_filename=params["key_filename"], timeout=10, banner_timeout=30,
                            auth_timeout=10, allow_agent=True, look_for_keys=params["key_filename"] is None)
         except paramiko.BadHostKeyException as exc:
             raise HostKeyUnknown(

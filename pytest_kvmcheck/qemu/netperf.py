@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import VMError
+from ..errors import CommandTimeout, VMError
 from ..hosts.transport import Host
 from ..waiting import poll
 from .vm import VM
@@ -87,12 +87,24 @@ class NetProbe:
         """Stream from the host to the guest for ``seconds``: (bytes the guest confirmed, seconds)."""
         return parse_stream(self._client("send", address, seconds, seconds + 60))
 
-    def wait_ready(self, address: str, timeout: float = 10.0) -> None:
-        """Until the guest's server answers on ``address`` (its NIC is up and it listens)."""
-        answered = poll(lambda: self.host.run([self.program, "rr", address, str(PORT), "1"], timeout=10).ok,
-                        timeout, 0.2)
-        if not answered:
-            raise VMError(f"VM {self.vm.name}: kvmcheck-net in the guest does not answer on {address}:{PORT}")
+    def wait_ready(self, address: str, timeout: float = 30.0) -> None:
+        """Until the guest's server answers on ``address`` (its NIC is up and it listens). An
+        attempt that hangs (the SYN unanswered while the guest's NIC comes up, a loaded host)
+        is one more "not yet", not the end of the wait."""
+        last = ["no attempt finished"]
+
+        def answers() -> bool:
+            try:
+                result = self.host.run([self.program, "rr", address, str(PORT), "1"], timeout=5)
+            except CommandTimeout as exc:
+                last[0] = str(exc)
+                return False
+            last[0] = (result.stderr or result.stdout).strip()[-200:] or f"exit status {result.exit_status}"
+            return result.ok
+
+        if not poll(answers, timeout, 0.2):
+            raise VMError(f"VM {self.vm.name}: kvmcheck-net in the guest does not answer on {address}:{PORT} "
+                          f"within {timeout:.0f} s (last attempt: {last[0]})")
 
     def speed(self, address: str, seconds: float = 2, round_trips: int = 2000,
               cpu: Callable[[], float] | None = None) -> LinkSpeed:
