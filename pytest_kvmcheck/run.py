@@ -36,6 +36,7 @@ from .images.tiny import TinyImage, build_tiny
 from .paths import cache_dir
 from .hosts.footprint import KEEP_MARKER, HostRun, place_files, remove_run, start_run
 from .hosts.settings import replay_stale_changes
+from .machines import MachineLocks
 from .hosts.connect import connect
 from .hosts.transport import Host
 from .qemu.vm import VM, stop_all_vms
@@ -264,8 +265,12 @@ class KvmRun:
     def peer(self, name: str) -> PreparedHost:
         """The host ``name`` migrates to: the next one in --kvm-hosts order, or itself if alone.
         A host kept for some tests alone (only=) is no one's peer."""
+        return self.host(self.peer_name(name))
+
+    def peer_name(self, name: str) -> str:
+        """The name of :meth:`peer`, without preparing it."""
         names = [n for n, spec in self.specs.items() if not spec.only or n == name]
-        return self.host(names[(names.index(name) + 1) % len(names)])
+        return names[(names.index(name) + 1) % len(names)]
 
     def unmet(self, name: str, needs: list[str], peer_needs: list[str] = ()) -> list[Unmet]:
         """What keeps the test from running on host ``name``: its unmet ``needs``, and
@@ -286,6 +291,12 @@ class KvmRun:
                                      f"no storage shared with {name} at the same path",
                                      "shared-storage" in peer.spec.expect))
         return out
+
+    @property
+    def machine_locks(self) -> MachineLocks:
+        """The run's locks of the machines its hosts run on (machines.py)."""
+        self._ensure_state()
+        return MachineLocks(self.state_dir / "machines")
 
     def write_spread(self, stood_in_by: dict[str, dict[str, str]]) -> None:
         """--kvm-spread's plan (host -> {feature: the host that ran it instead}), for the controller.

@@ -88,6 +88,7 @@ PERF_SECONDS = 2.0
 MIN_RANDOM_RATIO, MIN_SEQUENTIAL_RATIO = 2.0, 1.0
 
 
+@pytest.mark.kvm_exclusive
 @pytest.mark.kvm_requires("kvm", "tiny-guest")
 def test_virtio_blk_outperforms_ide(boot_vm, kvm_metric, kvm_note):
     """Handbook 1.x: virtio-blk "improves block device I/O": against an IDE disk on the same

@@ -150,6 +150,7 @@ def record(kvm_metric, kvm_note, speeds: dict) -> None:
             kvm_metric(f"{key}_host_cpu_per_gib", speed.cpu_s_per_gib, "s/GiB")
 
 
+@pytest.mark.kvm_exclusive
 @pytest.mark.kvm_requires("kvm", "tap", "tiny-guest")
 def test_virtio_net_outperforms_e1000_throughput(virtio_against_e1000, kvm_metric, kvm_note):
     """Handbook 1.x: virtio-net "raises network throughput": between guest and host it moves at
@@ -163,6 +164,7 @@ def test_virtio_net_outperforms_e1000_throughput(virtio_against_e1000, kvm_metri
         f"to the guest {ratios[0]:.2f}x, from it {ratios[1]:.2f}x; virtio-net: {virtio}; e1000: {e1000}"
 
 
+@pytest.mark.kvm_exclusive
 @pytest.mark.kvm_requires("kvm", "tap", "tiny-guest")
 def test_virtio_net_outperforms_e1000_latency(virtio_against_e1000, kvm_metric, kvm_note):
     """Handbook 1.x: virtio-net "lowers latency": its median request/response round trip is at
@@ -176,6 +178,7 @@ def test_virtio_net_outperforms_e1000_latency(virtio_against_e1000, kvm_metric, 
         f"{LATENCY_MARGIN}x): {ratio:.2f}x; virtio-net: {virtio}; e1000: {e1000}"
 
 
+@pytest.mark.kvm_exclusive
 @pytest.mark.kvm_requires("tap", "vhost-net", "tiny-guest")
 def test_vhost_net_raises_efficiency(boot_vm, kvm_host, kvm_metric, kvm_note):
     """Handbook 1.x: vhost-net moves virtio-net's backend into the host kernel "to raise

@@ -5,7 +5,8 @@ Accepted forms, comma separated::
     local                                   this machine, via subprocesses
     ssh://user@host[:port][?key=..&qemu=..&qemu_img=..&workdir=..&accel=..&name=..&boot_timeout=..
                                             &max_downtime_ms=..&allow_host_changes=1&sudo=1&accept_new_host_key=1
-                                            &known_hosts=..&power_cycle=..&local_dir=..&only=..&other_qemu=..]
+                                            &known_hosts=..&power_cycle=..&local_dir=..&only=..&other_qemu=..
+                                            &machine=..]
     @inventory.toml                         a TOML inventory (see fixtures/inventory.example.toml)
     lab                                     the virtual KVM lab's inventory, once it is up
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -29,11 +31,12 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 ACCELS = ("auto", "kvm", "tcg")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUERY_KEYS = {"key", "qemu", "qemu_img", "workdir", "accel", "name", "accept_new_host_key",
                "known_hosts", "memory_budget_mib", "tags", "assignable", "migrate_address", "expect",
                "bridge", "boot_timeout", "max_downtime_ms", "allow_host_changes", "sudo", "power_cycle",
-               "local_dir", "only", "other_qemu"}
+               "local_dir", "only", "other_qemu", "machine"}
 _INVENTORY_KEYS = _QUERY_KEYS | {"url"}
 
 
@@ -73,6 +76,19 @@ class HostSpec:
     # A second QEMU build on the host (another release): version skew, as a fleet upgraded host by
     # host has it. The run prepares it as a host of its own, NAME.other-qemu (KvmRun.other_qemu).
     other_qemu: str | None = None
+    # The physical machine whose CPUs the host's guests use (None: see machine_name): hosts that
+    # are VMs of one machine share it, and a speed measurement on one of them runs alone there.
+    machine: str | None = None
+
+    @property
+    def machine_name(self) -> str:
+        """``machine=``, or this machine for ``local`` and for hosts reached on loopback (VMs
+        forwarded here, as the lab's are), or else the host's own address."""
+        if self.machine:
+            return self.machine
+        if self.transport == "local" or self.hostname in LOOPBACK:
+            return socket.gethostname()
+        return self.hostname or self.name
 
     @property
     def host_changes_allowed(self) -> bool:

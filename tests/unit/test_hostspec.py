@@ -146,3 +146,12 @@ def test_the_inventory_takes_power_cycle_as_a_list(tmp_path):
     path.write_text('[hosts.p]\nurl = "ssh://root@p"\npower_cycle = ["env", "A=b c", "kvmcheck", "lab", "power-cycle", "p"]\n')
     (spec,) = load_inventory(path)
     assert spec.power_cycle == ("env", "A=b c", "kvmcheck", "lab", "power-cycle", "p")
+
+
+def test_machine_is_this_one_for_local_and_loopback_hosts_else_the_address_unless_said():
+    import socket
+    here = socket.gethostname()
+    assert parse_host("local").machine_name == here
+    assert parse_host("ssh://root@127.0.0.1:2201").machine_name == here  # a VM forwarded here (the lab)
+    assert parse_host("ssh://qa@node3").machine_name == "node3"
+    assert parse_host("ssh://qa@10.0.0.5?machine=rack1-blade4").machine_name == "rack1-blade4"
