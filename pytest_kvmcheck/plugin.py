@@ -21,7 +21,7 @@ from .hosts.spec import ACCELS, parse_hosts
 from .images.cloud import CloudImage, CloudImageError
 from .compare import compare, parse_pairs, render_html, render_text
 from .matrix import report_head
-from .record import NOT_NOTES, RunRecorder, load, met_needs
+from .record import NOT_NOTES, RunRecorder, bare_test_id, load, met_needs
 from .run import RUN_KEY, KvmRun, worker_id
 
 VERDICTS_KEY = pytest.StashKey[verdicts.Verdicts]()
@@ -237,8 +237,7 @@ def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
             continue
         move = ""
         if _has_peer(item):
-            rest = f"-{item.callspec.id}-".replace(f"-{host}-", "-", 1).strip("-")  # the test's id without its host
-            move = f"{getattr(item, 'originalname', item.name)}{f'[{rest}]' if rest else ''}"
+            move = bare_test_id(f"{getattr(item, 'originalname', item.name)}[{item.callspec.id}]", host)
         units[item.nodeid] = (spread.unit(verdicts.feature_of(item.nodeid), move), host)
     assignment = spread.assign(units.values(), keys, peers)
     keep, drop = [], []

@@ -21,6 +21,7 @@ fixture); ``scope="host"`` metrics (boot to ready, ...) are compared per host ac
 from __future__ import annotations
 
 import json
+import re
 import os
 import sys
 import time
@@ -52,8 +53,14 @@ def record_metric(item: pytest.Item, name: str, samples, unit: str, direction: s
 
 
 def bare_test_id(nodeid: str, host: str) -> str:
-    """The test's id without its host: ``test_x[local-qcow2]`` on host local is ``test_x[qcow2]``."""
-    return nodeid.replace(f"[{host}]", "").replace(f"[{host}-", "[")
+    """The test's id without its host, wherever the host stands among its parameters:
+    ``test_x[local-qcow2]`` on host local is ``test_x[qcow2]``, ``test_x[userspace-lab-1]`` on
+    lab-1 is ``test_x[userspace]``, ``test_x[lab-1]`` is ``test_x``."""
+    match = re.search(r"\[(.*)\]$", nodeid)
+    if not match:
+        return nodeid
+    rest = f"-{match.group(1)}-".replace(f"-{host}-", "-", 1).strip("-")
+    return nodeid[:match.start()] + (f"[{rest}]" if rest else "")
 
 
 class RunRecorder:

@@ -21,6 +21,9 @@ def boot(samples):
 
 def test_the_test_key_drops_the_host():
     assert bare_test_id("suites/test_virtio_blk.py::test_x[lab-1-qcow2]", "lab-1") == "suites/test_virtio_blk.py::test_x[qcow2]"
+    assert bare_test_id("suites/test_net.py::test_y[userspace-lab-1]", "lab-1") == "suites/test_net.py::test_y[userspace]"
+    assert bare_test_id("suites/test_net.py::test_y[lab-1]", "lab-1") == "suites/test_net.py::test_y"
+    assert bare_test_id("suites/test_net.py::test_y[lab-10-x]", "lab-1") == "suites/test_net.py::test_y[lab-10-x]"
     assert bare_test_id("suites/test_ksm.py::test_y[local]", "local") == "suites/test_ksm.py::test_y"
 
 
