@@ -10,10 +10,13 @@ QMP transcript and console from there.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from .errors import HostError, KvmCheckError, again
 from .hosts.capabilities import Capabilities
+from .machines import MachineHold
 from .qemu.migration import destination_spec, listen
 from .qemu.spec import VMSpec
 from .qemu.vm import VM
@@ -22,6 +25,7 @@ from .run import RUN_KEY, KvmRun, PreparedHost
 
 TEST_VMS = pytest.StashKey[list]()  # on a test item: the VMs it used, for its report
 ROUND_TRIPS_TAKEN = pytest.StashKey[bool]()  # on a test item: its guest command round trips are measured
+MACHINE_HOLD = pytest.StashKey[MachineHold]()  # on the config: the running test's machines (plugin.py)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +63,17 @@ def kvm_other_qemu(kvm_host: PreparedHost, kvm_run: KvmRun) -> PreparedHost:
 @pytest.fixture(scope="session")
 def kvm_caps(kvm_host: PreparedHost) -> Capabilities:
     return kvm_host.caps
+
+
+@pytest.fixture(scope="session")
+def kvm_alone(request: pytest.FixtureRequest):
+    """``with kvm_alone():`` a speed measurement runs alone on the machines the running test's
+    hosts run on: the tests running there end first, none starts there until it ends
+    (machines.py). Session-scoped, so a module's fixture that measures can use it too."""
+    def alone():
+        held = request.config.stash.get(MACHINE_HOLD, None)
+        return held.alone() if held is not None else contextlib.nullcontext(0.0)  # not a kvmcheck test
+    return alone
 
 
 @pytest.fixture

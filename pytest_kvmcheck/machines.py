@@ -1,12 +1,13 @@
 """A machine's CPUs for a measurement: a run-wide reader-writer lock per physical machine.
 
-A test that compares speeds (``@pytest.mark.kvm_exclusive``) must not share its machine with the
-run's other tests. In the lab run, with two workers on one 2-core machine, a healthy host's
-virtio-net measured 1.21x e1000's throughput (the check wants 1.3x) and vhost-net 1.05x the
-userspace NIC's efficiency (it wants 1.1x): the other worker's guests took the CPU the faster
-NIC needed. So every kvmcheck test holds the locks of the machines its hosts run on shared,
-and a ``kvm_exclusive`` test holds them exclusively: it starts once the tests already running
-there have ended, and no other starts there until it ends. Hosts on other machines go on.
+A speed comparison must not share its machine with the run's other tests. In the lab run, with
+two workers on one 2-core machine, a healthy host's virtio-net measured 1.21x e1000's throughput
+(the check wants 1.3x) and vhost-net 1.05x the userspace NIC's (it wants 1.1x): the other
+worker's guests took the CPU the faster NIC needed. So every kvmcheck test holds the machines
+its hosts run on shared (:class:`MachineHold`), and a measurement runs in
+:meth:`MachineHold.alone`: it starts once the tests running there have ended, and no other
+starts there until it ends. Only the measurement is alone, not its guest's boot; hosts on other
+machines go on.
 
 A turnstile keeps a waiting measurement from being starved: a test takes it, briefly, before
 its shared lock; a measurement holds it while it waits and runs. Several machines are locked in
@@ -28,39 +29,59 @@ from typing import Iterable, Iterator
 log = logging.getLogger(__name__)
 
 
-class MachineLocks:
-    """The run's per-machine locks, in ``directory``."""
+class MachineHold:
+    """Machines held shared from ``__enter__`` to ``__exit__`` (a test's setup to its
+    teardown), alone for a while in :meth:`alone`."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, machines: Iterable[str]):
         self.directory = Path(directory)
+        self.machines = sorted(set(machines))
+        self.waited_alone = 0.0  # seconds the measurements waited for the machines
 
-    def _file(self, machine: str, kind: str) -> int:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def _open(self, machine: str, kind: str) -> int:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", machine)
         return os.open(self.directory / f"machine-{safe}.{kind}", os.O_RDWR | os.O_CREAT, 0o600)
 
+    def __enter__(self) -> "MachineHold":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._fds = [(self._open(m, "turnstile"), self._open(m, "lock")) for m in self.machines]
+        self._shared()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for turnstile, lock in self._fds:
+            os.close(lock)  # closing releases the lock
+            os.close(turnstile)
+
+    def _shared(self) -> None:
+        for turnstile, lock in self._fds:
+            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH)
+            finally:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
     @contextlib.contextmanager
-    def hold(self, machines: Iterable[str], exclusive: bool = False) -> Iterator[float]:
-        """Hold ``machines`` shared (or exclusively) for the ``with`` block; yields the seconds
-        spent waiting for them."""
+    def alone(self) -> Iterator[float]:
+        """The block runs alone on the machines; yields the seconds it waited for them. The
+        shared hold is let go first (two tests upgrading in place would wait on each other)
+        and taken again after."""
+        for _, lock in self._fds:
+            fcntl.flock(lock, fcntl.LOCK_UN)
         started = time.monotonic()
-        with contextlib.ExitStack() as stack:
-            for machine in sorted(set(machines)):
-                turnstile = self._file(machine, "turnstile")
-                stack.callback(os.close, turnstile)
-                lock = self._file(machine, "lock")
-                stack.callback(os.close, lock)
+        held = []
+        try:
+            for turnstile, lock in self._fds:
                 fcntl.flock(turnstile, fcntl.LOCK_EX)
-                if exclusive:
-                    stack.callback(fcntl.flock, turnstile, fcntl.LOCK_UN)
-                    fcntl.flock(lock, fcntl.LOCK_EX)
-                else:
-                    try:
-                        fcntl.flock(lock, fcntl.LOCK_SH)
-                    finally:
-                        fcntl.flock(turnstile, fcntl.LOCK_UN)
-                stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+                held.append(turnstile)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                held.append(lock)
             waited = time.monotonic() - started
-            if exclusive:
-                log.info("machines %s: alone after waiting %.1f s", ", ".join(sorted(set(machines))), waited)
+            self.waited_alone += waited
+            log.info("machines %s: alone after waiting %.1f s", ", ".join(self.machines), waited)
             yield waited
+        finally:
+            for fd in reversed(held):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            self._shared()
+

@@ -15,7 +15,7 @@ import pytest
 from . import hookspecs, reporting, spread, verdicts
 from .errors import HostSpecError, KvmCheckError
 from .fixtures import *  # noqa: F401,F403 - registers the fixtures with pytest
-from .fixtures import vms_of
+from .fixtures import MACHINE_HOLD, vms_of
 from .hosts.capabilities import Capabilities, check_need_names
 from .hosts.spec import ACCELS, parse_hosts
 from .images.cloud import CloudImage, CloudImageError
@@ -89,9 +89,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "kvm_changes_host(what): the test changes host-wide state (KSM knobs, sriov_numvfs, driver "
         "bindings); it runs only where the host's spec allows it (allow_host_changes) and skips elsewhere")
-    config.addinivalue_line(
-        "markers", "kvm_exclusive: the test compares speeds; it runs alone on the machines its hosts run on "
-        "(tests already running there end first, none starts there until it ends; see machine= in host specs)")
     accel = setting(config, "kvm_accel")
     if accel not in ACCELS:
         raise pytest.UsageError(f"--kvm-accel: {accel!r} is not one of {', '.join(ACCELS)}")
@@ -253,17 +250,17 @@ def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     """A kvmcheck test holds the machines its host and its migration peer run on, from its
-    setup to its teardown: shared, or alone for a ``kvm_exclusive`` measurement (machines.py)."""
+    setup to its teardown, shared; a measurement in it runs alone there (``kvm_alone``)."""
     name = _host_of(item)
     if name is None:
         return (yield)
     run = item.config.stash[RUN_KEY]
-    hosts = {name, run.peer_name(name)} if _has_peer(item) else {name}
-    exclusive = item.get_closest_marker("kvm_exclusive") is not None
-    with run.machine_locks.hold([run.specs[h].machine_name for h in hosts], exclusive) as waited:
-        if exclusive:
-            item.user_properties.append(("machine_wait_s", round(waited, 1)))
-        return (yield)
+    with run.machine_hold({name, run.peer_name(name)} if _has_peer(item) else {name}) as held:
+        item.config.stash[MACHINE_HOLD] = held  # one test at a time per process
+        try:
+            return (yield)
+        finally:
+            del item.config.stash[MACHINE_HOLD]
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 
@@ -36,7 +37,7 @@ from .images.tiny import TinyImage, build_tiny
 from .paths import cache_dir
 from .hosts.footprint import KEEP_MARKER, HostRun, place_files, remove_run, start_run
 from .hosts.settings import replay_stale_changes
-from .machines import MachineLocks
+from .machines import MachineHold
 from .hosts.connect import connect
 from .hosts.transport import Host
 from .qemu.vm import VM, stop_all_vms
@@ -292,11 +293,10 @@ class KvmRun:
                                      "shared-storage" in peer.spec.expect))
         return out
 
-    @property
-    def machine_locks(self) -> MachineLocks:
-        """The run's locks of the machines its hosts run on (machines.py)."""
+    def machine_hold(self, hosts: Iterable[str]) -> MachineHold:
+        """The machines ``hosts`` run on, to hold for a test (machines.py)."""
         self._ensure_state()
-        return MachineLocks(self.state_dir / "machines")
+        return MachineHold(self.state_dir / "machines", (self.specs[h].machine_name for h in hosts))
 
     def write_spread(self, stood_in_by: dict[str, dict[str, str]]) -> None:
         """--kvm-spread's plan (host -> {feature: the host that ran it instead}), for the controller.

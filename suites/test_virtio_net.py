@@ -130,11 +130,12 @@ _measured: dict[str, dict] = {}  # guest name -> its NICs' speeds: both claims' 
 
 
 @pytest.fixture
-def virtio_against_e1000(side_by_side_guest, kvm_host):
-    """The guest's virtio-net and e1000 NICs, measured once."""
+def virtio_against_e1000(side_by_side_guest, kvm_host, kvm_alone):
+    """The guest's virtio-net and e1000 NICs, measured once, alone on the host's machine."""
     vm = side_by_side_guest
     if vm.name not in _measured:
-        _measured[vm.name] = compare_nics(vm, kvm_host, {"virtio-net": 1, "e1000": 2})
+        with kvm_alone():
+            _measured[vm.name] = compare_nics(vm, kvm_host, {"virtio-net": 1, "e1000": 2})
     return _measured[vm.name]
 
 
@@ -150,7 +151,6 @@ def record(kvm_metric, kvm_note, speeds: dict) -> None:
             kvm_metric(f"{key}_host_cpu_per_gib", speed.cpu_s_per_gib, "s/GiB")
 
 
-@pytest.mark.kvm_exclusive
 @pytest.mark.kvm_requires("kvm", "tap", "tiny-guest")
 def test_virtio_net_outperforms_e1000_throughput(virtio_against_e1000, kvm_metric, kvm_note):
     """Handbook 1.x: virtio-net "raises network throughput": between guest and host it moves at
@@ -164,7 +164,6 @@ def test_virtio_net_outperforms_e1000_throughput(virtio_against_e1000, kvm_metri
         f"to the guest {ratios[0]:.2f}x, from it {ratios[1]:.2f}x; virtio-net: {virtio}; e1000: {e1000}"
 
 
-@pytest.mark.kvm_exclusive
 @pytest.mark.kvm_requires("kvm", "tap", "tiny-guest")
 def test_virtio_net_outperforms_e1000_latency(virtio_against_e1000, kvm_metric, kvm_note):
     """Handbook 1.x: virtio-net "lowers latency": its median request/response round trip is at
@@ -178,16 +177,16 @@ def test_virtio_net_outperforms_e1000_latency(virtio_against_e1000, kvm_metric, 
         f"{LATENCY_MARGIN}x): {ratio:.2f}x; virtio-net: {virtio}; e1000: {e1000}"
 
 
-@pytest.mark.kvm_exclusive
 @pytest.mark.kvm_requires("tap", "vhost-net", "tiny-guest")
-def test_vhost_net_raises_efficiency(boot_vm, kvm_host, kvm_metric, kvm_note):
+def test_vhost_net_raises_efficiency(boot_vm, kvm_host, kvm_metric, kvm_note, kvm_alone):
     """Handbook 1.x: vhost-net moves virtio-net's backend into the host kernel "to raise
     efficiency": against QEMU's own backend in the same guest it moves at least
     VHOST_THROUGHPUT_MARGIN times as much each way, for at most VHOST_CPU_MARGIN of the host CPU
     time per GiB (QEMU's threads and its vhost workers)."""
     vm = boot_vm(VMSpec(memory_mib=256, nics=(Nic(), Nic("virtio-net-pci", tap=True),
                                               Nic("virtio-net-pci", vhost=True))))
-    speeds = compare_nics(vm, kvm_host, {"virtio-net-userspace": 1, "virtio-net-vhost": 2}, cpu=True)
+    with kvm_alone():
+        speeds = compare_nics(vm, kvm_host, {"virtio-net-userspace": 1, "virtio-net-vhost": 2}, cpu=True)
     record(kvm_metric, kvm_note, speeds)
     user, vhost = speeds["virtio-net-userspace"], speeds["virtio-net-vhost"]
     ratios = (vhost.to_guest_mbps / user.to_guest_mbps, vhost.from_guest_mbps / user.from_guest_mbps)

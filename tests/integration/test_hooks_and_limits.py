@@ -58,14 +58,19 @@ def test_hooks_description_and_time_limit(pytester, workdir, tmp_path, monkeypat
     assert_nothing_left(workdir, out)
 
 
+
 MEASUREMENTS = '''
-import time
+import os, time
 import pytest
 
-@pytest.mark.kvm_exclusive
 @pytest.mark.parametrize("n", range(2))
-def test_measures(kvm_host, n):
-    time.sleep(1.5)
+def test_measures(kvm_host, kvm_alone, n):
+    time.sleep(0.5)  # its guest boots: beside other tests
+    with kvm_alone():
+        start = time.time()
+        time.sleep(1.5)
+    with open(os.environ["KVMCHECK_ALONE_LOG"], "a") as log:
+        log.write(f"{start} {time.time()}\\n")
 
 @pytest.mark.parametrize("n", range(6))
 def test_other(kvm_host, n):
@@ -73,19 +78,21 @@ def test_other(kvm_host, n):
 '''
 
 
-def test_a_speed_comparison_runs_alone_on_its_machine(pytester, workdir):
-    """Two workers on one host: a kvm_exclusive test's time overlaps no other test's (the lab's
-    two workers read a healthy virtio-net as 1.21x e1000, below the check's 1.3x, without it),
+def test_a_speed_measurement_runs_alone_on_its_machine(pytester, workdir, tmp_path, monkeypatch):
+    """Two workers on one host: a kvm_alone() block overlaps no other test (the lab's two
+    workers read a healthy virtio-net as 1.21x e1000, below the check's 1.3x, without it),
     while the other tests still run two at a time."""
+    monkeypatch.setenv("KVMCHECK_ALONE_LOG", str(tmp_path / "alone.log"))
     pytester.makepyfile(test_alone=MEASUREMENTS)
     result = run_pytest(pytester, f"--kvm-hosts=local?workdir={workdir}", "-n", "2", "--dist", "load")
     assert result.ret == 0, result.stdout.str()[-3000:]
     tests = json.loads((pytester.path / "reports" / "run.json").read_text())["tests"]
     spans = {t["test"].split("::")[1]: (t["start"], t["stop"]) for t in tests}
     assert len(spans) == 8, spans
-    for name, (start, stop) in spans.items():
-        if name.startswith("test_measures"):
-            beside = [other for other, (s, e) in spans.items() if other != name and s < stop and e > start]
-            assert not beside, f"{name} ran beside {beside}"
+    alone = [tuple(map(float, line.split())) for line in (tmp_path / "alone.log").read_text().splitlines()]
+    assert len(alone) == 2, alone
+    for start, stop in alone:
+        beside = [name for name, (s, e) in spans.items() if s < stop and e > start and not (s <= start and stop <= e)]
+        assert not beside, f"a measurement ({start:.1f}-{stop:.1f}) ran beside {beside}: {spans}"
     others = sorted(span for name, span in spans.items() if name.startswith("test_other"))
-    assert any(b[0] < a[1] for a, b in zip(others, others[1:])), f"the other tests never ran together: {others}"
+    assert any(b[0] < a[1] for a, b in zip(others, others[1:], strict=False)), f"the other tests never ran together: {others}"
