@@ -146,9 +146,12 @@ def test_guest_memory_statistics_follow_the_guest(balloon_guest):
                          and before["available"] - s["available"] >= STATS_MOVE_MIB, show=show)
     finally:
         held.release()
-    wait_until(lambda: guest_stats(vm), 10 * STATS_INTERVAL_S,
+    # Free or available: on a busy host the guest's own page cache can take a few MiB of what
+    # came back (CI once saw free rise by 95 MiB, one short of the mark).
+    wait_until(lambda: guest_stats(vm), 20 * STATS_INTERVAL_S,
                f"statistics showing the 128 MiB free again (while taken: {show(low)})",
-               done=lambda s: s["free"] - low["free"] >= STATS_MOVE_MIB, show=show)
+               done=lambda s: max(s["free"] - low["free"], s["available"] - low["available"]) >= STATS_MOVE_MIB,
+               show=show)
 
 
 REPORTED_MIB = 256  # the guest fills and frees this much; reporting must hand most of it back

@@ -106,7 +106,8 @@ class GuestSession(GuestShows):
         return read_channel(channel, deadline, done=done,
                             timed_out=CommandTimeout(f"guest {self.name}: {text!r} did not finish within "
                                                      f"{deadline - self._started:.0f} s"),
-                            closed=VMError(f"guest {self.name}: SSH channel closed during {text!r}"))
+                            closed=VMError(f"guest {self.name}: the SSH channel ended before {text!r} finished "
+                                           f"(the guest's shell or its SSH server went away mid-command)"))
 
     def _run_in_channel(self, text: str, timeout: float, input: str) -> tuple[int, str, str]:
         channel = self._open_channel()
