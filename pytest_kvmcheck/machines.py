@@ -36,7 +36,6 @@ class MachineHold:
     def __init__(self, directory: Path, machines: Iterable[str]):
         self.directory = Path(directory)
         self.machines = sorted(set(machines))
-        self.waited_alone = 0.0  # seconds the measurements waited for the machines
 
     def _open(self, machine: str, kind: str) -> int:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", machine)
@@ -45,7 +44,11 @@ class MachineHold:
     def __enter__(self) -> "MachineHold":
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fds = [(self._open(m, "turnstile"), self._open(m, "lock")) for m in self.machines]
-        self._shared()
+        try:
+            self._shared()
+        except BaseException:  # interrupted while waiting (a time limit): no descriptor kept
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -77,7 +80,6 @@ class MachineHold:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 held.append(lock)
             waited = time.monotonic() - started
-            self.waited_alone += waited
             log.info("machines %s: alone after waiting %.1f s", ", ".join(self.machines), waited)
             yield waited
         finally:
