@@ -119,7 +119,7 @@ class Host(abc.ABC):
     def makedirs(self, path: str) -> None:
         self.run(["mkdir", "-p", "--", path]).check()
 
-    def remove_tree(self, path: str, settle: float = 15.0) -> None:
+    def remove_tree(self, path: str, settle: float = 30.0) -> None:
         """``rm -rf``; on NFS a file whose last user just exited lingers as .nfsXXXX for a moment."""
         deadline = time.monotonic() + settle
         while True:
@@ -130,6 +130,8 @@ class Host(abc.ABC):
             if time.monotonic() > deadline:  # say what stays, and who holds it
                 left = self.run(["sh", "-c", f"ls -la -- {shlex.quote(path)}; ls -l /proc/[0-9]*/fd 2>/dev/null | "
                                              f"grep -F -- {shlex.quote(path)} | head -5"], timeout=30).stdout
+                if self.run(["rm", "-rf", "--", path]).ok:  # its holder went while we looked
+                    return
                 raise HostError(f"rm -rf -- {path} on {self.name}: the directory keeps files {settle:.0f} s on "
                                 f"(open elsewhere?):\n{left.strip()[-1500:]}")
             time.sleep(0.2)

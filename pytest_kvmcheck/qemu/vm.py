@@ -353,7 +353,11 @@ class VM:
                     self.host.kill(self.pid, "TERM")
                     if not poll(lambda: not self.alive(), 3.0):
                         self.host.kill(self.pid, "KILL")
-                        poll(lambda: not self.alive(), 3.0)
+                        # A killed QEMU can take a while to go (a thread in an NFS call, vhost's
+                        # teardown under an emulated CPU): its files stay open until it has.
+                        if not poll(lambda: not self.alive(), 30.0):
+                            log.warning("VM %s on %s: QEMU %s still there 30 s after SIGKILL",
+                                        self.name, self.host.name, self.pid)
         finally:
             if self._qmp is not None:
                 self._qmp.close()
