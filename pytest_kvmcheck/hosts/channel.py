@@ -19,10 +19,12 @@ def read_channel(channel, deadline: float, timed_out: Exception,
         elif channel.recv_stderr_ready():
             err += channel.recv_stderr(65536)
         elif channel.exit_status_ready() and (done is None or channel.eof_received):
-            if done is not None and closed is not None:
+            if done is not None and closed is not None and not done(out, err):
                 # The remote side ended before the awaited output (a guest's persistent shell
                 # exited): what arrived is not the command's whole answer. Returned, it read as
                 # "exited 255" with no output, a host's FAIL; it is our session that broke.
+                # (Asked again: the command may have ended since the loop's test, which for an
+                # exec channel is just what ``done`` waits for.)
                 raise closed
             break
         elif closed is not None and channel.closed:
