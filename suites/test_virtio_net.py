@@ -28,9 +28,13 @@ THROUGHPUT_MARGIN = 1.3
 # is the slower one (1.1x: its notifications cost more there than e1000's registers), so the
 # latency claim needs KVM.
 LATENCY_MARGIN = 0.8
-# vhost-net over QEMU's own virtio-net backend: throughput each way at least, host CPU per GiB
-# at most. The lab: 1.30-1.48x the throughput for 0.65-0.70x the CPU.
+# vhost-net over QEMU's own virtio-net backend: host CPU per GiB at most (the efficiency), and
+# throughput at least in one direction, never lower in the other. The lab: 0.65-0.80x the CPU,
+# 1.28-1.48x to the guest; from the guest 1.05-1.07x in three runs, one of them alone on the
+# machine (kvm_alone): there the guest's own emulated vCPU, which makes the packets, bounds
+# either backend, and 1.1x "each way" failed a healthy host.
 VHOST_THROUGHPUT_MARGIN = 1.1
+VHOST_NOT_SLOWER = 0.95  # the other direction: as fast, within the measurement's noise
 VHOST_CPU_MARGIN = 0.85
 ROUND_TRIPS = 1000  # a round's one-byte round trips: median and p99 over them
 
@@ -180,9 +184,9 @@ def test_virtio_net_outperforms_e1000_latency(virtio_against_e1000, kvm_metric, 
 @pytest.mark.kvm_requires("tap", "vhost-net", "tiny-guest")
 def test_vhost_net_raises_efficiency(boot_vm, kvm_host, kvm_metric, kvm_note, kvm_alone):
     """Handbook 1.x: vhost-net moves virtio-net's backend into the host kernel "to raise
-    efficiency": against QEMU's own backend in the same guest it moves at least
-    VHOST_THROUGHPUT_MARGIN times as much each way, for at most VHOST_CPU_MARGIN of the host CPU
-    time per GiB (QEMU's threads and its vhost workers)."""
+    efficiency": against QEMU's own backend in the same guest it takes at most VHOST_CPU_MARGIN
+    of the host CPU time per GiB (QEMU's threads and its vhost workers), moves at least
+    VHOST_THROUGHPUT_MARGIN times as much one way and no less the other."""
     vm = boot_vm(VMSpec(memory_mib=256, nics=(Nic(), Nic("virtio-net-pci", tap=True),
                                               Nic("virtio-net-pci", vhost=True))))
     with kvm_alone():
@@ -191,7 +195,8 @@ def test_vhost_net_raises_efficiency(boot_vm, kvm_host, kvm_metric, kvm_note, kv
     user, vhost = speeds["virtio-net-userspace"], speeds["virtio-net-vhost"]
     ratios = (vhost.to_guest_mbps / user.to_guest_mbps, vhost.from_guest_mbps / user.from_guest_mbps)
     cpu = vhost.cpu_s_per_gib / user.cpu_s_per_gib
-    assert min(ratios) >= VHOST_THROUGHPUT_MARGIN and cpu <= VHOST_CPU_MARGIN, \
-        f"vhost-net does not beat QEMU's own virtio-net backend by the handbook's margin (at least " \
-        f"{VHOST_THROUGHPUT_MARGIN}x each way, at most {VHOST_CPU_MARGIN}x the CPU per GiB): to the guest " \
+    assert cpu <= VHOST_CPU_MARGIN and max(ratios) >= VHOST_THROUGHPUT_MARGIN and min(ratios) >= VHOST_NOT_SLOWER, \
+        f"vhost-net does not beat QEMU's own virtio-net backend by the handbook's margin (at most " \
+        f"{VHOST_CPU_MARGIN}x the CPU per GiB, at least {VHOST_THROUGHPUT_MARGIN}x one way and " \
+        f"{VHOST_NOT_SLOWER}x the other): to the guest " \
         f"{ratios[0]:.2f}x, from it {ratios[1]:.2f}x, CPU per GiB {cpu:.2f}x; vhost: {vhost}; userspace: {user}"
