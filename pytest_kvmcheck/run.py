@@ -216,7 +216,8 @@ class KvmRun:
             notes += replay_stale_changes(transport)  # host-wide changes a killed run did not give back
             # Hosts sharing storage share the run dir: a peer that sees this marker shares it with us.
             transport.write_bytes(f"{run_dir}/host-{spec.name}", b"")
-            host_run = self._place_guest(transport, run_dir, tiny)
+            host_run = replace(self._place_guest(transport, run_dir, tiny), filesystem=transport.run(
+                ["stat", "-f", "-c", "%T", run_dir], timeout=15).stdout.strip())
             probe_kernel = place_files(transport, f"probe-{tiny.digest}", {"vmlinuz": str(tiny.directory / "vmlinuz")})
             probe_file = cache_dir() / "probes" / (hashlib.sha256(spec.url.encode()).hexdigest()[:16] + ".json")
             cache = load_probe_cache(probe_file)

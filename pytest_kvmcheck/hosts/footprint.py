@@ -128,6 +128,7 @@ class HostRun:
     boot_disk: str = ""  # disk-image guest: the image (VMs boot from an overlay of it)
     seed: str = ""  # disk-image guest: the cloud-init seed ISO of this run
     net_probe: str = ""  # tiny guest: kvmcheck-net for the host's end (the guest has its own)
+    filesystem: str = ""  # the run dir's (stat -f -c %T): a network one changes disks' default cache
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()

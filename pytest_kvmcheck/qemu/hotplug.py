@@ -45,8 +45,9 @@ class PluggedDisk:
     def argv(self) -> tuple[str, ...]:
         """The same disk on a command line: what a migration destination starts with."""
         where = f",addr={self.addr}" if self.addr else ""
-        return ("-blockdev", f"driver=file,filename={self.image},node-name={self.node}-file",
-                "-blockdev", f"driver={self.fmt},file={self.node}-file,node-name={self.node}",
+        direct = ",cache.direct=on" if self.vm.disk_cache == "none" else ""
+        return ("-blockdev", f"driver=file,filename={self.image},node-name={self.node}-file{direct}",
+                "-blockdev", f"driver={self.fmt},file={self.node}-file,node-name={self.node}{direct}",
                 "-device", f"virtio-blk-pci,drive={self.node},id={self.device},serial={self.serial}{where}")
 
     def unplug(self, timeout: float = APPEAR_S) -> None:
@@ -60,9 +61,13 @@ class PluggedDisk:
 def plug_disk(vm: VM, image: str, serial: str, fmt: str = "qcow2", addr: str | None = None,
               timeout: float = APPEAR_S) -> PluggedDisk:
     """Plug ``image`` into ``vm`` as a virtio-blk disk with ``serial`` (its node and device
-    named after it; ``addr``: its PCI slot); returns once the guest shows it."""
+    named after it; ``addr``: its PCI slot), cached as the VM's own disks are; returns once
+    the guest shows it."""
     plugged = PluggedDisk(vm, image, fmt, serial, addr, disk=None)  # type: ignore[arg-type]
-    vm.qmp.cmd("blockdev-add", driver=fmt, node_name=plugged.node, file={"driver": "file", "filename": image})
+    # The cache of the VM's own disks: on shared storage, past the page cache (spec.AUTO_CACHE).
+    cache = {"cache": {"direct": True}} if vm.disk_cache == "none" else {}
+    vm.qmp.cmd("blockdev-add", driver=fmt, node_name=plugged.node, **cache,
+               file={"driver": "file", "filename": image, **cache})
     where = {"addr": addr} if addr else {}
     vm.qmp.cmd("device_add", driver="virtio-blk-pci", id=plugged.device, drive=plugged.node, serial=serial, **where)
     plugged.disk = wait_until(lambda: vm.guest.find_block_device(serial), timeout,

@@ -23,6 +23,17 @@ CACHE_MODES = {
     "directsync": (",cache.direct=on", ",write-cache=off"),
     "unsafe": (",cache.no-flush=on", ""),
 }
+# A disk's default, "auto": writeback, except where the VM's files are on a network filesystem
+# that another host opens too (shared storage for migration). There the destination's page cache
+# may hold what it read of an image before the source's last writes (the lab's NFS: a migrated
+# guest read its hot-plugged disk as zeros), so it is "none", as libvirt demands for a safe move.
+AUTO_CACHE = "auto"
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb2", "ceph", "fuseblk", "fuse.glusterfs", "v9fs")
+
+
+def disk_cache_on(filesystem: str) -> str:
+    """What "auto" is on a host whose run files are on ``filesystem`` (``stat -f -c %T``)."""
+    return "none" if filesystem in NETWORK_FILESYSTEMS else "writeback"
 
 
 @dataclass(frozen=True)
@@ -51,12 +62,12 @@ class Disk:
     format: Literal["qcow2", "raw"] = "qcow2"
     serial: str | None = None
     path: str | None = None  # an existing image on the host; else one is created
-    cache: str = "writeback"  # a -drive cache= mode (CACHE_MODES)
+    cache: str = AUTO_CACHE  # a -drive cache= mode (CACHE_MODES), or "auto" (AUTO_CACHE)
 
     def __post_init__(self):
         if self.interface not in DISK_INTERFACES:
             raise ValueError(f"disk interface {self.interface!r} is not one of {', '.join(DISK_INTERFACES)}")
-        if self.cache not in CACHE_MODES:
+        if self.cache not in CACHE_MODES and self.cache != AUTO_CACHE:
             raise ValueError(f"disk cache mode {self.cache!r} is not one of {', '.join(CACHE_MODES)}")
 
 
@@ -106,6 +117,7 @@ class RenderContext:
     boot_disk: str = ""  # a disk-image guest boots from this (an overlay of the image) ...
     seed_iso: str = ""  # ... with its cloud-init NoCloud seed as a CD-ROM
     qemu_log: str = ""  # -D: once daemonized, QEMU's stderr (error_report) goes here, not to /dev/null
+    auto_cache: str = "writeback"  # what a disk's "auto" cache is on this host (disk_cache_on)
 
 
 MANAGEMENT_MAC_PREFIX = "52:54:00:6b:"
@@ -220,7 +232,7 @@ def render_argv(qemu: str, spec: VMSpec, ctx: RenderContext) -> list[str]:
         argv += ["-device", "virtio-scsi-pci,id=scsi0"]
     for i, disk in enumerate(spec.disks):
         path = ctx.disk_paths[i]
-        nodes, device = CACHE_MODES[disk.cache]
+        nodes, device = CACHE_MODES[ctx.auto_cache if disk.cache == AUTO_CACHE else disk.cache]
         # On both nodes, as -drive cache= sets them: a flush the format node skipped would
         # still reach the file's.
         argv += ["-blockdev", f"driver=file,filename={path},node-name=file{i}{nodes}",

@@ -32,7 +32,7 @@ from .monitor import Monitor
 from ..hosts.footprint import KEEP_MARKER, PIDFILE, HostRun
 from ..hosts.tools import QemuProcess
 from ..hosts.transport import Host
-from .spec import RenderContext, VMSpec, nic_mac, render_argv, tap_name
+from .spec import RenderContext, VMSpec, disk_cache_on, nic_mac, render_argv, tap_name
 
 DEFAULT_BOOT_TIMEOUT = 60.0
 DISK_IMAGE_BOOT_TIMEOUT = 300.0  # a distribution with systemd and cloud-init, under TCG: about 30 s
@@ -97,6 +97,11 @@ class VM:
         return self._stopped
 
     # ------------------------------------------------------------------ paths
+    @property
+    def disk_cache(self) -> str:
+        """The cache mode of this VM's disks that say "auto" (and of disks plugged into it)."""
+        return disk_cache_on(self.host_run.filesystem)
+
     def path(self, name: str) -> str:
         return posixpath.join(self.dir, name)
 
@@ -126,7 +131,7 @@ class VM:
             qmp_socket=self.qmp_socket, console_log=self.console_log, pidfile=self.path(PIDFILE),
             qemu_log=self.qemu_log,
             ssh_public_key=self.run_key.public_line, disk_paths=disk_paths,
-            qemu_version=self.qemu_version, mac_seed=self.seed)
+            qemu_version=self.qemu_version, mac_seed=self.seed, auto_cache=self.disk_cache)
         return render_argv(self.host.spec.qemu, self.spec, ctx)
 
     def start(self) -> "VM":

@@ -4,7 +4,8 @@ import shlex
 import pytest
 
 from pytest_kvmcheck.qemu.legacy import LEGACY_FORMS, translate_legacy
-from pytest_kvmcheck.qemu.spec import Disk, Nic, RenderContext, VMSpec, kernel_cmdline, render_argv, tap_name
+from pytest_kvmcheck.qemu.spec import (Disk, Nic, RenderContext, VMSpec, disk_cache_on, kernel_cmdline, render_argv,
+                                      tap_name)
 
 CTX = RenderContext(accel="tcg", kernel="/k", initrd="/i", workdir="/w", qmp_socket="/w/qmp.sock",
                     console_log="/w/console.log", pidfile="/w/qemu.pid", ssh_public_key="ssh-ed25519 AAAA run",
@@ -115,3 +116,16 @@ def test_bridged_nic_is_a_plain_tap_and_never_the_first():
     assert "script=no" in tap and "vhost" not in tap
     with pytest.raises(ValueError, match="first NIC"):
         render_argv("q", VMSpec(nics=(Nic(bridged=True),)), CTX)
+
+
+def test_disks_bypass_the_page_cache_on_shared_storage_unless_told_otherwise():
+    """A disk's "auto" cache: writeback on a host's own filesystem, none on a network one (a
+    migration destination's page cache may hold an image as it was before the source's writes),
+    and an explicit mode stays what it says."""
+    spec = VMSpec(disks=(Disk(), Disk(cache="writeback", format="raw")))
+    local = opt_values(render_argv("q", spec, RenderContext(**{**CTX.__dict__, "auto_cache": disk_cache_on("ext2/ext3")})),
+                       "-blockdev")
+    shared = opt_values(render_argv("q", spec, RenderContext(**{**CTX.__dict__, "auto_cache": disk_cache_on("nfs")})),
+                        "-blockdev")
+    assert not any("cache.direct" in b for b in local), local
+    assert all("cache.direct=on" in b for b in shared[:2]) and not any("cache.direct" in b for b in shared[2:]), shared
