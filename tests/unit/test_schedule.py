@@ -1,5 +1,5 @@
 """Host+module scopes for xdist: a module's tests stay together per host, hosts apart."""
-from pytest_kvmcheck.schedule import host_in_id, scope_of
+from pytest_kvmcheck.schedule import host_in_id, next_scope, scope_of
 
 HOSTS = ("lab-1", "lab-10", "local", "lab-power")
 
@@ -17,3 +17,15 @@ def test_scopes_split_modules_by_host_only():
     assert scope_of("suites/test_net.py::test_rate[lab-1]", HOSTS) == "suites/test_net.py@lab-1"
     assert scope_of("suites/test_net.py::test_link[local-vhost]", HOSTS) == "suites/test_net.py@local"
     assert scope_of("tests/unit/test_x.py::Case::test_plain", HOSTS) == "tests/unit/test_x.py::Case"
+
+
+def test_a_free_worker_goes_to_the_host_that_runs_the_least():
+    queue = {"suites/test_migration.py@lab-1": {"a": False, "b": False, "c": False},
+             "suites/test_hotplug.py@lab-1": {"d": False, "e": False},
+             "suites/test_migration.py@lab-2": {"f": False, "g": False},
+             "suites/test_virtio_blk.py@lab-power": {"h": False}}
+    assert next_scope(queue, {}) == "suites/test_migration.py@lab-1"  # the largest, hosts alike
+    assert next_scope(queue, {"lab-1": 1}) == "suites/test_migration.py@lab-2"  # not a second on lab-1
+    # lab-power's one check starts while the others run, not last and alone
+    assert next_scope(queue, {"lab-1": 1, "lab-2": 1}) == "suites/test_virtio_blk.py@lab-power"
+    assert next_scope({"tests/unit/test_x.py": {"i": False}}, {"lab-1": 2}) == "tests/unit/test_x.py"
