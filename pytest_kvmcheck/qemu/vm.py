@@ -3,8 +3,8 @@
 A :class:`VM` is started daemonized with a pidfile in its own directory of the run's work
 dir; QMP listens on a unix socket there, the serial console goes to a file there, and the
 guest's SSH is a user-mode hostfwd on the host's loopback (port chosen by QEMU, read back
-through ``info usernet``, so parallel workers never collide). Shut-down is ``quit``, then
-SIGTERM, then SIGKILL. Every VM of the process is also stopped at exit, whatever happened.
+through ``info usernet``, so parallel workers never collide). Shut-down is ``quit`` (SIGTERM where QMP
+did not take it), then SIGKILL. Every VM of the process is also stopped at exit, whatever happened.
 
 A VM is a context manager (``with VM(...) as vm:`` destroys it on the way out); its spec is
 frozen: a VM made to take over another (a migration destination) is a new VM of its own.
@@ -336,7 +336,7 @@ class VM:
 
     # ------------------------------------------------------------------ shutdown
     def stop(self, timeout: float = 5.0) -> None:
-        """``quit``, then SIGTERM, then SIGKILL; idempotent, never raises for a dead VM."""
+        """``quit`` (or, where QMP did not take it, SIGTERM), then SIGKILL; idempotent, never raises for a dead VM."""
         if self._stopped:
             return
         self._stopped = True
@@ -347,16 +347,19 @@ class VM:
             if self._guest is not None:
                 self._guest.close()
             if self.pid is not None and self.alive():
+                quit_taken = False
                 try:
                     # A QEMU that hangs in quit (a source whose postcopy was cancelled joins a stuck
                     # migration thread) gets the same few seconds as one that ignores it.
                     self.qmp.timeout = min(self.qmp.timeout, timeout)
                     self.qmp.cmd("quit")
+                    quit_taken = True
                 except KvmCheckError:
                     pass
                 if not poll(lambda: not self.alive(), timeout):
-                    self.host.kill(self.pid, "TERM")
-                    if not poll(lambda: not self.alive(), 3.0):
+                    if not quit_taken:  # SIGTERM asks for the shutdown a taken quit began: no use there
+                        self.host.kill(self.pid, "TERM")
+                    if quit_taken or not poll(lambda: not self.alive(), 3.0):
                         self.host.kill(self.pid, "KILL")
                         # A killed QEMU can take a while to go (a thread in an NFS call, vhost's
                         # teardown under an emulated CPU): its files stay open until it has.
