@@ -78,6 +78,9 @@ def _bridge(channel: paramiko.Channel) -> socket.socket:
 log = logging.getLogger(__name__)
 
 
+FILE_TIMEOUT = 120.0  # seconds a file operation (SFTP) may wait for the host's answer
+
+
 class SSHHost(Host):
     def __init__(self, spec):
         super().__init__(spec)
@@ -86,6 +89,7 @@ class SSHHost(Host):
         self._lock = threading.Lock()
         self._home: str | None = None
         self._has_socat: bool | None = None
+        self.file_timeout = FILE_TIMEOUT
 
     # --- connection -------------------------------------------------------------
     def _resolve(self) -> dict:
@@ -167,7 +171,24 @@ class SSHHost(Host):
                 except (paramiko.SSHException, OSError) as exc:
                     raise HostError(f"host {self.name}: its sshd refused the SFTP subsystem ({exc}); "
                                     "enable 'Subsystem sftp' in its sshd_config") from None
+                self._sftp.get_channel().settimeout(self.file_timeout)
             return self._sftp
+
+    @contextlib.contextmanager
+    def _files(self, what: str) -> Iterator[paramiko.SFTPClient]:
+        """The SFTP session for one file operation. One the host does not answer (a filesystem
+        that hangs there: the lab's NFS server lost its network once, and every read of a VM's
+        console waited on it for ever) is a HostError that names it, and the session, which
+        still owes that answer, is dropped for a new one."""
+        try:
+            yield self.sftp
+        except socket.timeout:
+            with self._lock:
+                stale, self._sftp = self._sftp, None
+            if stale is not None:
+                stale.close()
+            raise HostError(f"host {self.name}: {what} got no answer within {self.file_timeout:.0f} s "
+                            "(does a filesystem hang there, a network one whose server is gone?)") from None
 
     def close(self) -> None:
         with self._lock:
@@ -201,7 +222,7 @@ class SSHHost(Host):
 
     def read_bytes(self, path: str) -> bytes:
         try:
-            with self.sftp.open(path, "rb") as f:
+            with self._files(f"reading {path}") as sftp, sftp.open(path, "rb") as f:
                 return f.read()
         except IOError as exc:
             if getattr(exc, "errno", None) == 2:
@@ -209,25 +230,29 @@ class SSHHost(Host):
             raise
 
     def write_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        with self.sftp.open(path, "wb") as f:
-            f.write(data)
-        self.sftp.chmod(path, mode)
+        with self._files(f"writing {path}") as sftp:
+            with sftp.open(path, "wb") as f:
+                f.write(data)
+            sftp.chmod(path, mode)
 
     def put_file(self, local_path: str, remote_path: str) -> None:
         tmp = f"{remote_path}.part-{os.getpid()}"
-        self.sftp.put(local_path, tmp)
-        self.sftp.posix_rename(tmp, remote_path)
+        with self._files(f"copying {local_path} to {remote_path}") as sftp:
+            sftp.put(local_path, tmp)
+            sftp.posix_rename(tmp, remote_path)
 
     def exists(self, path: str) -> bool:
         try:
-            self.sftp.stat(path)
+            with self._files(f"looking up {path}") as sftp:
+                sftp.stat(path)
             return True
         except IOError:
             return False
 
     def listdir(self, path: str) -> list[str]:
         try:
-            return sorted(self.sftp.listdir(path))
+            with self._files(f"listing {path}") as sftp:
+                return sorted(sftp.listdir(path))
         except IOError:
             return []
 

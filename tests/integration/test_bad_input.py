@@ -186,3 +186,27 @@ def test_next_run_removes_what_a_killed_run_left(workdir):
     assert result.returncode == 0, result.stdout[-2000:]
     assert "removed stale run" in result.stdout
     assert_nothing_left(workdir, killed_output)  # its local state dir is gone too
+
+
+def test_a_file_the_host_never_answers_for_is_one_clear_error(sshd, workdir):
+    """A read over SFTP that the host leaves unanswered (a hung filesystem there: the lab's NFS
+    server once lost its network, and every read of a console waited for ever) ends as a
+    HostError naming the file, and the next file operation gets a session that answers.
+    A FIFO with no writer holds the host's sftp-server in its open() as such a filesystem would."""
+    from pytest_kvmcheck.errors import HostError
+    from pytest_kvmcheck.hosts.connect import connect
+
+    fifo, plain = workdir / "never-written", workdir / "plain"
+    os.mkfifo(fifo)
+    plain.write_text("answered")
+    host = connect(parse_host(sshd.url(workdir)))
+    host.file_timeout = 2.0
+    try:
+        started = time.monotonic()
+        with pytest.raises(HostError, match=rf"reading {fifo} got no answer within 2 s"):
+            host.read_bytes(str(fifo))
+        assert time.monotonic() - started < 10
+        assert host.read_bytes(str(plain)) == b"answered"
+    finally:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # lets the host's sftp-server go
+        host.close()
