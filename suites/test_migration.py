@@ -231,7 +231,7 @@ def test_static_migration_savevm_loadvm(running_source, peer, boot_vm):
     """Handbook 4.1: ``savevm TAG``, stop, ``loadvm TAG`` in a new QEMU (``-loadvm``): the guest carries on."""
     source = running_source
     before = GuestState.read(source)
-    out = source.qmp.hmp("savevm kvmcheck-static")
+    out = source.qmp.hmp("savevm kvmcheck-static", timeout=120)  # all guest RAM, written before it answers
     assert "Error" not in out, f"savevm failed: {out}"
     snapshots = source.qmp.hmp("info snapshots")
     assert "kvmcheck-static" in snapshots, f"savevm left no snapshot:\n{snapshots}"

@@ -18,9 +18,13 @@ MEMORY_MIB = 512
 monitored = vm_fixture(VMSpec(memory_mib=MEMORY_MIB, balloon=True))
 
 
-def hmp_ok(vm, command: str) -> str:
+SNAPSHOT_S = 120  # savevm/loadvm answer once the guest's RAM is written or read: the lab's NFS
+#                   with the page cache bypassed took over 30 s for 512 MiB under a busy run
+
+
+def hmp_ok(vm, command: str, timeout: float | None = None) -> str:
     """Run an HMP command; HMP reports errors as text, so fail on one."""
-    out = vm.qmp.hmp(command)
+    out = vm.qmp.hmp(command, timeout)
     assert not re.search(r"^(Error|.*: error)", out, re.M | re.I), f"HMP {command!r} failed: {out.strip()}"
     return out
 
@@ -103,7 +107,7 @@ def test_savevm_loadvm_and_their_qmp_jobs(boot_vm):
     """Handbook 8: ``savevm``/``loadvm`` (HMP) and ``snapshot-save`` (a QMP job) see one snapshot list."""
     vm = boot_vm(VMSpec(disks=(Disk(size_mib=16, serial="snap0"),)))  # the snapshots live in its qcow2
     vm.guest.write("/tmp/snapshot-marker", "before")
-    hmp_ok(vm, "savevm kvmcheck-hmp")
+    hmp_ok(vm, "savevm kvmcheck-hmp", SNAPSHOT_S)
     vm.qmp.cmd("snapshot-save", job_id="save-qmp", tag="kvmcheck-qmp", vmstate="disk0", devices=["disk0"])
     wait_until(lambda: [j for j in vm.qmp.cmd("query-jobs") if j["status"] != "concluded"], 60,
                "snapshot-save to conclude", done=lambda running: not running)
@@ -117,12 +121,12 @@ def test_savevm_loadvm_and_their_qmp_jobs(boot_vm):
         assert tag in listed, f"HMP info snapshots lacks {tag}:\n{listed}"
         assert tag in qmp_tags, f"QMP query-block lacks snapshot {tag}: {sorted(qmp_tags)}"
     vm.guest.write("/tmp/snapshot-marker", "after")
-    hmp_ok(vm, "loadvm kvmcheck-hmp")
+    hmp_ok(vm, "loadvm kvmcheck-hmp", SNAPSHOT_S)
     vm.reconnect_guest()  # the guest's TCP state went back in time with its RAM
     assert vm.guest.read("/tmp/snapshot-marker").strip() == "before", \
         "loadvm did not bring back the guest's RAM as it was at savevm"
     for tag in ("kvmcheck-hmp", "kvmcheck-qmp"):
-        hmp_ok(vm, f"delvm {tag}")
+        hmp_ok(vm, f"delvm {tag}", SNAPSHOT_S)
 
 
 def test_migrate_and_info_migrate(boot_vm, kvm_note):

@@ -101,19 +101,20 @@ class Monitor:
         (``migrate-recover``, ``migrate-pause``). Needs a QEMU that offered the oob capability."""
         return self._execute(name, qmp_arguments(args, keywords), oob=True)
 
-    def _execute(self, name: str, args: dict, oob: bool) -> Any:
+    def _execute(self, name: str, args: dict, oob: bool, timeout: float | None = None) -> Any:
+        timeout = timeout or self.timeout
         verb = "exec-oob" if oob else "execute"
         self._log("->", {verb: name, "arguments": args} if args else {verb: name})
         try:
-            result = self._qmp._sync(self._qmp._qmp.execute(name, args, oob=oob), self.timeout)
+            result = self._qmp._sync(self._qmp._qmp.execute(name, args, oob=oob), timeout)
         except ExecuteError as exc:
             # qemu.qmp: error_class is QEMU's class, str(exc) its desc (error.error.desc).
             desc = str(exc)
             self._log("<-", {"error": {"class": exc.error_class, "desc": desc}})
             raise QMPCommandError(name, desc, exc.error_class) from None
         except (asyncio.TimeoutError, TimeoutError):
-            self._log("!!", f"no answer within {self.timeout:.0f} s")
-            raise QMPTimeout(f"VM {self.vm_name}: QEMU did not answer QMP {name} within {self.timeout:.0f} s; "
+            self._log("!!", f"no answer within {timeout:.0f} s")
+            raise QMPTimeout(f"VM {self.vm_name}: QEMU did not answer QMP {name} within {timeout:.0f} s; "
                              f"{self._diagnose()}") from None
         except (QMPError, OSError, EOFError, asyncio.IncompleteReadError) as exc:
             self._log("!!", f"connection lost: {type(exc).__name__}: {exc}")
@@ -122,9 +123,10 @@ class Monitor:
         self._log("<-", {"return": result})
         return result
 
-    def hmp(self, command_line: str) -> str:
-        """Run an HMP command (as the handbook types them) and return its text output."""
-        return self.cmd("human-monitor-command", command_line=command_line)
+    def hmp(self, command_line: str, timeout: float | None = None) -> str:
+        """Run an HMP command (as the handbook types them) and return its text output; ``timeout``
+        for one that does a job's work before it answers (``savevm`` writes all guest RAM)."""
+        return self._execute("human-monitor-command", {"command-line": command_line}, oob=False, timeout=timeout)
 
     def _drain(self, wait: float = 0.0) -> None:
         try:
