@@ -51,6 +51,13 @@ class VMError(KvmCheckError):
     """A VM could not be started, reached or stopped."""
 
 
+class GuestLoginError(VMError):
+    """The guest's SSH login did not complete: the connection closed or timed out before
+    authentication. Transient just after a boot or a restore (the guest's network is not yet
+    answering through QEMU), so callers try again within a deadline; a refused host key or
+    key is a :class:`VMError`, never retried."""
+
+
 class GuestBootError(VMError):
     """The guest did not reach its ready marker before the deadline.
 

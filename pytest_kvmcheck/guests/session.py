@@ -15,7 +15,7 @@ from typing import Sequence
 
 from typing import TYPE_CHECKING
 
-from ..errors import CommandTimeout, GuestCommandError, VMError
+from ..errors import CommandTimeout, GuestCommandError, GuestLoginError, VMError
 from ..hosts.channel import read_channel
 from ..hosts.transport import CommandResult
 from .shows import GuestShows
@@ -66,8 +66,11 @@ class GuestSession(GuestShows):
                                  look_for_keys=False)
         except paramiko.BadHostKeyException:
             raise VMError(f"guest {name}: its SSH host key is not the image's: refusing to talk to it") from None
+        except paramiko.AuthenticationException as exc:
+            raise VMError(f"guest {name}: SSH login refused: {exc} (the guest does not accept the run's key)") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise VMError(f"guest {name}: SSH login failed: {type(exc).__name__}: {exc}") from None
+            self._client.close()
+            raise GuestLoginError(f"guest {name}: SSH login failed: {type(exc).__name__}: {exc}") from None
         self._client.get_transport().set_keepalive(5)
         self._shell: paramiko.Channel | None = None
         self._started = 0.0

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 
-from ..errors import GuestBootError, KvmCheckError, QemuNotFound, QMPLost, VMError
+from ..errors import GuestBootError, GuestLoginError, KvmCheckError, QemuNotFound, QMPLost, VMError
 from ..guests.session import GuestSession, RunKey
 from ..images.build import READY_MARKER
 from ..waiting import poll
@@ -35,6 +35,7 @@ from ..hosts.transport import Host
 from .spec import RenderContext, VMSpec, disk_cache_on, nic_mac, render_argv, tap_name
 
 DEFAULT_BOOT_TIMEOUT = 60.0
+LOGIN_RETRY_S = 30.0  # a guest that is up but whose first SSH connection drops: tried again this long
 DISK_IMAGE_BOOT_TIMEOUT = 300.0  # a distribution with systemd and cloud-init, under TCG: about 30 s
 _UNIX_PATH_MAX = 107
 log = logging.getLogger(__name__)
@@ -184,16 +185,20 @@ class VM:
         just brought up can take a while to answer on a busy nested host (a 10 s channel open
         timed out once in a lab run): tried until ``timeout``, then the last error stands.
         """
+        return self._login(lambda: self.host.connect_tcp(address, port), f"{self.name}@{address}", timeout,
+                           retry_on=(KvmCheckError, OSError, EOFError), where=f"{address}:{port} from host {self.host.name}")
+
+    def _login(self, connect, label: str, timeout: float, retry_on=(GuestLoginError,), where: str = "") -> GuestSession:
+        """Log in to the guest, trying again on ``retry_on`` until ``timeout`` or QEMU's exit."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return GuestSession(self.host.connect_tcp(address, port), self.run_key,
-                                    self.host_run.host_public_key, f"{self.name}@{address}")
-            except (KvmCheckError, OSError, EOFError) as exc:
+                return GuestSession(connect(), self.run_key, self.host_run.host_public_key, label)
+            except retry_on as exc:
                 if time.monotonic() > deadline or not self.alive():
-                    raise VMError(f"VM {self.name}: no SSH session to {address}:{port} from host {self.host.name} "
+                    raise VMError(f"VM {self.name}: no SSH session to the guest{' at ' + where if where else ''} "
                                   f"within {timeout:.0f} s: {exc}") from None
-                log.info("VM %s: SSH to %s not yet: %s", self.name, address, exc)
+                log.info("VM %s: SSH to %s not yet: %s", self.name, label, exc)
                 time.sleep(1)
 
     def mac(self, index: int) -> str:
@@ -317,10 +322,16 @@ class VM:
 
     @property
     def guest(self) -> GuestSession:
-        """The guest's SSH session (one connection, opened on first use, reused)."""
+        """The guest's SSH session (one connection, opened on first use, reused).
+
+        A login whose connection drops before authentication is tried again for
+        ``LOGIN_RETRY_S``: a guest just restored from a stream answers its first connection
+        only once QEMU's user-mode network has found it again (CI: "No existing session"
+        right after a restore from a file, its guest running and well).
+        """
         if self._guest is None:
-            self._guest = GuestSession(self.host.connect_tcp("127.0.0.1", self.ssh_port), self.run_key,
-                                       self.host_run.host_public_key, self.name)
+            self._guest = self._login(lambda: self.host.connect_tcp("127.0.0.1", self.ssh_port), self.name,
+                                      LOGIN_RETRY_S)
         return self._guest
 
     def reconnect_guest(self) -> GuestSession:
