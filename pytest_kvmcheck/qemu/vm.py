@@ -35,7 +35,7 @@ from ..hosts.transport import Host
 from .spec import RenderContext, VMSpec, disk_cache_on, nic_mac, render_argv, tap_name
 
 DEFAULT_BOOT_TIMEOUT = 60.0
-LOGIN_RETRY_S = 30.0  # a guest that is up but whose first SSH connection drops: tried again this long
+LOGIN_RETRY_S = 60.0  # a guest that is up but whose first SSH connection drops: tried again this long
 DISK_IMAGE_BOOT_TIMEOUT = 300.0  # a distribution with systemd and cloud-init, under TCG: about 30 s
 _UNIX_PATH_MAX = 107
 log = logging.getLogger(__name__)
@@ -190,16 +190,24 @@ class VM:
 
     def _login(self, connect, label: str, timeout: float, retry_on=(GuestLoginError,), where: str = "") -> GuestSession:
         """Log in to the guest, trying again on ``retry_on`` until ``timeout`` or QEMU's exit."""
-        deadline = time.monotonic() + timeout
+        deadline, attempts = time.monotonic() + timeout, 0
         while True:
+            attempts += 1
             try:
                 return GuestSession(connect(), self.run_key, self.host_run.host_public_key, label)
             except retry_on as exc:
                 if time.monotonic() > deadline or not self.alive():
                     raise VMError(f"VM {self.name}: no SSH session to the guest{' at ' + where if where else ''} "
-                                  f"within {timeout:.0f} s: {exc}") from None
+                                  f"within {timeout:.0f} s ({attempts} attempts): {exc}; "
+                                  f"{self._console_tail(10)}") from None
                 log.info("VM %s: SSH to %s not yet: %s", self.name, label, exc)
                 time.sleep(1)
+
+    def _console_tail(self, lines: int) -> str:
+        """The QEMU's state and the console's last lines, for an error that needs the guest's side."""
+        state = "QEMU running" if self.alive() else "QEMU exited"
+        tail = "\n".join(self.console().splitlines()[-lines:]) or "(empty)"
+        return f"{state}; serial console (last lines):\n{tail}"
 
     def mac(self, index: int) -> str:
         """The MAC of NIC ``index`` (the spec's, or one derived from this VM's seed)."""
@@ -327,7 +335,9 @@ class VM:
         A login whose connection drops before authentication is tried again for
         ``LOGIN_RETRY_S``: a guest just restored from a stream answers its first connection
         only once QEMU's user-mode network has found it again (CI: "No existing session"
-        right after a restore from a file, its guest running and well).
+        right after a restore from a file, its guest running and well). 30 s was outlasted
+        twice in CI by a guest on an SSH test host under the full run's load ("Error reading
+        SSH protocol banner"); the error now carries the console's tail.
         """
         if self._guest is None:
             self._guest = self._login(lambda: self.host.connect_tcp("127.0.0.1", self.ssh_port), self.name,

@@ -112,7 +112,8 @@ def interruptible() -> None:
 
 
 def run_pytest(pytester: pytest.Pytester, *args: str, timeout: float = 900) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", *args, timeout=timeout)
+    # Skips, then failures and errors, last: an assertion that shows the output's tail shows why.
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rsfE", *args, timeout=timeout)
 
 
 def _sh(*argv: str) -> None:

@@ -80,3 +80,4 @@ def test_a_dropped_first_login_is_tried_again_and_a_guest_that_never_answers_is_
     verdict, text = verdicts["test_every_login_dropped[local]"]
     assert verdict == "ERROR" and "no SSH session to the guest within 3 s" in text and "SSH login failed" in text, \
         (verdict, text)
+    assert "QEMU running; serial console (last lines):" in text and "KVMCHECK-READY" in text, text  # the guest's side
