@@ -21,8 +21,8 @@ pytestmark = pytest.mark.kvm_requires("kvm", "nested")
 VIRT_FLAGS = ("svm", "vmx")
 
 nested_guest = vm_fixture({
-    "nested-on": VMSpec(cpu="host"),
-    "nested-off": VMSpec(cpu="host,svm=off,vmx=off"),
+    "nested-on": VMSpec(cpu="host", guest_kvm=True),
+    "nested-off": VMSpec(cpu="host,svm=off,vmx=off", guest_kvm=True),
 })
 
 

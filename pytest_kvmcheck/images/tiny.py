@@ -74,7 +74,9 @@ def _build_into(work: Path, recipe_dir: Path, recipe: dict, kernel_pkg: str, dig
     kver = next((kroot / "lib/modules").iterdir()).name
     run_tool(["depmod", "-b", str(kroot), kver])
     moddir = kroot / "lib/modules" / kver
-    modules = module_closure((moddir / "modules.dep").read_text(), recipe["modules"])
+    kvm_modules = recipe.get("kvm_modules", {})
+    modules = module_closure((moddir / "modules.dep").read_text(),
+                             [*recipe["modules"], *recipe.get("device_modules", []), *sorted(set(kvm_modules.values()))])
 
     root = work / "root"
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/dropbear", "etc/kvmcheck", "root/.ssh",
@@ -131,6 +133,7 @@ def _build_into(work: Path, recipe_dir: Path, recipe: dict, kernel_pkg: str, dig
             shutil.copy2(moddir / f, kmods / f)
     run_tool(["depmod", "-b", str(root), kver])
     (root / "etc/kvmcheck/modules").write_text("\n".join(recipe["modules"]) + "\n")
+    (root / "etc/kvmcheck/kvm-modules").write_text("".join(f"{vendor} {m}\n" for vendor, m in kvm_modules.items()))
 
     # Users, init, host key.
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
