@@ -18,8 +18,8 @@ MEMORY_MIB = 512
 monitored = vm_fixture(VMSpec(memory_mib=MEMORY_MIB, balloon=True))
 
 
-SNAPSHOT_S = 120  # savevm/loadvm answer once the guest's RAM is written or read: the lab's NFS
-#                   with the page cache bypassed took over 30 s for 512 MiB under a busy run
+SNAPSHOT_S = 120  # savevm/loadvm (and QMP snapshot-save) answer once the guest's RAM is written or
+#                   read: the lab's NFS with the page cache bypassed took over 30 s for 512 MiB under a busy run
 
 
 def hmp_ok(vm, command: str, timeout: float | None = None) -> str:
@@ -108,8 +108,9 @@ def test_savevm_loadvm_and_their_qmp_jobs(boot_vm):
     vm = boot_vm(VMSpec(disks=(Disk(size_mib=16, serial="snap0"),)))  # the snapshots live in its qcow2
     vm.guest.write("/tmp/snapshot-marker", "before")
     hmp_ok(vm, "savevm kvmcheck-hmp", SNAPSHOT_S)
-    vm.qmp.cmd("snapshot-save", job_id="save-qmp", tag="kvmcheck-qmp", vmstate="disk0", devices=["disk0"])
-    wait_until(lambda: [j for j in vm.qmp.cmd("query-jobs") if j["status"] != "concluded"], 60,
+    vm.qmp.cmd_within(SNAPSHOT_S, "snapshot-save", job_id="save-qmp", tag="kvmcheck-qmp", vmstate="disk0",
+                      devices=["disk0"])
+    wait_until(lambda: [j for j in vm.qmp.cmd("query-jobs") if j["status"] != "concluded"], SNAPSHOT_S,
                "snapshot-save to conclude", done=lambda running: not running)
     jobs = {j["id"]: j for j in vm.qmp.cmd("query-jobs")}
     assert "error" not in jobs["save-qmp"], f"snapshot-save failed: {jobs['save-qmp']}"

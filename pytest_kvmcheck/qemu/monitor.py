@@ -95,6 +95,11 @@ class Monitor:
         """
         return self._execute(name, qmp_arguments(args, keywords), oob=False)
 
+    def cmd_within(self, timeout: float, name: str, args: dict | None = None, /, **keywords: Any) -> Any:
+        """:meth:`cmd` with its own answer timeout, for a command QEMU answers only after slow
+        work in its main loop (``snapshot-save`` answers once the guest's RAM is written)."""
+        return self._execute(name, qmp_arguments(args, keywords), oob=False, timeout=timeout)
+
     def cmd_oob(self, name: str, args: dict | None = None, /, **keywords: Any) -> Any:
         """Run a QMP command out of band (``exec-oob``): QEMU's monitor thread answers it even
         while the main thread is blocked, as a destination's is in a paused postcopy
