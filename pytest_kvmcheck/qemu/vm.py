@@ -199,15 +199,11 @@ class VM:
                 if time.monotonic() > deadline or not self.alive():
                     raise VMError(f"VM {self.name}: no SSH session to the guest{' at ' + where if where else ''} "
                                   f"within {timeout:.0f} s ({attempts} attempts): {exc}; "
-                                  f"{self._console_tail(10)}") from None
+                                  f"{'QEMU running' if self.alive() else 'QEMU exited'}; serial console (last lines):\n"
+                                  f"{self.console_tail(10) or '(empty)'}") from None
                 log.info("VM %s: SSH to %s not yet: %s", self.name, label, exc)
                 time.sleep(1)
 
-    def _console_tail(self, lines: int) -> str:
-        """The QEMU's state and the console's last lines, for an error that needs the guest's side."""
-        state = "QEMU running" if self.alive() else "QEMU exited"
-        tail = "\n".join(self.console().splitlines()[-lines:]) or "(empty)"
-        return f"{state}; serial console (last lines):\n{tail}"
 
     def mac(self, index: int) -> str:
         """The MAC of NIC ``index`` (the spec's, or one derived from this VM's seed)."""
@@ -251,6 +247,10 @@ class VM:
     def console(self) -> str:
         return self.host.read_root_text(self.console_log, default="")  # QEMU makes it 0640
 
+    def console_tail(self, lines: int) -> str:
+        """The serial console's last ``lines``, for an error that needs the guest's side ("" if none)."""
+        return "\n".join(self.console().splitlines()[-lines:])
+
     def alive(self) -> bool:
         return self.pid is not None and self.host.pid_alive(self.pid)
 
@@ -275,7 +275,7 @@ class VM:
         timeout = timeout or self.default_boot_timeout
         if not self.wait_for_console(READY_MARKER, timeout):
             state = "QEMU exited" if not self.alive() else f"no ready marker within {timeout:.0f} s"
-            tail = "\n".join(self.console().splitlines()[-25:]) or "(empty: the guest printed nothing)"
+            tail = self.console_tail(25) or "(empty: the guest printed nothing)"
             raise GuestBootError(
                 f"VM {self.name} on host {self.host.name} did not boot: {state}.\n"
                 f"--- serial console (last lines) ---\n{tail}\n"
