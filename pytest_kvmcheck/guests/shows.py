@@ -77,6 +77,26 @@ def first_checksum(text: str) -> str:
     return text.split()[0] if text.split() else ""
 
 
+# The first line of a report the guest's kernel prints when it crashes (an oops, a BUG, a
+# panic, a warning): what its console's last lines, all registers and trace, leave out.
+_CRASH = re.compile(r"^(?:\[[ \d.]+\] )?(?:BUG: |Oops: |general protection fault|Kernel panic - |kernel BUG at "
+                    r"|WARNING: CPU: |------------\[ cut here \]------------)", re.M)
+
+
+def console_excerpt(text: str, lines: int, report_lines: int = 30) -> str:
+    """What an error shows of a guest's serial console: its last ``lines``; where the guest's
+    kernel reported a crash, the report from its first line instead (its last lines are only
+    registers), with the console's last line after it."""
+    crash = _CRASH.search(text)
+    if crash is None:
+        return "\n".join(text.splitlines()[-lines:])
+    report = text[crash.start():].splitlines()
+    shown = report[:report_lines]
+    if len(report) > report_lines:
+        shown += [f"[... {len(report) - report_lines - 1} more lines ...]", report[-1]]
+    return "the guest's kernel reported a crash:\n" + "\n".join(shown)
+
+
 @dataclass(frozen=True)
 class DirectReads:
     """What one run of kvmcheck-io read."""

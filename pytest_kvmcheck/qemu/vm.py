@@ -26,6 +26,7 @@ import time
 
 from ..errors import GuestBootError, GuestLoginError, KvmCheckError, QemuNotFound, QMPLost, VMError
 from ..guests.session import GuestSession, RunKey
+from ..guests.shows import console_excerpt
 from ..images.build import READY_MARKER
 from ..waiting import poll
 from .monitor import Monitor
@@ -248,8 +249,9 @@ class VM:
         return self.host.read_root_text(self.console_log, default="")  # QEMU makes it 0640
 
     def console_tail(self, lines: int) -> str:
-        """The serial console's last ``lines``, for an error that needs the guest's side ("" if none)."""
-        return "\n".join(self.console().splitlines()[-lines:])
+        """The serial console's last ``lines``, for an error that needs the guest's side ("" if
+        none); where the guest's kernel crashed, its crash report (:func:`console_excerpt`)."""
+        return console_excerpt(self.console(), lines)
 
     def alive(self) -> bool:
         return self.pid is not None and self.host.pid_alive(self.pid)

@@ -1,6 +1,6 @@
 """The guest vocabulary's parsers: what lspci, sysfs and /proc print, read into plain data."""
-from pytest_kvmcheck.guests.shows import (BlockDevice, PciFunction, first_checksum, parse_cpu_list, parse_lspci,
-                                          parse_meminfo)
+from pytest_kvmcheck.guests.shows import (BlockDevice, PciFunction, console_excerpt, first_checksum, parse_cpu_list,
+                                          parse_lspci, parse_meminfo)
 from pytest_kvmcheck.hosts.transport import CommandResult
 
 LSPCI = """\
@@ -54,3 +54,29 @@ def test_direct_reads_runs_the_probe_and_reads_its_line():
     reads = BlockDevice(guest, "vdb").direct_reads("randread", 2.0)
     assert guest.calls == [["kvmcheck-io", "randread", "/dev/vdb", "2"]]
     assert (reads.iops, reads.mb_per_s) == (1000.0, 4.096)
+
+
+OOPS = """\
+KVMCHECK-READY 4.31 0.12
+[    7.461870] BUG: unable to handle page fault for address: ffffea00003bdf08
+[    7.461920] #PF: supervisor read access in kernel mode
+[    7.461955] Oops: 0000 [#1] PREEMPT SMP NOPTI
+[    7.462010] RIP: 0010:release_pages+0x1a5/0x4c0
+[    7.462872] RDX: 0000000000000000 RSI: 00000000ffffefff RDI: 0000000000000001
+[    7.463202] PKRU: 55555554
+[    7.463230] note: dropbear[121] exited with irqs disabled
+[    7.463363] note: dropbear[121] exited with preempt_count 1
+"""
+
+
+def test_console_excerpt_is_the_tail_or_the_kernels_crash_report():
+    assert console_excerpt("a\nb\nc\n", 2) == "b\nc"
+    assert console_excerpt("", 5) == ""
+    shown = console_excerpt(OOPS, 3)
+    assert shown.startswith("the guest's kernel reported a crash:\n[    7.461870] BUG: unable to handle page fault")
+    assert "RIP: 0010:release_pages" in shown and shown.endswith("exited with preempt_count 1")
+    assert "KVMCHECK-READY" not in shown
+    long = "[    1.0] WARNING: CPU: 0 PID: 1 at x\n" + "".join(f"[    1.0] line {i}\n" for i in range(50))
+    cut = console_excerpt(long, 3, report_lines=10).splitlines()
+    assert cut[1].endswith("WARNING: CPU: 0 PID: 1 at x") and cut[-2] == "[... 40 more lines ...]" and \
+        cut[-1].endswith("line 49")
