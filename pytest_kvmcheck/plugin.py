@@ -316,7 +316,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
             texts[prefix + key] = text
         if report.failed and vm.alive() and not vm.stopped:
             try:
-                texts[prefix + "guest dmesg"] = vm.run("dmesg", timeout=10).stdout
+                texts[prefix + "guest dmesg"] = vm.guest_dmesg()
             except KvmCheckError as exc:
                 texts[prefix + "guest dmesg"] = f"(could not read: {exc})"
             if setting(item.config, "kvm_keep_failed"):

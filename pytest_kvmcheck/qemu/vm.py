@@ -346,6 +346,16 @@ class VM:
                                       LOGIN_RETRY_S)
         return self._guest
 
+    def guest_dmesg(self) -> str:
+        """The guest kernel's log, for a failed test's report. A QEMU still waiting for an
+        incoming migration (or never started) has no guest to log in to: it says so at once,
+        rather than trying to log in for ``LOGIN_RETRY_S`` (a minute added to every such FAIL)."""
+        if self._guest is None:
+            status = self.qmp.cmd("query-status")["status"]
+            if status in ("inmigrate", "prelaunch"):
+                return f"(none: QEMU is in state {status}, no guest has run in it)"
+        return self.run("dmesg", timeout=10).stdout
+
     def reconnect_guest(self) -> GuestSession:
         """Drop the guest session and open a new one (after loadvm the old one is stale)."""
         if self._guest is not None:

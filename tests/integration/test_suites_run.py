@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,6 +77,29 @@ def test_failed_test_carries_dmesg_and_can_keep_its_vm(pytester, workdir):
     cleanup = subprocess.run([sys.executable, "-m", "pytest_kvmcheck.cli", "cleanup",
                               f"--kvm-hosts=local?workdir={workdir}"], capture_output=True, text=True)
     assert cleanup.returncode == 0 and "killed QEMU" in cleanup.stdout, cleanup.stdout + cleanup.stderr
+    assert_nothing_left(workdir)
+
+
+def test_a_failed_tests_report_does_not_log_in_where_no_guest_ran(pytester, workdir):
+    """A failed test's report reads each guest's dmesg, but a QEMU still waiting for an incoming
+    migration has no guest: it says so at once (a login tried there waited a minute per FAIL)."""
+    pytester.makepyfile(test_fails_beside_a_destination="""
+        from pytest_kvmcheck import VMSpec
+        def test_fails(boot_vm):
+            vm = boot_vm(VMSpec())
+            boot_vm.start(boot_vm.build(VMSpec(extra_args=("-incoming", "defer"))))
+            assert vm.run("echo 1").stdout == "2"
+    """)
+    art = pytester.path / "art"
+    started = time.monotonic()
+    result = run_pytest(pytester, f"--kvm-hosts=local?workdir={workdir}", f"--kvm-artifacts={art}")
+    took = time.monotonic() - started
+    assert result.ret == 1, result.stdout.str()[-3000:]
+    dmesgs = {p.name: p.read_text() for p in art.glob("*/*guest_dmesg.txt")}
+    assert len(dmesgs) == 2, dmesgs.keys()
+    assert sum("Linux version" in text for text in dmesgs.values()) == 1, dmesgs
+    assert sum(text.startswith("(none: QEMU is in state inmigrate") for text in dmesgs.values()) == 1, dmesgs
+    assert took < 45, f"the run took {took:.0f} s: its report tried to log in where no guest ran"
     assert_nothing_left(workdir)
 
 
