@@ -209,6 +209,7 @@ def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
     The hosts are prepared here, during collection, to read their fingerprints; a host that
     cannot be prepared is in no group (its tests end as ERROR, as without --kvm-spread)."""
     run = config.stash[RUN_KEY]
+    run.prepare_all(name for name, spec in run.specs.items() if not spec.only)
     keys = {}
     for name, spec in run.specs.items():
         if spec.only:  # kept for some tests alone: it stands for no one

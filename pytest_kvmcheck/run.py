@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
@@ -62,6 +63,9 @@ class Unmet:
         return f"host {self.host}: needs {self.need}: {self.why}"
 
 
+PREPARE_AT_ONCE = 16  # hosts prepared at the same time (connections, image copies, probes)
+
+
 @dataclass
 class PreparedHost:
     """A host as this process sees it: its connection, its run dir and capabilities."""
@@ -100,7 +104,9 @@ class KvmRun:
         self._run_key: RunKey | None = None
         self._hosts: dict[str, PreparedHost] = {}
         self._errors: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self._host_locks: dict[str, threading.Lock] = {}  # a host's preparation, one thread at a time
+        self._announced: set[str] = set()  # hosts whose on_host_prepared was called
+        self._lock = threading.Lock()  # the dicts above; held only for moments
         self._vm_counter = 0
         self.owner_pid = owner_pid or os.getpid()
         self.finished = False
@@ -172,13 +178,44 @@ class KvmRun:
 
         Raises :class:`KvmCheckError` with the one-line reason if the host cannot be used.
         """
+        prepared = self._prepared(name)
         with self._lock:
-            if name in self._hosts:
-                return self._hosts[name]
-            if name in self._errors:  # the cause was told with the first test on the host, and in the summary
-                raise HostError(f"host {name} could not be prepared: the first test on it, and the run's "
-                                "summary, say why")
+            first = name not in self._announced
+            self._announced.add(name)
+        if first:
+            self.on_host_prepared(prepared)
+        return prepared
+
+    def prepare_all(self, names: Iterable[str]) -> None:
+        """Prepare these hosts at once, a thread each: a fleet is ready in about the time of its
+        slowest host, not of all of them in turn (kvmcheck doctor, --kvm-spread's collection).
+        A host that cannot be prepared keeps its error for :meth:`host` to raise."""
+        names = list(dict.fromkeys(names))
+        with self._lock:
             self._ensure_state()
+        pool = ThreadPoolExecutor(max_workers=max(1, min(len(names), PREPARE_AT_ONCE)),
+                                  thread_name_prefix="kvmcheck-prepare")
+        try:
+            for future in [pool.submit(self._prepared, name) for name in names]:
+                try:
+                    future.result()
+                except KvmCheckError:
+                    pass
+        finally:  # on Ctrl-C: no new preparation starts; the running ones end as they would
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _prepared(self, name: str) -> PreparedHost:
+        """The host prepared once per process; hosts prepare in parallel, each under its own lock."""
+        with self._lock:
+            host_lock = self._host_locks.setdefault(name, threading.Lock())
+        with host_lock:
+            with self._lock:
+                if name in self._hosts:
+                    return self._hosts[name]
+                if name in self._errors:  # the cause was told with the first test on the host, and in the summary
+                    raise HostError(f"host {name} could not be prepared: the first test on it, and the run's "
+                                    "summary, say why")
+                self._ensure_state()
             spec = self.specs[name]
             transport = None
             try:
@@ -202,11 +239,12 @@ class KvmRun:
             except KvmCheckError as exc:
                 if transport is not None:
                     transport.close()
-                self._errors[name] = str(exc)
+                with self._lock:
+                    self._errors[name] = str(exc)
                 raise
-            self._hosts[name] = prepared
-        self.on_host_prepared(prepared)
-        return prepared
+            with self._lock:
+                self._hosts[name] = prepared
+            return prepared
 
     def _prepare(self, spec: HostSpec, transport: Host) -> dict:
         run_dir = None
