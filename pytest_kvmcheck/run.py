@@ -106,6 +106,7 @@ class KvmRun:
         self._errors: dict[str, str] = {}
         self._host_locks: dict[str, threading.Lock] = {}  # a host's preparation, one thread at a time
         self._announced: set[str] = set()  # hosts whose on_host_prepared was called
+        self._told: set[str] = set()  # hosts whose cause of failure host() has raised once
         self._lock = threading.Lock()  # the dicts above; held only for moments
         self._vm_counter = 0
         self.owner_pid = owner_pid or os.getpid()
@@ -178,7 +179,16 @@ class KvmRun:
 
         Raises :class:`KvmCheckError` with the one-line reason if the host cannot be used.
         """
-        prepared = self._prepared(name)
+        try:
+            prepared = self._prepared(name)
+        except KvmCheckError:
+            with self._lock:
+                told = name in self._told
+                self._told.add(name)
+            if told:  # the cause was told with the first test on the host, and in the summary
+                raise HostError(f"host {name} could not be prepared: the first test on it, and the run's "
+                                "summary, say why") from None
+            raise
         with self._lock:
             first = name not in self._announced
             self._announced.add(name)
@@ -212,9 +222,8 @@ class KvmRun:
             with self._lock:
                 if name in self._hosts:
                     return self._hosts[name]
-                if name in self._errors:  # the cause was told with the first test on the host, and in the summary
-                    raise HostError(f"host {name} could not be prepared: the first test on it, and the run's "
-                                    "summary, say why")
+                if name in self._errors:
+                    raise HostError(self._errors[name])
                 self._ensure_state()
             spec = self.specs[name]
             transport = None
