@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import select
+import secrets
 import shlex
 import socket
 import threading
@@ -236,7 +237,9 @@ class SSHHost(Host):
             sftp.chmod(path, mode)
 
     def put_file(self, local_path: str, remote_path: str) -> None:
-        tmp = f"{remote_path}.part-{os.getpid()}"
+        # A name of this copy's own: hosts prepared at once that share storage may copy the same
+        # file (threads of one process too: a pid alone was not enough, one's rename took the other's).
+        tmp = f"{remote_path}.part-{os.getpid()}-{secrets.token_hex(4)}"
         with self._files(f"copying {local_path} to {remote_path}") as sftp:
             sftp.put(local_path, tmp)
             sftp.posix_rename(tmp, remote_path)

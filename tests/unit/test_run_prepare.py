@@ -24,6 +24,9 @@ class SlowRun(KvmRun):
         self.announced = []
         self.on_host_prepared = lambda prepared: self.announced.append((prepared.name, threading.current_thread()))
 
+    def _ensure_state(self):
+        self.state_dir.mkdir(exist_ok=True)  # no run key: unit tests make none (test_plugin_is_light)
+
     def _prepare(self, spec, transport):
         with self.counting:
             self.running += 1
