@@ -111,9 +111,27 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+INNER_TEST_TIMEOUT_S = 300  # about 4x the slowest inner test (the lab's production guest moving, 78 s)
+
+
 def run_pytest(pytester: pytest.Pytester, *args: str, timeout: float = 900) -> pytest.RunResult:
-    # Skips, then failures and errors, last: an assertion that shows the output's tail shows why.
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rsfE", *args, timeout=timeout)
+    """An inner pytest run. A test of it that hangs fails after ``INNER_TEST_TIMEOUT_S`` with its
+    stack (pytest-timeout), long before the whole run's ``timeout``; a run that overruns even so
+    is killed, and its error carries what it printed until then: which tests ended, and how."""
+    if not any(arg.startswith("--timeout") for arg in args):
+        args = (f"--timeout={min(INNER_TEST_TIMEOUT_S, timeout / 2):g}", *args)
+    try:
+        # Skips, then failures and errors, last: an assertion that shows the output's tail shows why.
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rsfE", *args, timeout=timeout)
+    except pytester.TimeoutExpired as exc:
+        said = "\n".join(f"--- its {name}, last 6000 characters ---\n{_tail(pytester.path / name, 6000)}"
+                         for name in ("stdout", "stderr"))
+        raise pytester.TimeoutExpired(f"{exc}\n{said}") from None
+
+
+def _tail(path: Path, size: int) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "(none)"
+    return text[-size:]
 
 
 def _sh(*argv: str) -> None:
