@@ -1,6 +1,7 @@
 """Integration fixtures: real QEMU guests, a real sshd in a network namespace, leak checks."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -8,7 +9,9 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -112,26 +115,66 @@ def interruptible() -> None:
 
 
 INNER_TEST_TIMEOUT_S = 300  # about 4x the slowest inner test (the lab's production guest moving, 78 s)
+STACKS_BEFORE_S = 20  # a run this close to its timeout prints its stacks, then ends
 
 
 def run_pytest(pytester: pytest.Pytester, *args: str, timeout: float = 900) -> pytest.RunResult:
     """An inner pytest run. A test of it that hangs fails after ``INNER_TEST_TIMEOUT_S`` with its
-    stack (pytest-timeout), long before the whole run's ``timeout``; a run that overruns even so
-    is killed, and its error carries what it printed until then: which tests ended, and how."""
+    stack (pytest-timeout), long before the whole run's ``timeout``. A run that is late even so
+    (a hang outside any test: collection, the scheduler, a session's end) is made to print the
+    stack of each of its Python processes, controller and workers (SIGABRT, which pytest's
+    faulthandler answers), and the error carries that and what the run printed until then."""
     if not any(arg.startswith("--timeout") for arg in args):
         args = (f"--timeout={min(INNER_TEST_TIMEOUT_S, timeout / 2):g}", *args)
+    aborted = []
+    late = threading.Timer(max(timeout - STACKS_BEFORE_S, timeout / 2), lambda: aborted.extend(abort_run(pytester.path)))
+    late.start()
     try:
         # Skips, then failures and errors, last: an assertion that shows the output's tail shows why.
-        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rsfE", *args, timeout=timeout)
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rsfE", *args, timeout=timeout)
     except pytester.TimeoutExpired as exc:
-        said = "\n".join(f"--- its {name}, last 6000 characters ---\n{_tail(pytester.path / name, 6000)}"
-                         for name in ("stdout", "stderr"))
-        raise pytester.TimeoutExpired(f"{exc}\n{said}") from None
+        raise pytester.TimeoutExpired(f"{exc}\n{_printed(pytester.path)}") from None
+    finally:
+        late.cancel()
+        late.join()  # an abort under way has ended, and said whom it aborted
+    if aborted:
+        raise pytester.TimeoutExpired(f"the run was still going after {timeout - STACKS_BEFORE_S:g} s (timeout "
+                                      f"{timeout:g} s): its Python processes {aborted} were made to print their "
+                                      f"stacks (SIGABRT)\n{_printed(pytester.path)}")
+    return result
 
 
-def _tail(path: Path, size: int) -> str:
-    text = path.read_text(errors="replace") if path.exists() else "(none)"
-    return text[-size:]
+def abort_run(path: Path) -> list[int]:
+    """SIGABRT to the inner run started in ``path`` (its ``--basetemp`` names it) and to its
+    Python descendants (xdist's workers), not to its QEMUs. Their pids."""
+    parents, argvs = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            argvs[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+    mark = f"--basetemp={path}/".encode()
+    tree = {pid for pid, argv in argvs.items() if any(arg.startswith(mark) for arg in argv)}
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        if not more:
+            break
+        tree |= more
+    python = os.fsencode(sys.executable)
+    aimed = [pid for pid in tree if argvs[pid][:1] == [python]]
+    aimed.sort(key=lambda pid: argvs[pid][1:2] == [b"-mpytest"])  # the workers first: the controller's end would end them unheard
+    for pid in aimed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+    return aimed
+
+
+def _printed(path: Path) -> str:
+    """The end of what an inner run printed: its stdout, and its stderr (where the stacks go)."""
+    return "\n".join(f"--- its {name}, last {size} characters ---\n"
+                     f"{(path / name).read_text(errors='replace')[-size:] if (path / name).exists() else '(none)'}"
+                     for name, size in (("stdout", 6000), ("stderr", 30000)))
 
 
 def _sh(*argv: str) -> None:
