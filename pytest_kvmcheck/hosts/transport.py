@@ -123,9 +123,7 @@ class Host(abc.ABC):
         """``rm -rf``; on NFS a file whose last user just exited lingers as .nfsXXXX for a moment."""
         deadline = time.monotonic() + settle
         while True:
-            result = self.run(["rm", "-rf", "--", path])
-            if result.ok or "not empty" not in result.stderr:
-                result.check()
+            if self.remove_tree_now(path):
                 return
             if time.monotonic() > deadline:  # say what stays, and who holds it
                 left = self.run(["sh", "-c", f"ls -la -- {shlex.quote(path)}; ls -l /proc/[0-9]*/fd 2>/dev/null | "
@@ -135,6 +133,15 @@ class Host(abc.ABC):
                 raise HostError(f"rm -rf -- {path} on {self.name}: the directory keeps files {settle:.0f} s on "
                                 f"(open elsewhere?):\n{left.strip()[-1500:]}")
             time.sleep(0.2)
+
+    def remove_tree_now(self, path: str) -> bool:
+        """``rm -rf`` once: False if a directory stays "not empty" (on NFS, a file still open
+        somewhere lingers as .nfsXXXX until it is closed)."""
+        result = self.run(["rm", "-rf", "--", path])
+        if result.ok or "not empty" not in result.stderr:
+            result.check()
+            return True
+        return False
 
     def size(self, path: str) -> int:
         """Bytes in a file on the host."""

@@ -373,6 +373,7 @@ class VM:
         if self._stopped:
             return
         self._stopped = True
+        started, how = time.monotonic(), "not running"
         if self.pid is None and self.argv:  # interrupted while QEMU daemonized: find it by pidfile
             pid = self.host.read_root_text(self.path(PIDFILE), default="").strip()
             self.pid = int(pid) if pid.isdigit() else None
@@ -389,10 +390,12 @@ class VM:
                     quit_taken = True
                 except KvmCheckError:
                     pass
+                how = "quit" if quit_taken else "SIGTERM"
                 if not poll(lambda: not self.alive(), timeout):
                     if not quit_taken:  # SIGTERM asks for the shutdown a taken quit began: no use there
                         self.host.kill(self.pid, "TERM")
                     if quit_taken or not poll(lambda: not self.alive(), 3.0):
+                        how += f", SIGKILL after {time.monotonic() - started:.1f} s"
                         self.host.kill(self.pid, "KILL")
                         # A killed QEMU can take a while to go (a thread in an NFS call, vhost's
                         # teardown under an emulated CPU): its files stay open until it has.
@@ -402,7 +405,7 @@ class VM:
         finally:
             if self._qmp is not None:
                 self._qmp.close()
-            log.info("VM %s on %s: stopped", self.name, self.host.name)
+            log.info("VM %s on %s: stopped in %.1f s (%s)", self.name, self.host.name, time.monotonic() - started, how)
             with _live_lock:
                 _live.discard(self)
 
@@ -445,7 +448,12 @@ class VM:
         if self.kept:
             return
         self.stop()
-        self.host.remove_tree(self.dir)
+        # On shared storage a file of the VM's that another host's QEMU had open can linger for
+        # seconds (14 s seen in the lab): such a dir goes with the run's dir, at the run's end
+        # (remove_run), not in the test's teardown.
+        if not self.host.remove_tree_now(self.dir):
+            log.info("VM %s on %s: its dir %s still holds files open elsewhere: removed with the run's",
+                     self.name, self.host.name, self.dir)
 
     # ------------------------------------------------------------------ reports
     def artifacts(self) -> dict[str, str]:
