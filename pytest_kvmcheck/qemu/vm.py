@@ -347,13 +347,15 @@ class VM:
         return self._guest
 
     def guest_dmesg(self) -> str:
-        """The guest kernel's log, for a failed test's report. A QEMU still waiting for an
-        incoming migration (or never started) has no guest to log in to: it says so at once,
-        rather than trying to log in for ``LOGIN_RETRY_S`` (a minute added to every such FAIL)."""
-        if self._guest is None:
-            status = self.qmp.cmd("query-status")["status"]
-            if status in ("inmigrate", "prelaunch"):
-                return f"(none: QEMU is in state {status}, no guest has run in it)"
+        """The guest kernel's log, for a failed test's report. A guest that does not run (QEMU
+        waiting for an incoming migration, a source paused after its move, a panicked or
+        stopped guest) answers no login: that is said at once, rather than trying to log in for
+        ``LOGIN_RETRY_S`` (a minute added to every such FAIL)."""
+        status = self.qmp.cmd("query-status")["status"]
+        if status in ("inmigrate", "prelaunch"):
+            return f"(none: QEMU is in state {status}, no guest has run in it)"
+        if status != "running":
+            return f"(not read: QEMU is in state {status}, the guest does not run)"
         return self.run("dmesg", timeout=10).stdout
 
     def reconnect_guest(self) -> GuestSession:

@@ -82,11 +82,13 @@ def test_failed_test_carries_dmesg_and_can_keep_its_vm(pytester, workdir):
 
 def test_a_failed_tests_report_does_not_log_in_where_no_guest_ran(pytester, workdir):
     """A failed test's report reads each guest's dmesg, but a QEMU still waiting for an incoming
-    migration has no guest: it says so at once (a login tried there waited a minute per FAIL)."""
+    migration has no guest, and a paused one does not run: it says so at once (a login tried
+    there waited a minute per FAIL)."""
     pytester.makepyfile(test_fails_beside_a_destination="""
         from pytest_kvmcheck import VMSpec
         def test_fails(boot_vm):
-            vm = boot_vm(VMSpec())
+            vm, paused = boot_vm.many(VMSpec(), 2)
+            paused.qmp.cmd("stop")
             boot_vm.start(boot_vm.build(VMSpec(extra_args=("-incoming", "defer"))))
             assert vm.run("echo 1").stdout == "2"
     """)
@@ -96,9 +98,10 @@ def test_a_failed_tests_report_does_not_log_in_where_no_guest_ran(pytester, work
     took = time.monotonic() - started
     assert result.ret == 1, result.stdout.str()[-3000:]
     dmesgs = {p.name: p.read_text() for p in art.glob("*/*guest_dmesg.txt")}
-    assert len(dmesgs) == 2, dmesgs.keys()
+    assert len(dmesgs) == 3, dmesgs.keys()
     assert sum("Linux version" in text for text in dmesgs.values()) == 1, dmesgs
     assert sum(text.startswith("(none: QEMU is in state inmigrate") for text in dmesgs.values()) == 1, dmesgs
+    assert sum(text.startswith("(not read: QEMU is in state paused") for text in dmesgs.values()) == 1, dmesgs
     assert took < 45, f"the run took {took:.0f} s: its report tried to log in where no guest ran"
     assert_nothing_left(workdir)
 
