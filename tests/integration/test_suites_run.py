@@ -17,8 +17,11 @@ OWN_GUEST_DEPTH = "free_page_reporting or deflate_on_oom or fsynced_writes"
 
 
 def test_suites_pass_on_the_local_host(pytester, workdir):
-    """Every suite on this machine, its second QEMU (the backports one) offered for version skew."""
-    result = run_pytest(pytester, SUITES, f"--kvm-hosts=local?workdir={workdir}&other_qemu={BACKPORTS_QEMU}")
+    """Every suite on this machine, its second QEMU (the backports one) offered for version skew,
+    on two workers as the README runs it (-n auto on this machine kind: its waits for guests
+    and QEMU overlap)."""
+    result = run_pytest(pytester, SUITES, f"--kvm-hosts=local?workdir={workdir}&other_qemu={BACKPORTS_QEMU}",
+                        "-n", "2", "--dist", "loadscope")
     assert_suites_passed(result, "local")
     caps = next(line for line in result.outlines if line.startswith("kvmcheck: host local: QEMU"))
     if "accel tcg" in caps:
