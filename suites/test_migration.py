@@ -356,15 +356,17 @@ HUGE_GUEST = VMSpec(memory_mib=HUGE_GUEST_MIB, extra_args=(
 @pytest.fixture
 def huge_pages(kvm_host, kvm_peer):
     """2 MiB pages reserved on the host and its peer for a guest on each, as production hosts
-    set them aside for guests; given back after (one test at a time changes the reserve)."""
-    guests = {kvm_host.name: [kvm_host, 0], kvm_peer.name: [kvm_peer, 0]}
-    guests[kvm_host.name][1] += 1
-    guests[kvm_peer.name][1] += 1
+    set them aside for guests; given back after (one test at a time changes the reserve).
+    The reserve is the kernel's: a host that is its own peer, or two hosts on one kernel (network
+    namespaces of one machine), reserve once for both guests and take its lock once."""
+    guests = {}  # boot id -> [a host on that kernel, the guests it will hold]
+    for host in (kvm_host, kvm_peer):
+        guests.setdefault(host.caps.boot_id or host.name, [host, 0])[1] += 1
     reserves = []
-    # Both hosts' reserves, locked in name order: the peer's test changes this host's reserve too.
+    # Both kernels' reserves, locked in one order: the peer's test changes this host's reserve too.
     with contextlib.ExitStack() as locks:
-        for name in sorted(guests):
-            locks.enter_context(HostLock(guests[name][0].transport, "hugepages"))
+        for kernel in sorted(guests):
+            locks.enter_context(HostLock(guests[kernel][0].transport, "hugepages"))
         try:
             for host, count in guests.values():
                 reserve = SysfsSettings(host.transport, HUGE_PAGES, ("nr_hugepages",))
