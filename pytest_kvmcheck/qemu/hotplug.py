@@ -70,7 +70,14 @@ def plug_disk(vm: VM, image: str, serial: str, fmt: str = "qcow2", addr: str | N
                file={"driver": "file", "filename": image, **cache})
     where = {"addr": addr} if addr else {}
     vm.qmp.cmd("device_add", driver="virtio-blk-pci", id=plugged.device, drive=plugged.node, serial=serial, **where)
-    plugged.disk = wait_until(lambda: vm.guest.find_block_device(serial), timeout,
-                              f"the plugged disk (serial {serial})",
+    plugged.disk = wait_until(lambda: bound(vm.guest.find_block_device(serial)), timeout,
+                              f"the plugged disk (serial {serial}), its driver bound",
                               show=lambda _: f"the guest's disks: {vm.guest.serials()}")
     return plugged
+
+
+def bound(disk):
+    """``disk`` once a driver is bound to its device, else None: the guest lists the disk
+    (virtio-blk's probe adds it) a moment before the driver's sysfs link exists (a loaded lab
+    host read the plugged disk's driver as '' and failed the v2v check)."""
+    return disk if disk is not None and disk.driver else None
