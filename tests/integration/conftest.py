@@ -118,14 +118,16 @@ INNER_TEST_TIMEOUT_S = 600  # 2.5x the slowest inner test seen: a lab perf mutan
 STACKS_BEFORE_S = 20  # a run this close to its timeout prints its stacks, then ends
 
 
-def run_pytest(pytester: pytest.Pytester, *args: str, timeout: float = 900) -> pytest.RunResult:
-    """An inner pytest run. A test of it that hangs fails after ``INNER_TEST_TIMEOUT_S`` with its
-    stack (pytest-timeout), long before the whole run's ``timeout``. A run that is late even so
+def run_pytest(pytester: pytest.Pytester, *args: str, timeout: float = 900,
+               test_timeout: float | None = INNER_TEST_TIMEOUT_S) -> pytest.RunResult:
+    """An inner pytest run. A test of it that hangs fails after ``test_timeout`` with its stack
+    (pytest-timeout), long before the whole run's ``timeout`` (None: the plugin's own default
+    limit, for the test that checks it). A run that is late even so
     (a hang outside any test: collection, the scheduler, a session's end) is made to print the
     stack of each of its Python processes, controller and workers (SIGABRT, which pytest's
     faulthandler answers), and the error carries that and what the run printed until then."""
-    if not any(arg.startswith("--timeout") for arg in args):
-        args = (f"--timeout={min(INNER_TEST_TIMEOUT_S, timeout / 2):g}", *args)
+    if test_timeout is not None and not any(arg.startswith("--timeout") for arg in args):
+        args = (f"--timeout={min(test_timeout, timeout / 2):g}", *args)
     aborted = []
     late = threading.Timer(max(timeout - STACKS_BEFORE_S, timeout / 2), lambda: aborted.extend(abort_run(pytester.path)))
     late.start()

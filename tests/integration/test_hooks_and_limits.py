@@ -43,7 +43,8 @@ def test_hooks_description_and_time_limit(pytester, workdir, tmp_path, monkeypat
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_plugin_api=TESTS)
     junit = tmp_path / "junit.xml"
-    result = run_pytest(pytester, f"--kvm-hosts=local?workdir={workdir}", f"--junitxml={junit}")
+    result = run_pytest(pytester, f"--kvm-hosts=local?workdir={workdir}", f"--junitxml={junit}",
+                        test_timeout=None)  # the plugin's own default limit is one of the things checked
     out = result.stdout.str()
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["name"] for r in records if r["hook"] == "host"] == ["local"], records
