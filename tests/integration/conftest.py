@@ -37,19 +37,22 @@ def shared_image_cache(monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", IMAGE_CACHE)
 
 
+def processes() -> dict[int, tuple[int, list[bytes]]]:
+    """Every process now: pid -> (its parent's pid, its argv)."""
+    out = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            out[int(entry)] = (parent, Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def qemu_processes(marker: str) -> list[int]:
     """PIDs of QEMU processes whose argv mentions ``marker`` (a run's work dir)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(marker.encode() in a for a in argv):
-            pids.append(int(entry))
-    return pids
+    return [pid for pid, (_, argv) in processes().items()
+            if argv and b"qemu-system" in argv[0] and any(marker.encode() in a for a in argv)]
 
 
 def assert_nothing_left(workdir: Path, output: str = "") -> None:
@@ -149,13 +152,9 @@ def run_pytest(pytester: pytest.Pytester, *args: str, timeout: float = 900,
 def abort_run(path: Path) -> list[int]:
     """SIGABRT to the inner run started in ``path`` (its ``--basetemp`` names it) and to its
     Python descendants (xdist's workers), not to its QEMUs. Their pids."""
-    parents, argvs = {}, {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            argvs[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
+    running = processes()
+    parents = {pid: parent for pid, (parent, _) in running.items()}
+    argvs = {pid: argv for pid, (_, argv) in running.items()}
     mark = f"--basetemp={path}/".encode()
     tree = {pid for pid, argv in argvs.items() if any(arg.startswith(mark) for arg in argv)}
     while True:
