@@ -25,6 +25,7 @@ from .run import RUN_KEY, KvmRun, PreparedHost
 
 TEST_VMS = pytest.StashKey[list]()  # on a test item: the VMs it used, for its report
 ROUND_TRIPS_TAKEN = pytest.StashKey[bool]()  # on a test item: its guest command round trips are measured
+MIGRATION_FIXTURES = {"kvm_peer", "kvm_other_qemu"}  # a test using one may move a guest to another host
 MACHINE_HOLD = pytest.StashKey[MachineHold]()  # on the config: the running test's machines (plugin.py)
 
 
@@ -139,6 +140,9 @@ class VMFactory:
     def __init__(self, kvm_run: KvmRun, kvm_host: PreparedHost, config: pytest.Config,
                  item: pytest.Item | None = None):
         self.kvm_run, self.kvm_host, self.config, self.item = kvm_run, kvm_host, config, item
+        # A test with no second host (a peer, another QEMU) never migrates its guests away:
+        # they live in the host's scratch dir, where it has one. A module's guests stay too.
+        self.stays = item is None or not MIGRATION_FIXTURES & set(getattr(item, "fixturenames", ()))
         self.vms: list[VM] = []
         self.shared: dict[str, VM | BaseException] = {}  # a module's guests by mode (vm_fixture)
 
@@ -146,7 +150,7 @@ class VMFactory:
     def build(self, spec: VMSpec = VMSpec(), on: PreparedHost | None = None, boot_disk: str = "",
               mode: str = "") -> VM:
         """A VM of ``spec`` on ``on`` (default: the host under test), owned here, not started."""
-        vm = self.kvm_run.new_vm((on or self.kvm_host).name, spec, boot_disk=boot_disk, mode=mode)
+        vm = self.kvm_run.new_vm((on or self.kvm_host).name, spec, boot_disk=boot_disk, mode=mode, stays=self.stays)
         return self.adopt(vm)
 
     def start(self, vm: VM) -> VM:

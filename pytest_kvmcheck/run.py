@@ -256,15 +256,18 @@ class KvmRun:
             return prepared
 
     def _prepare(self, spec: HostSpec, transport: Host) -> dict:
-        run_dir = None
+        run_dirs: list[str] = []
         try:
             tiny = build_tiny(progress=self.progress)  # its kernel also serves the KVM probe
-            run_dir, notes = start_run(transport, self.run_id, self.owner_pid)
+            run_dirs, notes = start_run(transport, self.run_id, self.owner_pid)
+            run_dir = run_dirs[0]
             notes += replay_stale_changes(transport)  # host-wide changes a killed run did not give back
             # Hosts sharing storage share the run dir: a peer that sees this marker shares it with us.
             transport.write_bytes(f"{run_dir}/host-{spec.name}", b"")
-            host_run = replace(self._place_guest(transport, run_dir, tiny), filesystem=transport.run(
-                ["stat", "-f", "-c", "%T", run_dir], timeout=15).stdout.strip())
+            filesystems = [transport.run(["stat", "-f", "-c", "%T", d], timeout=15).stdout.strip() for d in run_dirs]
+            host_run = replace(self._place_guest(transport, run_dir, tiny), filesystem=filesystems[0])
+            if len(run_dirs) > 1:
+                host_run = replace(host_run, scratch_dir=run_dirs[1], scratch_filesystem=filesystems[1])
             probe_kernel = place_files(transport, f"probe-{tiny.digest}", {"vmlinuz": str(tiny.directory / "vmlinuz")})
             probe_file = cache_dir() / "probes" / (hashlib.sha256(spec.url.encode()).hexdigest()[:16] + ".json")
             cache = load_probe_cache(probe_file)
@@ -274,11 +277,11 @@ class KvmRun:
             probe_file.write_text(json.dumps(cache))
             return {"host_run": host_run.to_dict(), "caps": caps.to_dict(), "notes": notes}
         except KvmCheckError as exc:
-            if run_dir is not None:  # an unusable host keeps nothing of this run
+            for run_dir in run_dirs:  # an unusable host keeps nothing of this run
                 remove_run(transport, run_dir)
             return {"error": str(exc)}
         except BaseException:  # Ctrl-C mid-probe: the state file is not written yet, so clean up here
-            if run_dir is not None:
+            for run_dir in run_dirs:
                 remove_run(transport, run_dir)
             raise
 
@@ -370,13 +373,15 @@ class KvmRun:
         return out
 
     # ------------------------------------------------------------------ VMs
-    def new_vm(self, host_name: str, spec: VMSpec, boot_disk: str = "", mode: str = "") -> VM:
-        """A VM of this run on a host (not started): tests get theirs from the VM factory."""
+    def new_vm(self, host_name: str, spec: VMSpec, boot_disk: str = "", mode: str = "", stays: bool = False) -> VM:
+        """A VM of this run on a host (not started): tests get theirs from the VM factory.
+        One that ``stays`` on the host (it never migrates) lives in the host's scratch dir."""
         prepared = self.host(host_name)
         with self._lock:
             self._vm_counter += 1
             name = f"{self.worker}-{self._vm_counter}"
-        return VM(prepared.transport, spec, name=name, host_run=prepared.host_run, run_key=self.run_key,
+        host_run = prepared.host_run.staying() if stays else prepared.host_run
+        return VM(prepared.transport, spec, name=name, host_run=host_run, run_key=self.run_key,
                   accel=prepared.caps.accel, qemu_version=prepared.caps.qemu_version, boot_disk=boot_disk, mode=mode)
 
     # ------------------------------------------------------------------ the end
@@ -403,8 +408,8 @@ class KvmRun:
                 try:
                     transport = connect(self.specs[name])
                     try:
-                        for note in remove_run(transport, state["host_run"]["run_dir"], keep_kept=True,
-                                               remove=remove):
+                        for note in (note for run_dir in HostRun.from_dict(state["host_run"]).dirs
+                                     for note in remove_run(transport, run_dir, keep_kept=True, remove=remove)):
                             kept |= note.startswith("kept")
                             if f"host {name}: {note}" not in notes:  # a kept VM is seen by both passes
                                 notes.append(f"host {name}: {note}")

@@ -1,7 +1,8 @@
 """A run's footprint on a host: its work dir, its owner record, and removing what dead runs left.
 
-Every run gets ``<workdir>/runs/<run_id>/`` on each host; every VM lives in a subdirectory
-with its pidfile, QMP socket, console log and disks. ``owner.json`` says which client
+Every run gets ``<workdir>/runs/<run_id>/`` on each host, and ``<scratch>/runs/<run_id>/``
+where the host has a scratch dir for guests that stay on it; every VM lives in a subdirectory
+of one of them with its pidfile, QMP socket, console log and disks. ``owner.json`` says which client
 process owns the run, so the start of the next run can tell a dead run from a live one and
 remove what the dead one left (QEMU processes included).
 """
@@ -12,7 +13,7 @@ import os
 import posixpath
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .transport import Host
 
@@ -52,8 +53,10 @@ def owner_is_dead(owner: dict) -> bool:
     return False
 
 
-def runs_dir(host: Host) -> str:
-    return posixpath.join(host.spec.workdir or host.default_workdir(), "runs")
+def runs_dirs(host: Host) -> list[str]:
+    """Where the host keeps runs: under its workdir, and under its scratch dir if it has one."""
+    bases = [host.spec.workdir or host.default_workdir(), *([host.spec.scratch] if host.spec.scratch else [])]
+    return list(dict.fromkeys(posixpath.join(base, "runs") for base in bases))
 
 
 def kill_vm_dir(host: Host, vm_dir: str, grace: float = 3.0) -> bool:
@@ -100,9 +103,8 @@ def remove_run(host: Host, run_dir: str, keep_kept: bool = False, remove: bool =
 
 def reap_stale_runs(host: Host, current: str | None = None, everything: bool = False) -> list[str]:
     """Remove runs whose owner is dead (or every run but ``current`` if ``everything``)."""
-    base = runs_dir(host)
     notes = []
-    for run_id in host.listdir(base):
+    for base, run_id in [(base, run_id) for base in runs_dirs(host) for run_id in host.listdir(base)]:
         if run_id == current:
             continue
         run_dir = posixpath.join(base, run_id)
@@ -129,6 +131,16 @@ class HostRun:
     seed: str = ""  # disk-image guest: the cloud-init seed ISO of this run
     net_probe: str = ""  # tiny guest: kvmcheck-net for the host's end (the guest has its own)
     filesystem: str = ""  # the run dir's (stat -f -c %T): a network one changes disks' default cache
+    scratch_dir: str = ""  # the run's dir in the host's scratch dir, for guests that stay ("": run_dir)
+    scratch_filesystem: str = ""
+
+    @property
+    def dirs(self) -> list[str]:
+        return [self.run_dir, *([self.scratch_dir] if self.scratch_dir else [])]
+
+    def staying(self) -> "HostRun":
+        """Where a guest that stays on the host lives: the scratch dir if there is one."""
+        return replace(self, run_dir=self.scratch_dir, filesystem=self.scratch_filesystem) if self.scratch_dir else self
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -138,13 +150,15 @@ class HostRun:
         return cls(**d)
 
 
-def start_run(host: Host, run_id: str, owner_pid: int | None = None) -> tuple[str, list[str]]:
-    """Reap dead runs and create this run's dir with its owner record. Returns (dir, notes)."""
+def start_run(host: Host, run_id: str, owner_pid: int | None = None) -> tuple[list[str], list[str]]:
+    """Reap dead runs and create this run's dirs (see :func:`runs_dirs`) with their owner
+    records. Returns (dirs, the workdir's first; notes)."""
     notes = reap_stale_runs(host, current=run_id)
-    run_dir = posixpath.join(host.spec.workdir or host.default_workdir(), "runs", run_id)
-    host.makedirs(run_dir)
-    host.write_bytes(posixpath.join(run_dir, "owner.json"), json.dumps(owner_record(owner_pid)).encode())
-    return run_dir, notes
+    run_dirs = [posixpath.join(base, run_id) for base in runs_dirs(host)]
+    for run_dir in run_dirs:
+        host.makedirs(run_dir)
+        host.write_bytes(posixpath.join(run_dir, "owner.json"), json.dumps(owner_record(owner_pid)).encode())
+    return run_dirs, notes
 
 
 def place_files(host: Host, name: str, files: dict[str, str], executable: tuple[str, ...] = ()) -> dict[str, str]:

@@ -12,7 +12,9 @@ suite against real KVM hosts over SSH. Each lab host has:
   nothing outside), verified against the image's host key, with a key the lab generates;
 - a port on a private network: a bridge inside a network namespace the lab creates, which
   never leaves this machine. The first host exports shared storage over NFS on it, mounted
-  at the same path on every host, and the hosts' work dirs live there.
+  at the same path on every host, and the hosts' work dirs live there; guests that never
+  migrate live in the host's own RAM instead (``scratch``: lab-1's NFS server would otherwise
+  spend its one vCPU on every other host's disk writes).
 
 Beside them the lab boots ``lab-power``, a host kept for the tests that cut its power
 (``only = ["power-cycle"]`` in the inventory: no other test runs there, and it is no one's
@@ -56,6 +58,7 @@ OTHER_QEMU_BINARY = "usr/bin/qemu-system-x86_64"
 # What of a QEMU package tree the lab's second QEMU needs: its binary, modules and x86 firmware.
 OTHER_QEMU_PARTS = (OTHER_QEMU_BINARY, "usr/lib/x86_64-linux-gnu/qemu", "usr/share/qemu", "usr/share/seabios")
 LOCAL_DIR = "/var/lib/kvmcheck-local"  # on the power host's own disk
+SCRATCH_DIR = "/var/tmp/kvmcheck"  # in a host's root filesystem (RAM): for guests that never migrate
 POWER_HOST = "lab-power"
 POWER_HOST_MEMORY_MIB = 2048
 PASSTHROUGH_NIC = "8086:10d3"  # the e1000e each lab host keeps for device assignment
@@ -380,6 +383,8 @@ class Lab:
                 f"assignable = {json.dumps(assignable)}",
                 'tags = ["lab"]',
             ]
+            if not h.power:  # the power host's RAM goes with its power: its guests stay on its disk
+                lines.append(f'scratch = "{SCRATCH_DIR}"  # its own RAM: guests that stay here skip the NFS')
             if other_qemu and not h.power:
                 lines.append(f'other_qemu = "{other_qemu}"  # kvmcheck lab up --other-qemu: version skew')
             if h.power:
