@@ -27,7 +27,8 @@ GIB = 1024 ** 3
 @dataclass(frozen=True)
 class LinkSpeed:
     """One NIC's numbers: Mbit/s each way, round-trip times in microseconds, and (where
-    measured) the host CPU seconds QEMU and its vhost workers spent per GiB the streams moved."""
+    measured) the host CPU seconds QEMU's backends (its threads but the vCPUs', and its vhost
+    workers) spent per GiB the streams moved."""
 
     to_guest_mbps: float
     from_guest_mbps: float
@@ -36,7 +37,7 @@ class LinkSpeed:
     cpu_s_per_gib: float = 0.0
 
     def __str__(self) -> str:
-        cpu = f", host CPU {self.cpu_s_per_gib:.2f} s/GiB" if self.cpu_s_per_gib else ""
+        cpu = f", backend CPU {self.cpu_s_per_gib:.2f} s/GiB" if self.cpu_s_per_gib else ""
         return (f"to the guest {self.to_guest_mbps:.0f} Mbit/s, from it {self.from_guest_mbps:.0f} Mbit/s, "
                 f"round trip median {self.median_us:.0f} us, p99 {self.p99_us:.0f} us{cpu}")
 

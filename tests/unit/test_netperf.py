@@ -19,7 +19,7 @@ def test_streams_and_round_trips_parse():
 def test_median_over_rounds_takes_each_number_apart():
     runs = [LinkSpeed(100, 50, 300, 900, 2.0), LinkSpeed(900, 40, 200, 400, 1.0), LinkSpeed(120, 45, 250, 500, 3.0)]
     assert median_speed(runs) == LinkSpeed(120, 45, 250, 500, 2.0)
-    assert "host CPU 2.00 s/GiB" in str(median_speed(runs))
+    assert "backend CPU 2.00 s/GiB" in str(median_speed(runs))
     assert "host CPU" not in str(LinkSpeed(1, 1, 1, 1))
 
 
