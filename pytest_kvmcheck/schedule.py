@@ -5,8 +5,8 @@ one worker and a fleet of H hosts takes H times the longest module. Grouping by 
 host keeps what loadscope is for (a module's shared guest, booted once per host, serves all
 its tests on one worker) and lets the hosts' copies run on different workers.
 
-A free worker takes the next scope on the host that runs the fewest scopes at that moment,
-the largest of that host's first. Each host is a machine of its own: two workers on one host
+A free worker takes the next scope on the host where the other workers run the fewest scopes
+at that moment, the largest of that host's first. Each host is a machine of its own: two workers on one host
 while another idles halve what the run gets from its hosts (the lab run: 376 s of 1,332 with
 both workers on one lab host's single vCPU), and a host with one small scope (lab-power's
 power-loss check) would otherwise start last and run alone at the end.
@@ -51,6 +51,15 @@ def next_scope(queue: Mapping[str, Mapping], busy: Mapping[str, int]) -> str:
     return min(queue, key=lambda scope: (busy.get(host_of_scope(scope), 0), -len(queue[scope])))
 
 
+def busy_elsewhere(assigned: Mapping[object, Mapping[str, Mapping[str, bool]]], node: object) -> Counter:
+    """Host -> scopes with tests still to run on the *other* workers. The asking worker's own
+    scopes do not count: it asks while finishing one (xdist asks with two tests left), and
+    counting it sent the worker back to the host it was leaving, beside the other worker
+    (the lab run: security after balloon on lab-1, where hotplug ran, while lab-2 idled)."""
+    return Counter(host_of_scope(scope) for other, units in assigned.items() if other is not node
+                   for scope, tests in units.items() if not all(tests.values()))
+
+
 class HostModuleScheduling(LoadScopeScheduling):
     """LoadScopeScheduling with each module's tests split by host."""
 
@@ -62,7 +71,6 @@ class HostModuleScheduling(LoadScopeScheduling):
         return scope_of(nodeid, self.hosts)
 
     def _assign_work_unit(self, node) -> None:
-        busy = Counter(host_of_scope(scope) for units in self.assigned_work.values()
-                       for scope, tests in units.items() if not all(tests.values()))
+        busy = busy_elsewhere(self.assigned_work, node)
         self.workqueue.move_to_end(next_scope(self.workqueue, busy), last=False)  # loadscope pops the first
         super()._assign_work_unit(node)

@@ -1,5 +1,5 @@
 """Host+module scopes for xdist: a module's tests stay together per host, hosts apart."""
-from pytest_kvmcheck.schedule import host_in_id, next_scope, scope_of
+from pytest_kvmcheck.schedule import busy_elsewhere, host_in_id, next_scope, scope_of
 
 HOSTS = ("lab-1", "lab-10", "local", "lab-power")
 
@@ -29,3 +29,13 @@ def test_a_free_worker_goes_to_the_host_that_runs_the_least():
     # lab-power's one check starts while the others run, not last and alone
     assert next_scope(queue, {"lab-1": 1, "lab-2": 1}) == "suites/test_virtio_blk.py@lab-power"
     assert next_scope({"tests/unit/test_x.py": {"i": False}}, {"lab-1": 2}) == "tests/unit/test_x.py"
+
+
+def test_a_worker_leaving_a_host_does_not_count_itself_there():
+    gw0, gw1 = object(), object()
+    assigned = {gw0: {"suites/test_virtio_balloon.py@lab-2": {"a": True, "b": False}},
+                gw1: {"suites/test_hotplug.py@lab-1": {"c": False}, "suites/test_nested.py@lab-2": {"d": True}}}
+    assert busy_elsewhere(assigned, gw0) == {"lab-1": 1}  # gw1's nested is done; gw0's own balloon ends soon
+    assert busy_elsewhere(assigned, gw1) == {"lab-2": 1}
+    queue = {"suites/test_security.py@lab-1": {"x": False, "y": False}, "suites/test_ksm.py@lab-2": {"z": False}}
+    assert next_scope(queue, busy_elsewhere(assigned, gw0)) == "suites/test_ksm.py@lab-2"
