@@ -179,10 +179,11 @@ def test_vnc_takes_tls_and_a_password(boot_vm, kvm_host):
                             pki.server("127.0.0.1"))
     secret = f"{directory}/password"
     kvm_host.transport.write_bytes(secret, password, mode=0o600)
-    vm = boot_vm(VMSpec(extra_args=(
+    # QEMU's VNC server is what is checked: it listens once QEMU runs, not once the guest has booted.
+    vm = boot_vm.start(boot_vm.build(VMSpec(extra_args=(
         "-object", creds_object("vnctls", directory, "server", verify_peer=False),
         "-object", f"secret,id=vncpw,file={secret}",
-        "-vnc", "127.0.0.1:0,to=99,tls-creds=vnctls,password-secret=vncpw")))
+        "-vnc", "127.0.0.1:0,to=99,tls-creds=vnctls,password-secret=vncpw"))))
     service = int(vm.qmp.cmd("query-vnc")["service"])
 
     def connect():

@@ -1,4 +1,5 @@
 """The lab's QEMU command line and inventory: pure logic, no QEMU started."""
+import dataclasses
 from pathlib import Path
 
 from pytest_kvmcheck.hosts.spec import load_inventory
@@ -48,6 +49,7 @@ def test_power_host_has_its_own_disk_and_a_power_cycle_command(tmp_path):
     assert kept.only == ("power-cycle",) and kept.local_dir == "/var/lib/kvmcheck-local"
     assert kept.power_cycle[0] == "env" and kept.power_cycle[1] == f"KVMCHECK_LAB_DIR={lab.dir}"
     assert kept.power_cycle[-3:] == ("lab", "power-cycle", "lab-power")
+    assert regular.scratch == "/var/tmp/kvmcheck" and kept.scratch is None  # the power host's RAM dies with it
 
 
 def test_inventory_lists_private_address_shared_workdir_and_assignable(tmp_path):
@@ -60,6 +62,16 @@ def test_inventory_lists_private_address_shared_workdir_and_assignable(tmp_path)
     assert spec.workdir == "/srv/kvmcheck" and spec.boot_timeout == 300
     assert spec.assignable == ("0000:00:03.0", "0000:00:04.0")
     assert spec.known_hosts == str(lab.dir / "known_hosts") and not spec.accept_new_host_key
+
+
+def test_lab_hosts_are_machines_of_their_own_only_with_a_core_each(tmp_path, monkeypatch):
+    lab, host, _ = lab_and_host(tmp_path)
+    lab.dir.mkdir(parents=True)
+    for cores, machine in ((2, "lab-2"), (1, None)):
+        monkeypatch.setattr("os.cpu_count", lambda: cores)
+        lab._write_inventory([dataclasses.replace(host, cpus=2)])
+        (spec,) = load_inventory(lab.dir / "inventory.toml")
+        assert spec.machine == machine
 
 
 def test_two_lab_dirs_get_separate_namespaces(tmp_path):
