@@ -6,7 +6,7 @@ host keeps what loadscope is for (a module's shared guest, booted once per host,
 its tests on one worker) and lets the hosts' copies run on different workers.
 
 A free worker takes the next scope on the host where the other workers run the fewest scopes
-at that moment, the largest of that host's first. Each host is a machine of its own: two workers on one host
+at that moment (of those, the host with the fewest scopes begun), the largest of that host's first. Each host is a machine of its own: two workers on one host
 while another idles halve what the run gets from its hosts (the lab run: 376 s of 1,332 with
 both workers on one lab host's single vCPU), and a host with one small scope (lab-power's
 power-loss check) would otherwise start last and run alone at the end.
@@ -45,10 +45,15 @@ def host_of_scope(scope: str) -> str:
     return scope.rpartition("@")[2] if "@" in scope else ""
 
 
-def next_scope(queue: Mapping[str, Mapping], busy: Mapping[str, int]) -> str:
+def next_scope(queue: Mapping[str, Mapping], busy: Mapping[str, int], started: Mapping[str, int] | None = None) -> str:
     """The scope a free worker takes from ``queue`` (scope -> its tests, in queue order): one of
-    the host with the fewest scopes running (``busy``), the one with the most tests first."""
-    return min(queue, key=lambda scope: (busy.get(host_of_scope(scope), 0), -len(queue[scope])))
+    the host with the fewest scopes running elsewhere (``busy``); among those, of the host with
+    the fewest scopes begun (``started``), so that a host with one long scope does not begin
+    last (the lab's power-loss check, 64 s, ran alone at the end when its one test lost to the
+    migration module's count); then the one with the most tests."""
+    started = started or {}
+    return min(queue, key=lambda scope: (busy.get(host_of_scope(scope), 0), started.get(host_of_scope(scope), 0),
+                                         -len(queue[scope])))
 
 
 def busy_elsewhere(assigned: Mapping[object, Mapping[str, Mapping[str, bool]]], node: object) -> Counter:
@@ -72,5 +77,6 @@ class HostModuleScheduling(LoadScopeScheduling):
 
     def _assign_work_unit(self, node) -> None:
         busy = busy_elsewhere(self.assigned_work, node)
-        self.workqueue.move_to_end(next_scope(self.workqueue, busy), last=False)  # loadscope pops the first
+        started = Counter(host_of_scope(scope) for units in self.assigned_work.values() for scope in units)
+        self.workqueue.move_to_end(next_scope(self.workqueue, busy, started), last=False)  # loadscope pops the first
         super()._assign_work_unit(node)

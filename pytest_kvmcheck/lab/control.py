@@ -367,7 +367,6 @@ class Lab:
     def _write_inventory(self, hosts: list[LabHost], other_qemu: str | None = None) -> None:
         lines = ["# Written by 'kvmcheck lab up'; removed by 'kvmcheck lab down'. Use: --kvm-hosts=lab", ""]
         kvmcheck = str(Path(sys.executable).parent / "kvmcheck")
-        own_cores = (os.cpu_count() or 1) >= sum(h.cpus for h in hosts if not h.power)
         for h in hosts:
             assignable = [*h.assignable, *([h.sriov_pf] if h.sriov_pf else [])]
             lines += [
@@ -386,11 +385,6 @@ class Lab:
             ]
             if not h.power:  # the power host's RAM goes with its power: its guests stay on its disk
                 lines.append(f'scratch = "{SCRATCH_DIR}"  # its own RAM: guests that stay here skip the NFS')
-            # Each host is one vCPU thread of this machine. Where the machine has a core for each
-            # host that runs tests, a speed measurement waits for the tests on its host (and moves
-            # to or from it), not for another host's, which runs on another core.
-            if own_cores:
-                lines.append(f'machine = "{h.name}"  # one vCPU thread of this machine, a core of its own')
             if other_qemu and not h.power:
                 lines.append(f'other_qemu = "{other_qemu}"  # kvmcheck lab up --other-qemu: version skew')
             if h.power:

@@ -1,5 +1,4 @@
 """The lab's QEMU command line and inventory: pure logic, no QEMU started."""
-import dataclasses
 from pathlib import Path
 
 from pytest_kvmcheck.hosts.spec import load_inventory
@@ -62,16 +61,6 @@ def test_inventory_lists_private_address_shared_workdir_and_assignable(tmp_path)
     assert spec.workdir == "/srv/kvmcheck" and spec.boot_timeout == 300
     assert spec.assignable == ("0000:00:03.0", "0000:00:04.0")
     assert spec.known_hosts == str(lab.dir / "known_hosts") and not spec.accept_new_host_key
-
-
-def test_lab_hosts_are_machines_of_their_own_only_with_a_core_each(tmp_path, monkeypatch):
-    lab, host, _ = lab_and_host(tmp_path)
-    lab.dir.mkdir(parents=True)
-    for cores, machine in ((2, "lab-2"), (1, None)):
-        monkeypatch.setattr("os.cpu_count", lambda: cores)
-        lab._write_inventory([dataclasses.replace(host, cpus=2)])
-        (spec,) = load_inventory(lab.dir / "inventory.toml")
-        assert spec.machine == machine
 
 
 def test_two_lab_dirs_get_separate_namespaces(tmp_path):

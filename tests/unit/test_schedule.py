@@ -39,3 +39,10 @@ def test_a_worker_leaving_a_host_does_not_count_itself_there():
     assert busy_elsewhere(assigned, gw1) == {"lab-2": 1}
     queue = {"suites/test_security.py@lab-1": {"x": False, "y": False}, "suites/test_ksm.py@lab-2": {"z": False}}
     assert next_scope(queue, busy_elsewhere(assigned, gw0)) == "suites/test_ksm.py@lab-2"
+
+
+def test_a_host_not_yet_begun_goes_before_a_second_scope_of_a_begun_one():
+    queue = {"suites/test_migration.py@lab-1": {str(i): False for i in range(20)},
+             "suites/test_virtio_blk.py@lab-power": {"power": False}}
+    assert next_scope(queue, {"lab-2": 1}) == "suites/test_migration.py@lab-1"  # by count alone
+    assert next_scope(queue, {"lab-2": 1}, {"lab-1": 1, "lab-2": 1}) == "suites/test_virtio_blk.py@lab-power"
