@@ -104,7 +104,7 @@ def remove_run(host: Host, run_dir: str, keep_kept: bool = False, remove: bool =
 def reap_stale_runs(host: Host, current: str | None = None, everything: bool = False) -> list[str]:
     """Remove runs whose owner is dead (or every run but ``current`` if ``everything``)."""
     notes = []
-    for base, run_id in [(base, run_id) for base in runs_dirs(host) for run_id in host.listdir(base)]:
+    for base, run_id in [(runs, run_id) for runs in runs_dirs(host) for run_id in host.listdir(runs)]:
         if run_id == current:
             continue
         run_dir = posixpath.join(base, run_id)
