@@ -381,8 +381,10 @@ class KvmRun:
             self._vm_counter += 1
             name = f"{self.worker}-{self._vm_counter}"
         host_run = prepared.host_run.staying() if stays else prepared.host_run
-        return VM(prepared.transport, spec, name=name, host_run=host_run, run_key=self.run_key,
-                  accel=prepared.caps.accel, qemu_version=prepared.caps.qemu_version, boot_disk=boot_disk, mode=mode)
+        vm = VM(prepared.transport, spec, name=name, host_run=host_run, run_key=self.run_key,
+                accel=prepared.caps.accel, qemu_version=prepared.caps.qemu_version, boot_disk=boot_disk, mode=mode)
+        vm.address_leases = self.state_dir / "bridged-addresses"  # hosts may share a bridge: one lease per address
+        return vm
 
     # ------------------------------------------------------------------ the end
     def close(self) -> None:

@@ -16,6 +16,7 @@ import atexit
 import ipaddress
 import json
 import logging
+import os
 import posixpath
 import re
 import secrets
@@ -23,6 +24,7 @@ import shlex
 import signal
 import threading
 import time
+from pathlib import Path
 
 from ..errors import GuestBootError, GuestLoginError, KvmCheckError, QemuNotFound, QMPLost, VMError
 from ..guests.session import GuestSession, RunKey
@@ -83,6 +85,9 @@ class VM:
         self._stopped = False
         self.kept = False  # left running on purpose (--kvm-keep-failed)
         self.mode = mode  # the device mode a parametrized suite booted it in
+        self.address_leases: Path | None = None  # the run's leases of bridged addresses (KvmRun.new_vm)
+        self._addresses: dict[tuple[int, str], str] = {}
+        self._leases: list[Path] = []
 
     def __repr__(self) -> str:
         return f"<VM {self.name} on {self.host.name} pid={self.pid}>"
@@ -240,10 +245,31 @@ class VM:
     def bridged_address(self, index: int, cidr: str) -> str:
         """The guest's address for bridged NIC ``index`` on the bridge's subnet ``cidr``.
 
-        Guests take host numbers from .200 up (by VM seed), leaving the low ones to hosts.
+        Guests take host numbers .200-.249 (from one their seed picks), leaving the low ones to
+        hosts. Where the run leases addresses (:attr:`address_leases`, a dir every worker of
+        the run sees), a number another guest holds is skipped: two hosts' guests on one bridge
+        once took .245 both, and each host's TCP stream to its guest was reset. The lease goes
+        with the VM (:meth:`destroy`), after every QEMU of its test has stopped.
         """
+        if (index, cidr) in self._addresses:
+            return self._addresses[(index, cidr)]
         net = ipaddress.ip_interface(cidr).network
-        return f"{net[200 + (self.seed + index) % 50]}/{net.prefixlen}"
+        for step in range(50):
+            number = 200 + (self.seed + index + step) % 50
+            if self.address_leases is None:
+                break
+            lease = self.address_leases / f"{net.network_address}-{net.prefixlen}-{number}"
+            try:
+                self.address_leases.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(lease, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                continue
+            self._leases.append(lease)
+            break
+        else:
+            raise VMError(f"VM {self.name}: every guest address .200-.249 of {net} is taken by this run's guests")
+        self._addresses[(index, cidr)] = address = f"{net[number]}/{net.prefixlen}"
+        return address
 
     def console(self) -> str:
         return self.host.read_root_text(self.console_log, default="")  # QEMU makes it 0640
@@ -456,6 +482,9 @@ class VM:
         if not self.host.remove_tree_now(self.dir):
             log.info("VM %s on %s: its dir %s still holds files open elsewhere: removed with the run's",
                      self.name, self.host.name, self.dir)
+        for lease in self._leases:  # its guest is gone with its QEMU, and any destination's
+            lease.unlink(missing_ok=True)
+        self._leases.clear()
 
     # ------------------------------------------------------------------ reports
     def artifacts(self) -> dict[str, str]:
