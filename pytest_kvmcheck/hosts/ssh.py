@@ -244,6 +244,35 @@ class SSHHost(Host):
             sftp.put(local_path, tmp)
             sftp.posix_rename(tmp, remote_path)
 
+    @contextlib.contextmanager
+    def follow(self, path: str) -> Iterator[Callable[[], str]]:
+        """One SFTP handle kept open and read from where it left off: a poll is one or two
+        requests, not an open, a read of the whole file and a close."""
+        if self.spec.sudo:  # the file is root's: through sudo's cat, as any root file
+            with super().follow(path) as more:
+                yield more
+            return
+        handle, offset = None, 0
+
+        def more() -> str:
+            nonlocal handle, offset
+            with self._files(f"reading {path}") as sftp:
+                if handle is None:
+                    try:
+                        handle = sftp.open(path, "rb")
+                    except IOError:  # not there yet
+                        return ""
+                handle.seek(offset)
+                data = handle.read()
+            offset += len(data)
+            return data.decode(errors="replace")
+        try:
+            yield more
+        finally:
+            if handle is not None:
+                with contextlib.suppress(IOError, OSError, paramiko.SSHException):
+                    handle.close()
+
     def exists(self, path: str) -> bool:
         try:
             with self._files(f"looking up {path}") as sftp:

@@ -116,6 +116,20 @@ class Host(abc.ABC):
             return default
         return result.check(f"cat {path} on {self.name}").stdout
 
+    @contextlib.contextmanager
+    def follow(self, path: str) -> Iterator[Callable[[], str]]:
+        """A reader of what a growing file (a serial console) gained since its last call: "" when
+        nothing, or while the file does not exist yet. Read as :meth:`read_root_text` reads it;
+        the SSH transport keeps one file open instead and reads only what is new."""
+        seen = 0
+
+        def more() -> str:
+            nonlocal seen
+            data = self.read_root_text(path, default="")
+            new, seen = data[seen:], max(seen, len(data))
+            return new
+        yield more
+
     def makedirs(self, path: str) -> None:
         self.run(["mkdir", "-p", "--", path]).check()
 

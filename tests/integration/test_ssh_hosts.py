@@ -94,3 +94,27 @@ def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
     assert all(len(w) == 1 for w in workers.values()) and workers[a.address] != workers[b.address], workers
     for host in ssh_hosts:
         assert_nothing_left(workdir / host.name, result.stdout.str())
+
+
+def test_follow_reads_only_what_a_file_gained(ssh_hosts, workdir):
+    """Host.follow, which a boot's wait for the guest reads the serial console with: "" while
+    the file is missing, then each call only what was appended since the one before, over
+    one SFTP handle (as root) and through sudo's cat (host b, a user with sudo=1)."""
+    from pytest_kvmcheck.hosts.connect import connect
+    from pytest_kvmcheck.hosts.spec import parse_hosts
+
+    for ssh_host in ssh_hosts[:2]:
+        host = connect(parse_hosts(ssh_host.url(workdir / ssh_host.name))[0])
+        path = f"/tmp/kvmcheck-follow-{ssh_host.name}"
+        try:
+            host.run(["rm", "-f", path]).check()
+            with host.follow(path) as more:
+                assert more() == ""
+                host.run(["sh", "-c", 'printf "boot " >> "$1"', "sh", path]).check()
+                assert more() == "boot "
+                assert more() == ""
+                host.run(["sh", "-c", 'printf "KVMCHECK-READY\\n" >> "$1"', "sh", path]).check()
+                assert more() == "KVMCHECK-READY\n"
+        finally:
+            host.run(["rm", "-f", path])
+            host.close()
