@@ -235,13 +235,15 @@ def kvm_module_vms(request: pytest.FixtureRequest, kvm_run: KvmRun, kvm_host: Pr
 def vm_fixture(spec, name: str | None = None):
     """A fixture booting one guest per module and host, shared by the module's tests.
 
-    ``spec`` is a :class:`VMSpec`, or a dict of mode name -> VMSpec (or ``pytest.param(VMSpec,
-    marks=...)``) to run the tests once per mode; ``vm.mode`` says which. Each mode's guest
-    boots when a test first needs it and lives until the module ends. Usage in a suite:
-    ``balloon_guest = vm_fixture(VMSpec(balloon=True))``.
+    ``spec`` is a :class:`VMSpec`, or a function of the host's :class:`Capabilities` that
+    returns one (a guest with a device only where the host has it), or a dict of mode name ->
+    VMSpec (or ``pytest.param(VMSpec, marks=...)``) to run the tests once per mode; ``vm.mode``
+    says which. Each mode's guest boots when a test first needs it and lives until the module
+    ends. Usage in a suite: ``balloon_guest = vm_fixture(VMSpec(balloon=True))``.
     """
-    specs = {"": spec} if isinstance(spec, VMSpec) else spec
-    params = [pytest.param(mode, id=mode) if isinstance(value, VMSpec)
+    single = isinstance(spec, VMSpec) or callable(spec)
+    specs = {"": spec} if single else spec
+    params = [pytest.param(mode, id=mode) if isinstance(value, VMSpec) or callable(value)
               else pytest.param(mode, marks=value.marks, id=mode) for mode, value in specs.items()]
 
     def shared_vm(request: pytest.FixtureRequest, kvm_module_vms: VMFactory) -> VM:
@@ -250,6 +252,8 @@ def vm_fixture(spec, name: str | None = None):
         if vm is None:
             value = specs[mode]
             try:
+                if callable(value):
+                    value = value(kvm_module_vms.kvm_host.caps)
                 vm = booted(request.node, kvm_module_vms(value if isinstance(value, VMSpec) else value.values[0],
                                                          mode=mode))
             except KvmCheckError as exc:  # the module's other tests get the same error, without booting again
@@ -259,7 +263,7 @@ def vm_fixture(spec, name: str | None = None):
         if isinstance(vm, BaseException):
             raise again(vm) from None
         return used_by(request.node, vm)
-    if isinstance(spec, VMSpec):
+    if single:
         return pytest.fixture(name=name)(shared_vm) if name else pytest.fixture(shared_vm)
     return pytest.fixture(params=params, name=name)(shared_vm) if name else pytest.fixture(params=params)(shared_vm)
 
