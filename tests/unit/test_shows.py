@@ -1,6 +1,6 @@
 """The guest vocabulary's parsers: what lspci, sysfs and /proc print, read into plain data."""
-from pytest_kvmcheck.guests.shows import (BlockDevice, PciFunction, console_excerpt, first_checksum, parse_cpu_list,
-                                          parse_lspci, parse_meminfo)
+from pytest_kvmcheck.guests.shows import (BlockDevice, PciFunction, console_excerpt, first_checksum, listening_ports,
+                                          parse_cpu_list, parse_lspci, parse_meminfo)
 from pytest_kvmcheck.hosts.transport import CommandResult
 
 LSPCI = """\
@@ -80,3 +80,15 @@ def test_console_excerpt_is_the_tail_or_the_kernels_crash_report():
     cut = console_excerpt(long, 3, report_lines=10).splitlines()
     assert cut[1].endswith("WARNING: CPU: 0 PID: 1 at x") and cut[-2] == "[... 40 more lines ...]" and \
         cut[-1].endswith("line 49")
+
+
+def test_listening_ports_come_from_the_kernels_tcp_tables():
+    text = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0 20 0
+   1: 0F02000A:0016 0202000A:C2A4 01 00000000:00000000 02:000A7F1A 00000000     0        0 1240 4 0 20 4
+   2: 0100007F:1E5B 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1250 1 0 20 0
+  sl  local_address                         remote_address                        st tx_queue rx_queue
+   0: 00000000000000000000000000000000:1E5C 00000000000000000000000000000000:0000 0A 00000000:00000000
+   1: 00000000000000000000000000000000:1E5D 00000000000000000000000000000000:0000 06 00000000:00000000
+"""
+    assert listening_ports(text) == {22, 7771, 7772}  # 49828 is a connection, 7773 is TIME_WAIT
