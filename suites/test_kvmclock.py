@@ -18,11 +18,12 @@ from pytest_kvmcheck.clock import measure_offset
 from pytest_kvmcheck.qemu.migration import migrate, stats
 
 WALL_CLOCK_TOLERANCE_S = 2.0
-DRIFT_WINDOW_S = 60
+DRIFT_WINDOW_S = 30
 # Over the window. kvm-clock follows the host's clock, so a sound host shows drift of a few
-# milliseconds at most; a guest whose clock stops while its vCPUs are held (the sensitivity
-# mutant pauses it 0.3 s in every 2) loses seconds.
-DRIFT_BOUND_MS = 100
+# milliseconds at most (lab, over 60 s: 6-10 ms); a guest whose clock stops while its vCPUs are
+# held (the sensitivity mutant pauses it 0.5 s in every 2.5) loses seconds. 50 ms in 30 s is the
+# rate 100 ms in 60 s allowed: the window was halved, not the bound loosened.
+DRIFT_BOUND_MS = 50
 # Beyond the downtime: the guest's clock may stand still while the guest does not run.
 STEP_TOLERANCE_MS = 200
 # A looser measurement says nothing: the checks fail only by more than their uncertainty, so a
@@ -68,8 +69,8 @@ def guest_minus_host(vm, host):
 
 
 def test_guest_clock_keeps_pace_with_the_host(clock_guest, kvm_host, kvm_metric):
-    """Handbook 1.x: kvm-clock keeps the guest's wall clock with the host's: over 60 s with its
-    vCPU kept busy, the guest's clock drifts from its host's by less than DRIFT_BOUND_MS.
+    """Handbook 1.x: kvm-clock keeps the guest's wall clock with the host's: over DRIFT_WINDOW_S seconds
+    with its vCPU kept busy, the guest's clock drifts from its host's by less than DRIFT_BOUND_MS.
 
     The clocks are read while the guest is idle: a busy vCPU slows the readings' round trips
     (on a small host, by tens of milliseconds), and with them the measurement."""
@@ -81,7 +82,7 @@ def test_guest_clock_keeps_pace_with_the_host(clock_guest, kvm_host, kvm_metric)
         clock_guest.guest.stop(busy)
     last = guest_minus_host(clock_guest, kvm_host)
     drift = last - first
-    kvm_metric("clock_drift_60s", abs(drift.seconds) * 1000, "ms")
+    kvm_metric(f"clock_drift_{DRIFT_WINDOW_S}s", abs(drift.seconds) * 1000, "ms")
     assert abs(drift.seconds) * 1000 - drift.uncertainty * 1000 <= DRIFT_BOUND_MS, \
         f"over {DRIFT_WINDOW_S} s the guest's clock moved {drift} against host {kvm_host.name}'s " \
         f"(from {first} to {last}); the bound is {DRIFT_BOUND_MS} ms"

@@ -16,18 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BACKPORTS_BIN, SUITES, interruptible, qemu_processes, run_pytest, verdicts_of
+from .conftest import BACKPORTS_BIN, ROOT, SUITES, interruptible, qemu_processes, run_pytest, verdicts_of
 
 KVMCHECK = str(Path(sys.executable).parent / "kvmcheck")
 # One lab at a time on this machine: both tests on one xdist worker (make test uses --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("lab")
-# The minute-long measurements (the clock's 60 s drift, vhost-net's efficiency) are left to the
-# full lab run; their mutants below still show each can fail.
+# The long measurements (the clock's 30 s drift, the NICs' speeds) are left to the full lab run;
+# their mutants below still show each can fail.
 SMOKE = ("(kvmclock and not keeps_pace) or nested or ksm or passthrough or sriov or (vhost and not efficiency) "
          "or (shared_storage and precopy) or (power_loss and lab-power) or across_qemu_versions")
 SMOKE_SUITES = ("test_kvmclock", "test_virtio_net", "test_nested", "test_ksm", "test_passthrough", "test_sriov",
                 "test_migration")
 POWER_SUITE = "test_virtio_blk"  # its power-loss check, on lab-power alone
+LAB_DURATIONS = ROOT / "fixtures/lab/durations.json"  # what the spread weighs tests by: a full lab run's seconds
 
 
 def kvmcheck(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -78,7 +79,8 @@ def test_lab_up_smoke_down(pytester, lab_dir):
     assert lab_leftovers(lab_dir)  # (sanity: the leak check sees a running lab)
 
     result = run_pytest(pytester, *(f"{SUITES}/{suite}.py" for suite in (*SMOKE_SUITES, POWER_SUITE)), "-k", SMOKE,
-                        "--kvm-hosts=lab", "--kvm-spread", "-n", "3", "--dist", "loadscope", "--junitxml=junit.xml",
+                        "--kvm-hosts=lab", "--kvm-spread", f"--kvm-durations={LAB_DURATIONS}", "-n", "3",
+                        "--dist", "loadscope", "--junitxml=junit.xml",
                         timeout=2400)
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-5000:]
