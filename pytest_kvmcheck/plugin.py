@@ -8,6 +8,7 @@ needs a host: ``--help``, ``--collect-only`` and runs of other tests make no sta
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 import logging
 
 import pytest
@@ -60,6 +61,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "one of them, and alike pairs split their moves (each still between two different hosts); "
                     "the report says who stood for whom")
     parser.addini("kvm_spread", type="bool", default=False, help="as --kvm-spread")
+    group.addoption("--kvm-durations", dest="kvm_durations", default=None,
+                    help="with --kvm-spread, weigh each test by its seconds in this earlier run's record (its "
+                    "run.json, or its report dir) instead of counting tests, so that alike hosts finish together")
+    parser.addini("kvm_durations", default="", help="as --kvm-durations")
     parser.addini("kvm_max_downtime_ms", default="2000", help="live migration downtime bound (ms), default 2000")
     for flag, ini, default, help_text in [
         ("--kvm-record", "kvm_record", "reports/run.json", "where the run record goes (run.json: verdicts, reasons, "
@@ -203,6 +208,17 @@ def _has_peer(item: pytest.Item) -> bool:
         m.kwargs.get("on") == "peer" for m in item.iter_markers("kvm_requires"))
 
 
+def _earlier_record(config: pytest.Config) -> dict | None:
+    """--kvm-durations' run record (None when not given)."""
+    path = setting(config, "kvm_durations")
+    if not path:
+        return None
+    try:
+        return load(path)
+    except (OSError, ValueError) as exc:
+        raise pytest.UsageError(f"--kvm-durations: {exc}") from None
+
+
 def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
     """--kvm-spread: deselect the tests another host of the same fingerprint runs (spread.py).
 
@@ -228,7 +244,8 @@ def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
             peers[name] = run.peer(name).name
         except KvmCheckError:
             peers[name] = name  # an unusable peer: its moves are not spread
-    units = {}
+    durations = spread.Durations(_earlier_record(config))
+    units, weights = {}, Counter()
     for item in items:
         host = _host_of(item)
         if host is None:
@@ -236,8 +253,10 @@ def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
         move = ""
         if _has_peer(item):
             move = bare_test_id(f"{getattr(item, 'originalname', item.name)}[{item.callspec.id}]", host)
-        units[item.nodeid] = (spread.unit(verdicts.feature_of(item.nodeid), move), host)
-    assignment = spread.assign(units.values(), keys, peers)
+        feature = verdicts.feature_of(item.nodeid)
+        units[item.nodeid] = unit = (spread.unit(feature, move), host)
+        weights[unit] += durations.of(feature, bare_test_id(item.nodeid, host))
+    assignment = spread.assign(weights, keys, peers)
     keep, drop = [], []
     for item in items:
         unit = units.get(item.nodeid)

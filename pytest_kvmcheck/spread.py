@@ -17,8 +17,9 @@ xdist worker, collecting on its own, deselects the same tests.
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from statistics import median
 
 
 def group_key(state: Mapping, expect: Iterable[str] = (), met: Iterable[str] = ()) -> str | None:
@@ -75,14 +76,44 @@ def is_move(unit: str) -> bool:
     return "::" in unit
 
 
-def assign(units: Iterable[tuple[str, str]], keys: Mapping[str, str | None],
+def assign(weights: Mapping[tuple[str, str], float], keys: Mapping[str, str | None],
            peers: Mapping[str, str]) -> dict[tuple[str, str], str]:
     """(unit, host) -> the host that runs it: features within groups of alike hosts, moves
-    within groups of alike pairs, each counted by its tests."""
-    units = list(units)
-    local = Counter(u for u in units if not is_move(u[0]))
-    moves = Counter(u for u in units if is_move(u[0]))
+    within groups of alike pairs, each weighed by its tests (their count, or their seconds)."""
+    local = {u: w for u, w in weights.items() if not is_move(u[0])}
+    moves = {u: w for u, w in weights.items() if is_move(u[0])}
     return {**plan(local, groups(keys)), **plan(moves, pair_groups(keys, peers))}
+
+
+def duration_key(feature: str, test: str) -> str:
+    """A test's name in :class:`Durations`: its feature and its id without host or path
+    (``test_migration::test_x[precopy]``), the same on every host and in any checkout."""
+    return f"{feature}::{test.rsplit('::', 1)[-1]}"
+
+
+class Durations:
+    """Seconds per test from an earlier run's record (``--kvm-durations``), to weigh the spread
+    by: test counts alone gave one lab host 650 s of features and the other 410. A test the
+    record lacks weighs its feature's median test, else the record's median; with no record,
+    every test weighs 1 (the spread goes by count)."""
+
+    def __init__(self, record: Mapping | None = None):
+        runs: dict[str, list[float]] = defaultdict(list)
+        for test in (record or {}).get("tests", ()):
+            if test.get("duration_s") is not None and test.get("feature") and test.get("test"):
+                runs[duration_key(test["feature"], test["test"])].append(float(test["duration_s"]))
+        self.seconds = {key: median(values) for key, values in runs.items()}
+        by_feature: dict[str, list[float]] = defaultdict(list)
+        for key, value in self.seconds.items():
+            by_feature[key.split("::", 1)[0]].append(value)
+        self._feature = {feature: median(values) for feature, values in by_feature.items()}
+        self._any = median(self.seconds.values()) if self.seconds else 1.0
+
+    def of(self, feature: str, test: str) -> float:
+        if not self.seconds:
+            return 1.0
+        key = duration_key(feature, test)
+        return self.seconds.get(key, self._feature.get(feature, self._any))
 
 
 def feature_of_unit(unit: str) -> str:

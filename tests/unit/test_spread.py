@@ -80,3 +80,36 @@ def test_moves_take_turns_and_fold_into_their_feature_in_the_report():
     stood = spread.stood_in_by(assignment)
     assert spread.by_feature(stood) == {"a": {"mig": "b"}, "b": {"mig": "a"}}
     assert spread.summary_lines(stood)[0] == "spread: host a (same fingerprint) was stood for by b in mig (2 of its moves)"
+
+
+def test_durations_weigh_tests_by_an_earlier_runs_seconds():
+    record = {"tests": [
+        {"feature": "test_net", "test": "suites/test_net.py::test_speed", "duration_s": 60.0},
+        {"feature": "test_net", "test": "suites/test_net.py::test_speed", "duration_s": 80.0},  # another host's
+        {"feature": "test_net", "test": "suites/test_net.py::test_link[vhost]", "duration_s": 2.0},
+        {"feature": "test_blk", "test": "other/checkout/test_blk.py::test_io", "duration_s": 10.0},
+        {"feature": "test_blk", "test": "suites/test_blk.py::test_skipped", "duration_s": None}]}
+    durations = spread.Durations(record)
+    assert durations.of("test_net", "suites/test_net.py::test_speed") == 70.0  # the hosts' median
+    assert durations.of("test_blk", "x/test_blk.py::test_io") == 10.0  # whatever the path
+    assert durations.of("test_net", "suites/test_net.py::test_new") == 36.0  # its feature's median test
+    assert durations.of("test_ksm", "suites/test_ksm.py::test_merge") == 10.0  # the record's median
+    assert spread.Durations(None).of("test_net", "suites/test_net.py::test_speed") == 1.0  # by count
+
+
+def test_the_spread_by_seconds_lets_alike_hosts_finish_together():
+    # One long feature with few tests and many short ones: by count the long one's host gets
+    # the short ones too; by seconds it gets nothing else.
+    tests = {"long": [300.0, 300.0], "a": [20.0] * 6, "b": [20.0] * 6, "c": [20.0] * 6}
+    by_count = {(f, h): len(t) for f, t in tests.items() for h in ("x", "y")}
+    by_seconds = {(f, h): sum(t) for f, t in tests.items() for h in ("x", "y")}
+
+    def loads(weights):
+        assignment = spread.assign(weights, {"x": "k", "y": "k"}, {})
+        load = Counter()
+        for (feature, host), chosen in assignment.items():
+            if host == chosen:
+                load[host] += sum(tests[feature])
+        return sorted(load.values())
+    assert loads(by_count) == [240, 720]
+    assert loads(by_seconds) == [360, 600]
