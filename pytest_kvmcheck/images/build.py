@@ -11,10 +11,12 @@ import glob
 import lzma
 import io
 import os
+import re
 import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,17 +103,34 @@ def package_version(package: str) -> str:
             f"programs from it: apt-get install {package}") from None
 
 
-def shared_libraries(binary: str) -> list[str]:
-    """The shared objects (with the loader) that ``binary`` links, as ldd resolves them."""
+def shared_libraries(binary: str, stubbed: Collection[str] = ()) -> list[str]:
+    """The shared objects (with the loader) that ``binary`` links, as ldd resolves them. A
+    library named in ``stubbed`` is left out, and with it what only it needed (the image has a
+    stand-in of its own there): followed through each object's DT_NEEDED (readelf)."""
     proc = subprocess.run(["ldd", binary], capture_output=True, text=True)
-    libs = []
+    libs, path_of, loader = [], {}, None
     for line in proc.stdout.splitlines():
         parts = line.split()
         if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
             libs.append(parts[2])
+            path_of[parts[0]] = parts[2]
         elif parts and parts[0].startswith("/"):
-            libs.append(parts[0])  # the dynamic loader
-    return libs
+            libs.append(loader := parts[0])  # the dynamic loader
+    if not stubbed:
+        return libs
+    keep, todo = {loader}, [binary]
+    while todo:
+        for name in _needed(todo.pop()):
+            path = path_of.get(name)
+            if name not in stubbed and path and path not in keep:
+                keep.add(path)
+                todo.append(path)
+    return [lib for lib in libs if lib in keep]
+
+
+def _needed(path: str) -> list[str]:
+    """An ELF object's DT_NEEDED names."""
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", run_tool(["readelf", "-d", path]))
 
 
 def module_closure(modules_dep: str, wanted: list[str]) -> list[str]:

@@ -88,21 +88,34 @@ def _build_into(work: Path, recipe_dir: Path, recipe: dict, kernel_pkg: str, dig
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
 
+    stubs = recipe.get("stubs", {})
     for package, programs in recipe.get("programs", {}).items():
         package_version(package)  # fails with an install hint if missing
         for prog in programs:
             copy(prog)
-            for lib in shared_libraries(prog):
+            for lib in shared_libraries(prog, stubbed=stubs):
                 copy(lib)
     for package, files in recipe.get("data", {}).items():
         package_version(package)
         for f in files:
             copy(f)
+    if (stubs or recipe.get("compiled")) and shutil.which("gcc") is None:
+        raise ImageBuildError("the tiny guest's probes and library stand-ins are built with gcc: "
+                              "apt-get install gcc libc6-dev")
+    libdir = next(root.glob("lib/*/libc.so.6")).parent
+    for name, (source, version) in stubs.items():
+        script = work / f"{name}.map"
+        script.write_text(f"{version} {{ global: *; }};\n")
+        run_tool(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-s", f"-Wl,-soname,{name}",
+                  f"-Wl,--version-script={script}", "-o", str(libdir / name), str(recipe_dir / source)])
+    statics = work / "static"
+    statics.mkdir()
     for source, target in recipe.get("compiled", {}).items():
-        if shutil.which("gcc") is None:
-            raise ImageBuildError(f"the tiny guest's {target} is built from {source} with gcc: "
-                                  "apt-get install gcc libc6-dev")
-        run_tool(["gcc", "-static", "-O2", "-Wall", "-s", "-o", str(root / target.lstrip("/")), str(recipe_dir / source)])
+        program = root / target.lstrip("/")
+        run_tool(["gcc", "-O2", "-Wall", "-s", "-o", str(program), str(recipe_dir / source)])
+        for lib in shared_libraries(str(program)):
+            copy(lib)
+        run_tool(["gcc", "-static", "-O2", "-Wall", "-s", "-o", str(statics / program.name), str(recipe_dir / source)])
     # /lib64 loader path and /lib -> usr merge as Debian has it.
     if (root / "lib/x86_64-linux-gnu").is_dir() and not (root / "lib64").exists():
         (root / "lib64").mkdir()
@@ -163,7 +176,7 @@ def _build_into(work: Path, recipe_dir: Path, recipe: dict, kernel_pkg: str, dig
         (out / "vmlinux").write_bytes(elf)
     (out / "host_key.pub").write_text(pub.strip() + "\n")
     for target in recipe.get("compiled", {}).values():
-        shutil.copy2(root / target.lstrip("/"), out / os.path.basename(target))
+        shutil.copy2(statics / os.path.basename(target), out / os.path.basename(target))
     (out / "manifest.json").write_text(json.dumps({
         "digest": digest, "kernel_package": kernel_pkg, "kernel_version": kver,
         "modules": modules, "initrd_bytes": (out / "initrd.img").stat().st_size,
