@@ -290,9 +290,10 @@ class KvmRun:
         if self.guest == "tiny":
             placed = place_files(transport, f"tiny-{tiny.digest}",
                                  {"vmlinux": str(tiny.kernel), "initrd.img": str(tiny.initrd),
-                                  "kvmcheck-net": str(tiny.net_probe)}, executable=("kvmcheck-net",))
+                                  "initrd-kvm.img": str(tiny.initrd_kvm), "kvmcheck-net": str(tiny.net_probe)},
+                                 executable=("kvmcheck-net",))
             return HostRun(run_dir, placed["vmlinux"], placed["initrd.img"], tiny.host_public_key,
-                           net_probe=placed["kvmcheck-net"])
+                           net_probe=placed["kvmcheck-net"], initrd_kvm=placed["initrd-kvm.img"])
         cloud = CloudImage.open(self.guest)
         placed = place_files(transport, f"cloud-{cloud.digest}", {"disk.qcow2": str(cloud.path)})
         seed = f"{run_dir}/seed.iso"

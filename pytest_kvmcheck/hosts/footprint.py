@@ -133,6 +133,7 @@ class HostRun:
     filesystem: str = ""  # the run dir's (stat -f -c %T): a network one changes disks' default cache
     scratch_dir: str = ""  # the run's dir in the host's scratch dir, for guests that stay ("": run_dir)
     scratch_filesystem: str = ""
+    initrd_kvm: str = ""  # tiny guest: the initramfs with the KVM modules, for guests that are KVM hosts
 
     @property
     def dirs(self) -> list[str]:

@@ -134,7 +134,8 @@ class VM:
     def render(self, disk_paths: tuple[str, ...] = (), boot_disk: str = "") -> list[str]:
         ctx = RenderContext(
             boot_disk=boot_disk, seed_iso=self.host_run.seed,
-            accel=self.accel, kernel=self.host_run.kernel, initrd=self.host_run.initrd, workdir=self.dir,
+            accel=self.accel, kernel=self.host_run.kernel, workdir=self.dir,
+            initrd=self.host_run.initrd_kvm if self.spec.guest_kvm and self.host_run.initrd_kvm else self.host_run.initrd,
             qmp_socket=self.qmp_socket, console_log=self.console_log, pidfile=self.path(PIDFILE),
             qemu_log=self.qemu_log,
             ssh_public_key=self.run_key.public_line, disk_paths=disk_paths,
