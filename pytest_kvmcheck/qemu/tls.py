@@ -1,7 +1,8 @@
 """TLS credentials for QEMU, made for one test: a CA, and certificates it (or another CA) signs.
 
 QEMU's ``tls-creds-x509`` object reads a directory: ``ca-cert.pem``, and for a server
-``server-cert.pem``/``server-key.pem``, for a client ``client-cert.pem``/``client-key.pem``.
+``server-cert.pem``/``server-key.pem`` (and ``dh-params.pem``), for a client
+``client-cert.pem``/``client-key.pem``.
 :meth:`Pki.install` writes one such directory on a host, the key readable by its owner only.
 Keys never leave the host's run directory: nothing here returns a key to a report.
 """
@@ -18,6 +19,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["Pki", "Identity"]
+
+# A server's Diffie-Hellman group, RFC 7919's ffdhe2048 (public, the same for everyone). Without
+# a dh-params.pem QEMU generates 2048-bit parameters as the object is created: 23-27 s on a lab
+# host, for each TLS destination of a test (openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048).
+FFDHE2048_PEM = b"""-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,8 @@ class Pki:
         host.write_bytes(posixpath.join(directory, "ca-cert.pem"), self.ca.cert)
         host.write_bytes(posixpath.join(directory, f"{endpoint}-cert.pem"), identity.cert)
         host.write_bytes(posixpath.join(directory, f"{endpoint}-key.pem"), identity.key, mode=0o600)
+        if endpoint == "server":
+            host.write_bytes(posixpath.join(directory, "dh-params.pem"), FFDHE2048_PEM)
         return directory
 
 
