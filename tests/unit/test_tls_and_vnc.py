@@ -34,7 +34,10 @@ def test_install_writes_qemus_layout_and_keeps_the_key_private(tmp_path):
     host = LocalHost(HostSpec(name="local", transport="local"))
     directory = pki.install(host, str(tmp_path / "creds"), "server", pki.server("127.0.0.1"))
     files = {p.name: p.stat().st_mode & 0o777 for p in Path(directory).iterdir()}
-    assert files == {"ca-cert.pem": 0o644, "server-cert.pem": 0o644, "server-key.pem": 0o600}
+    # A server gets a fixed DH group too: without one QEMU generates parameters, 23-27 s on a lab host.
+    assert files == {"ca-cert.pem": 0o644, "server-cert.pem": 0o644, "server-key.pem": 0o600, "dh-params.pem": 0o644}
+    client = pki.install(host, str(tmp_path / "client"), "client", pki.client("kvmcheck-source"))
+    assert sorted(p.name for p in Path(client).iterdir()) == ["ca-cert.pem", "client-cert.pem", "client-key.pem"]
     assert creds_object("t0", directory, "server") == \
         f"tls-creds-x509,id=t0,dir={directory},endpoint=server,verify-peer=on"
 
