@@ -288,7 +288,7 @@ class KvmRun:
     def _place_guest(self, transport: Host, run_dir: str, tiny: TinyImage) -> HostRun:
         """Put the guest's files on the host: the tiny kernel + initramfs, or the cloud image + seed."""
         if self.guest == "tiny":
-            placed = place_files(transport, f"tiny-{tiny.digest}",
+            placed = place_files(transport, tiny.placement_name,
                                  {"vmlinux": str(tiny.kernel), "initrd.img": str(tiny.initrd),
                                   "initrd-kvm.img": str(tiny.initrd_kvm), "kvmcheck-net": str(tiny.net_probe)},
                                  executable=("kvmcheck-net",))

@@ -32,6 +32,15 @@ class TinyImage(KernelImage):
         return cls(directory, manifest["digest"], manifest["kernel_version"])
 
     @property
+    def placement_name(self) -> str:
+        """The image's dir on a host (under ``<workdir>/images``): its digest, and its host key's.
+
+        Two builds of one digest differ in their generated host key; a host that kept the first
+        build's copy would boot guests presenting a key the run does not expect (ERROR: "its SSH
+        host key is not the image's"), so the copy is named after the key too."""
+        return f"tiny-{self.digest}-{hashlib.sha256(self.host_public_key.encode()).hexdigest()[:8]}"
+
+    @property
     def initrd_kvm(self) -> Path:
         """The initramfs with the KVM modules too, for a guest that is a KVM host (VMSpec.guest_kvm)."""
         return self.directory / "initrd-kvm.img"

@@ -41,3 +41,16 @@ def test_a_stubbed_library_leaves_out_what_only_it_needed():
     assert "libkmod.so.2" in every and "libcrypto.so.3" in every
     assert "libkmod.so.2" not in names and "libcrypto.so.3" not in names
     assert {"libpci.so.3", "libc.so.6"} <= names and any(n.startswith("ld-linux") for n in names)
+
+
+def test_a_rebuild_of_one_digest_is_placed_apart(tmp_path):
+    """Two builds of one digest differ in their generated host key: each has a dir of its own on
+    a host, so a host's old copy never answers with a key the run does not expect."""
+    from pytest_kvmcheck.images.tiny import TinyImage
+    names = []
+    for key in ("AAAAC3NzaC1lZDI1NTE5AAAAIfirst", "AAAAC3NzaC1lZDI1NTE5AAAAIsecond"):
+        directory = tmp_path / key[-6:]
+        directory.mkdir()
+        (directory / "host_key.pub").write_text(f"ssh-ed25519 {key} root@build\n")
+        names.append(TinyImage(directory, "0123abcd", "6.1.0").placement_name)
+    assert names[0] != names[1] and all(n.startswith("tiny-0123abcd-") for n in names)
