@@ -19,10 +19,10 @@ suite: setup
 
 # The full lab run: the virtual KVM lab's hosts (booted if not up), every suite, reports under reports/lab.
 # The lab's hosts are clones: --kvm-spread runs each host-local feature on one of them, weighed
-# by the seconds of an earlier full lab run (fixtures/lab/durations.json).
+# by the seconds of an earlier full lab run (fixtures/lab-durations.json).
 lab-suite: setup
 	.venv/bin/kvmcheck lab up
-	$(PYTEST) suites --kvm-hosts=lab --kvm-spread --kvm-durations=fixtures/lab/durations.json -n 2 --dist loadscope \
+	$(PYTEST) suites --kvm-hosts=lab --kvm-spread --kvm-durations=fixtures/lab-durations.json -n 2 --dist loadscope \
 	  --html=$(REPORTS)/lab/report.html --self-contained-html \
 	  --alluredir=$(REPORTS)/lab/allure --junitxml=$(REPORTS)/lab/junit.xml --kvm-record=$(REPORTS)/lab/run.json $(PYTEST_ARGS)
 

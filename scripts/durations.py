@@ -1,6 +1,6 @@
 """Keep of run records only what ``--kvm-durations`` reads: each test's feature, id and seconds.
 
-    python scripts/durations.py reports/lab/run.json [more runs...] > fixtures/lab/durations.json
+    python scripts/durations.py reports/lab/run.json [more runs...] > fixtures/lab-durations.json
 
 A test found in several records (or on several hosts) keeps the median of its seconds; tests
 that did not run (skipped, deselected) are left out. The output is itself a run record, small

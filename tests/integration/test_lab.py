@@ -28,7 +28,7 @@ SMOKE = ("(kvmclock and not keeps_pace) or nested or ksm or passthrough or sriov
 SMOKE_SUITES = ("test_kvmclock", "test_virtio_net", "test_nested", "test_ksm", "test_passthrough", "test_sriov",
                 "test_migration")
 POWER_SUITE = "test_virtio_blk"  # its power-loss check, on lab-power alone
-LAB_DURATIONS = ROOT / "fixtures/lab/durations.json"  # what the spread weighs tests by: a full lab run's seconds
+LAB_DURATIONS = ROOT / "fixtures/lab-durations.json"  # what the spread weighs tests by: a full lab run's seconds
 
 
 def kvmcheck(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
