@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from ..errors import HostError, KvmCheckError
+from ..errors import HostError, HostKeyUnknown, KvmCheckError
 from .transport import Host
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -41,6 +41,8 @@ def power_cycle(host: Host, timeout: float = 600.0) -> float:
             if now and now != before:
                 return time.monotonic() - started
             last = "it answers with the boot id it had before: the power was not cut"
+        except HostKeyUnknown as exc:  # back, but not as the host it was: no use waiting on
+            raise HostError(f"host {host.name} came back from its power cycle with another SSH host key: {exc}") from None
         except KvmCheckError as exc:
             last = str(exc)
         time.sleep(1)

@@ -145,6 +145,21 @@ class Lab:
             return []
         return [LabHost(**{**h, "assignable": tuple(h.get("assignable", ()))}) for h in state["hosts"]]
 
+    def _keep(self, image: LabImage) -> LabImage:
+        """The lab's own copy of the image it boots (hard links in its dir): a power cycle boots
+        the host again from it, whatever the image cache holds by then. A change to the lab's
+        recipe dir builds a new image and prunes the old one; a host power-cycled from that
+        new image came back with another SSH host key and never answered the run again."""
+        kept = self.dir / "image"
+        kept.mkdir(parents=True, exist_ok=True)
+        for source in image.directory.iterdir():
+            if source.is_file() and not (kept / source.name).exists():
+                try:
+                    os.link(source, kept / source.name)
+                except OSError:  # another filesystem
+                    shutil.copy2(source, kept / source.name)
+        return LabImage.load(kept)
+
     def _save(self, hosts: list[LabHost], image: LabImage) -> None:
         self.state_file.write_text(json.dumps({"image": image.digest, "netns": self.netns,
                                                "hosts": [asdict(h) for h in hosts]}, indent=2))
@@ -175,7 +190,7 @@ class Lab:
         image = build_lab_image(progress=self.say)
         self.say(f"lab image {image.digest} ready after {time.monotonic() - started:.0f} s")
         try:
-            return self._boot(image, count, memory_mib, cpus, started, other_qemu)
+            return self._boot(self._keep(image), count, memory_mib, cpus, started, other_qemu)
         except BaseException:  # a failure or Ctrl-C part way: nothing of the lab stays
             self.down()
             raise
@@ -323,7 +338,10 @@ class Lab:
             while host.alive():
                 time.sleep(0.05)
         Path(host.console).write_text("")  # the ready markers below must be the new boot's
-        image = build_lab_image(progress=self.say)
+        if not (self.dir / "image" / "manifest.json").is_file():
+            raise LabError(f"the lab's copy of its image is gone from {self.dir / 'image'}: "
+                           "'kvmcheck lab down' and 'kvmcheck lab up' again")
+        image = LabImage.load(self.dir / "image")
         public_key = (self.dir / "id_ed25519.pub").read_text().strip()
         started = time.monotonic()
         self._start(host, image, public_key, str(PRIVATE_NET.ip + 1))
