@@ -304,6 +304,12 @@ def ssh_hosts(tmp_path_factory):
             proc.terminate()
             proc.wait(10)
         for ns in namespaces:
+            # Every process still in the namespace (an SSH session's sshd outlives its listener):
+            # one left there keeps the namespace, and its veth, after "ip netns del".
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
         shutil.rmtree(public, ignore_errors=True)
