@@ -255,22 +255,23 @@ class VM:
         if (index, cidr) in self._addresses:
             return self._addresses[(index, cidr)]
         net = ipaddress.ip_interface(cidr).network
-        for step in range(50):
-            number = 200 + (self.seed + index + step) % 50
-            if self.address_leases is None:
-                break
+        numbers = [200 + (self.seed + index + step) % 50 for step in range(50)]
+        number = numbers[0] if self.address_leases is None else self._lease(net, numbers)
+        self._addresses[(index, cidr)] = address = f"{net[number]}/{net.prefixlen}"
+        return address
+
+    def _lease(self, net, numbers: list[int]) -> int:
+        """The first of ``numbers`` on ``net`` no other guest of the run holds, now held by this VM."""
+        self.address_leases.mkdir(parents=True, exist_ok=True)
+        for number in numbers:
             lease = self.address_leases / f"{net.network_address}-{net.prefixlen}-{number}"
             try:
-                self.address_leases.mkdir(parents=True, exist_ok=True)
                 os.close(os.open(lease, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             except FileExistsError:
                 continue
             self._leases.append(lease)
-            break
-        else:
-            raise VMError(f"VM {self.name}: every guest address .200-.249 of {net} is taken by this run's guests")
-        self._addresses[(index, cidr)] = address = f"{net[number]}/{net.prefixlen}"
-        return address
+            return number
+        raise VMError(f"VM {self.name}: every guest address .200-.249 of {net} is taken by this run's guests")
 
     def console(self) -> str:
         return self.host.read_root_text(self.console_log, default="")  # QEMU makes it 0640
