@@ -205,7 +205,13 @@ class SSHHost(Host):
         argv = tuple(str(a) for a in (self.privileged(argv) if root else argv))
         command = shlex.join(argv)  # quoted: the remote side runs it through the user's shell
         start = time.monotonic()
-        channel = self.client.get_transport().open_session(timeout=10)
+        transport = self.client.get_transport()
+        try:
+            channel = transport.open_session(timeout=10)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostUnreachable(f"host {self.name}: no SSH session for {command}: "
+                                  f"{exc or type(exc).__name__} (the connection broke, or sshd did not answer "
+                                  "within 10 s)") from None
         try:
             channel.exec_command(command)
             if input is not None:
@@ -214,8 +220,16 @@ class SSHHost(Host):
             out, err = read_channel(channel, start + timeout, timed_out=CommandTimeout(
                 f"host {self.name}: {command} did not finish within {timeout:.0f} s"))
             status = channel.recv_exit_status()
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostUnreachable(f"host {self.name}: the SSH connection broke during {command}: "
+                                  f"{exc or type(exc).__name__}") from None
         finally:
             channel.close()
+        if status == -1 and not transport.is_active():
+            # paramiko's "no exit status": the connection, not the command, ended. Returned, it
+            # read as the command failing with -1, which a check would take for the host's answer.
+            raise HostUnreachable(f"host {self.name}: the SSH connection was lost during {command} "
+                                  f"(after {time.monotonic() - start:.1f} s)")
         result = CommandResult(argv, status, out.decode(errors="replace"), err.decode(errors="replace"),
                                time.monotonic() - start)
         log.debug("host %s: %s -> exit %s in %.2f s", self.name, command, status, result.duration)

@@ -2,6 +2,8 @@
 import json
 import re
 
+import pytest
+
 from .conftest import (BACKPORTS_BIN, BACKPORTS_QEMU, HUGEPAGES, KSM, LOCAL_FEATURES, SUITES, assert_nothing_left,
                        assert_suites_passed, knobs, run_pytest, skip_reasons)
 
@@ -118,3 +120,23 @@ def test_follow_reads_only_what_a_file_gained(ssh_hosts, workdir):
         finally:
             host.run(["rm", "-f", path])
             host.close()
+
+
+def test_a_lost_connection_is_the_hosts_error_and_the_next_command_reconnects(ssh_hosts, workdir):
+    """A command whose SSH connection dies under it (its sshd killed) is a HostUnreachable that
+    says so, not a command that "exited -1", which a check would read as the host's answer; the
+    next command connects again."""
+    from pytest_kvmcheck.errors import HostUnreachable
+    from pytest_kvmcheck.hosts.connect import connect
+    from pytest_kvmcheck.hosts.spec import parse_hosts
+
+    ssh_host = ssh_hosts[0]
+    host = connect(parse_hosts(ssh_host.url(workdir / ssh_host.name))[0])
+    try:
+        assert host.run(["true"]).ok
+        kill_session = "kill -9 $PPID; sleep 10"  # root's session is one sshd: the shell's parent
+        with pytest.raises(HostUnreachable, match=rf"host {re.escape(host.name)}: the SSH connection (was lost|broke) during"):
+            host.run(["sh", "-c", kill_session], timeout=30)
+        assert host.run(["echo", "back"]).stdout == "back\n"
+    finally:
+        host.close()
