@@ -42,13 +42,19 @@ class MachineHold:
         return os.open(self.directory / f"machine-{safe}.{kind}", os.O_RDWR | os.O_CREAT, 0o600)
 
     def __enter__(self) -> "MachineHold":
+        """Hold the machines shared; ``waited`` is how long another test's measurement kept
+        them (a test's setup that took that long was not slow itself)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fds = [(self._open(m, "turnstile"), self._open(m, "lock")) for m in self.machines]
+        started = time.monotonic()
         try:
             self._shared()
         except BaseException:  # interrupted while waiting (a time limit): no descriptor kept
             self.__exit__()
             raise
+        self.waited = time.monotonic() - started
+        if self.waited >= 1:
+            log.info("machines %s: held after waiting %.1f s", ", ".join(self.machines), self.waited)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,9 +22,10 @@ from .hosts.spec import ACCELS, parse_hosts
 from .images.cloud import CloudImage, CloudImageError
 from .compare import compare, parse_pairs, render_html, render_text
 from .matrix import report_head
-from .record import NOT_NOTES, RunRecorder, bare_test_id, load, met_needs
+from .record import NOT_NOTES, WAIT_PROPERTY, RunRecorder, bare_test_id, load, met_needs
 from .run import RUN_KEY, KvmRun, worker_id
 
+log = logging.getLogger(__name__)
 VERDICTS_KEY = pytest.StashKey[verdicts.Verdicts]()
 SUMMARY_KEY = pytest.StashKey[list]()
 SPREAD_KEY = pytest.StashKey[dict]()
@@ -267,22 +268,6 @@ def spread_items(config: pytest.Config, items: list[pytest.Item]) -> None:
         items[:] = keep
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem):
-    """A kvmcheck test holds the machines its host and its migration peer run on, from its
-    setup to its teardown, shared; a measurement in it runs alone there (``kvm_alone``)."""
-    name = _host_of(item)
-    if name is None:
-        return (yield)
-    run = item.config.stash[RUN_KEY]
-    with run.machine_hold({name, run.peer_name(name)} if _has_peer(item) else {name}) as held:
-        item.config.stash[MACHINE_HOLD] = held  # one test at a time per process
-        try:
-            return (yield)
-        finally:
-            del item.config.stash[MACHINE_HOLD]
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Prepare the item's host and skip it, with the reason, if the host (or its peer) lacks a need."""
@@ -291,6 +276,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     item.user_properties.append(("kvm_host", name))
     run = item.config.stash[RUN_KEY]
+    # The machines its host and its migration peer run on, held shared until its teardown ends
+    # (a measurement in it runs alone there: kvm_alone). Taken in the setup phase, so that a
+    # wait cut short (pytest-timeout) is this test's ERROR, not an error that ends the worker.
+    hold = run.machine_hold({name, run.peer_name(name)} if _has_peer(item) else {name})
+    item.config.stash[MACHINE_HOLD] = hold.__enter__()  # one test at a time per process
+    if hold.waited >= 0.1:
+        item.user_properties.append((WAIT_PROPERTY, f"{hold.waited:.1f}"))  # not the test's own time (record.py)
     caps = run.host(name).caps  # a host that cannot be prepared: its HostError is the test's ERROR
     item.user_properties += [("qemu", caps.qemu_version_text), ("accel", caps.accel)]
     needs, peer_needs = [], []
@@ -309,6 +301,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("; ".join(map(str, missing)))
 
 
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem):
+    """Let go of the machines the setup held, once the test's fixtures are torn down."""
+    try:
+        return (yield)
+    finally:
+        hold = item.config.stash.get(MACHINE_HOLD, None)
+        if hold is not None:
+            del item.config.stash[MACHINE_HOLD]
+            hold.__exit__(None, None, None)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
     outcome = yield
@@ -324,6 +328,26 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         return
     # Notes the test recorded (kvm_note): what the handbook's command means today, migration numbers.
     texts: dict[str, str] = {key: value for key, value in item.user_properties if key not in NOT_NOTES}
+    try:
+        _gather_evidence(item, report, name, vms, texts)
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the worker and its other tests go on
+        # Raised here, outside the test's phases, it would end the xdist worker with an
+        # INTERNALERROR and lose every test still queued on it; the verdict is the test's own.
+        whose = ("the host did not answer" if isinstance(exc, (KvmCheckError, *verdicts.outside_errors()))
+                 else "kvmcheck's own code raised (a bug)")
+        log.error("%s: evidence not gathered: %s: %s: %s", item.nodeid, whose, type(exc).__name__, exc, exc_info=True)
+        texts["kvmcheck: evidence not gathered"] = f"{whose}: {type(exc).__name__}: {exc}"
+        report.sections.append(("kvmcheck: evidence not gathered", texts["kvmcheck: evidence not gathered"]))
+    reporting.attach(item, report, texts)
+    artifacts = setting(item.config, "kvm_artifacts")
+    if artifacts:
+        reporting.write_artifacts(artifacts, item.nodeid, texts)
+
+
+def _gather_evidence(item: pytest.Item, report: pytest.TestReport, name: str | None, vms: list,
+                     texts: dict[str, str]) -> None:
+    """Into ``texts``: the host's capabilities and each VM's argv, QMP transcript, console and
+    stderr, and, for a test that failed, its guests' dmesg (and the VM kept, if asked)."""
     run = item.config.stash[RUN_KEY]
     if name is not None:
         try:
@@ -341,10 +365,6 @@ def pytest_runtest_makereport(item: pytest.Item, call):
                 texts[prefix + "guest dmesg"] = f"(could not read: {exc})"
             if setting(item.config, "kvm_keep_failed"):
                 report.sections.append(("kvmcheck: VM kept running", vm.keep()))
-    reporting.attach(item, report, texts)
-    artifacts = setting(item.config, "kvm_artifacts")
-    if artifacts:
-        reporting.write_artifacts(artifacts, item.nodeid, texts)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -10,7 +10,8 @@ interrupted. Schema ``kvmcheck-run/1`` (a later version only adds keys)::
                       "stood_in_by": {FEATURE: the host that ran it in this one's place (--kvm-spread)}}},
      "tests": [{"nodeid": ..., "test": nodeid without the host, "host": ..., "feature": suite module,
                 "verdict": "PASS" | "FAIL" | "ERROR" | "BROKEN" | "SKIP", "reason": str,
-                "duration_s": float, "start": epoch, "stop": epoch, "worker": xdist worker id or "",
+                "duration_s": float (its phases, less its wait for its machines: waited_s),
+                "waited_s": float, "start": epoch, "stop": epoch, "worker": xdist worker id or "",
                 "description": str, "notes": {"handbook": ..., ...},
                 "metrics": {NAME: {"unit": ..., "direction": "lower" | "higher", "scope": "test" | "host",
                                    "samples": [float, ...]}}}]}
@@ -35,9 +36,10 @@ from .hosts.capabilities import NEEDS, Capabilities
 
 SCHEMA = "kvmcheck-run/1"
 METRIC_PROPERTY = "kvm_metric"
+WAIT_PROPERTY = "kvm_machine_wait_s"  # the setup's wait for the test's machines (another test's measurement)
 # A test's user properties that are not notes (kvm_note): labels, metrics and its verdict.
-NOT_NOTES = frozenset({"kvm_host", "qemu", "accel", "description", METRIC_PROPERTY, verdicts.VERDICT_PROPERTY,
-                       verdicts.REASON_PROPERTY})
+NOT_NOTES = frozenset({"kvm_host", "qemu", "accel", "description", METRIC_PROPERTY, WAIT_PROPERTY,
+                       verdicts.VERDICT_PROPERTY, verdicts.REASON_PROPERTY})
 
 
 def record_metric(item: pytest.Item, name: str, samples, unit: str, direction: str = "lower",
@@ -75,8 +77,10 @@ class RunRecorder:
         host = next((v for k, v in props if k == "kvm_host"), None)
         if host is None:
             return
-        entry = self.tests.setdefault(report.nodeid, {"duration_s": 0.0, "start": report.start})
-        entry["duration_s"] = round(entry["duration_s"] + report.duration, 3)
+        entry = self.tests.setdefault(report.nodeid, {"duration_s": 0.0, "waited_s": 0.0, "start": report.start})
+        waited = float(next((v for k, v in props if k == WAIT_PROPERTY), 0.0)) if report.when == "setup" else 0.0
+        entry["duration_s"] = round(entry["duration_s"] + report.duration - waited, 3)  # what the test itself took
+        entry["waited_s"] = round(entry["waited_s"] + waited, 3)
         entry["stop"] = report.stop  # setup to teardown: when the host was busy with it
         entry["worker"] = getattr(getattr(report, "node", None), "gateway", SimpleNamespace(id="")).id
         if report.when != "teardown":

@@ -41,7 +41,7 @@ _ITEM_REASON = pytest.StashKey[str]()
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, EOFError)
 
 
-def _outside_errors() -> tuple[type[BaseException], ...]:
+def outside_errors() -> tuple[type[BaseException], ...]:
     try:  # paramiko is imported only when an SSH host or a guest is used
         import paramiko
         return (*_CONNECTION_ERRORS, paramiko.SSHException)
@@ -65,7 +65,7 @@ def classify(excinfo: pytest.ExceptionInfo | None) -> str:
         return "FAIL"
     if isinstance(exc, KvmCheckError):
         return exc.verdict
-    if isinstance(exc, _outside_errors()):
+    if isinstance(exc, outside_errors()):
         return "ERROR"
     return "BROKEN"
 

@@ -146,6 +146,11 @@ def run_pytest(pytester: pytest.Pytester, *args: str, timeout: float = 900,
         raise pytester.TimeoutExpired(f"the run was still going after {timeout - STACKS_BEFORE_S:g} s (timeout "
                                       f"{timeout:g} s): its Python processes {aborted} were made to print their "
                                       f"stacks (SIGABRT)\n{_printed(pytester.path)}")
+    internal = [line for line in result.outlines + result.errlines
+                if line.startswith("INTERNALERROR>") and not re.fullmatch(r"INTERNALERROR>[\sE]*[\^~]+\s*", line)]
+    # A worker's crash costs the run every test it still held; the assertions on what the run
+    # printed would show only its end, not the worker's traceback, which says why.
+    assert not internal, "the inner run had an INTERNALERROR:\n" + "\n".join(internal)[-15000:]
     return result
 
 

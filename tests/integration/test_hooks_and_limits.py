@@ -59,10 +59,13 @@ def test_hooks_description_and_time_limit(pytester, workdir, tmp_path, monkeypat
     assert_nothing_left(workdir, out)
 
 
-
 MEASUREMENTS = '''
 import os, time
 import pytest
+
+def _log(name, start, stop):
+    with open(os.environ["KVMCHECK_ALONE_LOG"], "a") as log:
+        log.write(f"{name} {start} {stop}\\n")
 
 @pytest.mark.parametrize("n", range(2))
 def test_measures(kvm_host, kvm_alone, n):
@@ -71,12 +74,13 @@ def test_measures(kvm_host, kvm_alone, n):
         start = time.time()
         time.sleep(1.5)
         stop = time.time()  # inside: once the block ends, the other worker may start
-    with open(os.environ["KVMCHECK_ALONE_LOG"], "a") as log:
-        log.write(f"{start} {stop}\\n")
+    _log("alone", start, stop)
 
 @pytest.mark.parametrize("n", range(6))
 def test_other(kvm_host, n):
+    start = time.time()  # its setup, which held the machine, has ended
     time.sleep(0.5)
+    _log("other", start, time.time())
 '''
 
 
@@ -88,13 +92,74 @@ def test_a_speed_measurement_runs_alone_on_its_machine(pytester, workdir, tmp_pa
     pytester.makepyfile(test_alone=MEASUREMENTS)
     result = run_pytest(pytester, f"--kvm-hosts=local?workdir={workdir}", "-n", "2", "--dist", "load")
     assert result.ret == 0, result.stdout.str()[-3000:]
-    tests = json.loads((pytester.path / "reports" / "run.json").read_text())["tests"]
-    spans = {t["test"].split("::")[1]: (t["start"], t["stop"]) for t in tests}
-    assert len(spans) == 8, spans
-    alone = [tuple(map(float, line.split())) for line in (tmp_path / "alone.log").read_text().splitlines()]
-    assert len(alone) == 2, alone
+    spans = [line.split() for line in (tmp_path / "alone.log").read_text().splitlines()]
+    alone = [(float(start), float(stop)) for kind, start, stop in spans if kind == "alone"]
+    others = sorted((float(start), float(stop)) for kind, start, stop in spans if kind == "other")
+    assert len(alone) == 2 and len(others) == 6, spans
     for start, stop in alone:
-        beside = [name for name, (s, e) in spans.items() if s < stop and e > start and not (s <= start and stop <= e)]
-        assert not beside, f"a measurement ({start:.1f}-{stop:.1f}) ran beside {beside}: {spans}"
-    others = sorted(span for name, span in spans.items() if name.startswith("test_other"))
+        beside = [(s, e) for s, e in others if s < stop and e > start]
+        assert not beside, f"a measurement ({start:.1f}-{stop:.1f}) ran beside other tests: {beside}"
     assert any(b[0] < a[1] for a, b in zip(others, others[1:], strict=False)), f"the other tests never ran together: {others}"
+
+
+OUTSIDE_THE_TEST = '''
+import subprocess, sys, time
+import pytest
+from pytest_kvmcheck.hosts.capabilities import Capabilities
+from pytest_kvmcheck.run import RUN_KEY
+
+MEASURE_ELSEWHERE = """
+import sys, time
+from pytest_kvmcheck.machines import MachineHold
+with MachineHold(sys.argv[1], [sys.argv[2]]).__enter__().alone():
+    open(sys.argv[3], "w").close()
+    time.sleep(8)
+"""
+
+def test_report_evidence_breaks(kvm_host, monkeypatch):
+    def our_bug(self):
+        raise RuntimeError("a bug in the evidence")
+    monkeypatch.setattr(Capabilities, "summary", our_bug)  # read for the report, after the test's call
+
+def test_another_worker_starts_a_measurement(request, kvm_host, tmp_path):
+    run = request.config.stash[RUN_KEY]
+    started = tmp_path / "measuring"
+    subprocess.Popen([sys.executable, "-c", MEASURE_ELSEWHERE, str(run.state_dir / "machines"),
+                      run.specs[kvm_host.name].machine_name, str(started)])
+    time.sleep(1)  # it waits for this test to let go of the machine, then measures for 8 s
+    assert not started.exists()
+
+@pytest.mark.timeout(3)
+def test_waits_for_the_machine_past_its_limit(kvm_host):
+    pass
+
+def test_after_the_measurement(kvm_host):
+    pass
+'''
+
+
+def test_what_goes_wrong_outside_a_test_ends_only_that_test(pytester, workdir, tmp_path):
+    """Work the plugin does around a test, outside its phases, never ends the xdist worker
+    (an INTERNALERROR that lost a CI run's lab tests): evidence for the report that cannot be
+    gathered is a note on that report, and a wait for the machine cut short by the time
+    limit is that test's ERROR; the tests after them still run, and a test that waited for
+    its machine is not taken for a slow one."""
+    pytester.makepyfile(test_outside=OUTSIDE_THE_TEST)
+    junit = tmp_path / "junit.xml"
+    artifacts = tmp_path / "artifacts"
+    result = run_pytest(pytester, f"--kvm-hosts=local?workdir={workdir}", f"--junitxml={junit}", "-n", "1",
+                        f"--kvm-artifacts={artifacts}")
+    out = result.stdout.str()
+    verdicts = verdicts_of(junit)
+    assert {name: verdict for name, (verdict, _) in verdicts.items()} == {
+        "test_report_evidence_breaks[local]": "PASS", "test_another_worker_starts_a_measurement[local]": "PASS",
+        "test_waits_for_the_machine_past_its_limit[local]": "ERROR", "test_after_the_measurement[local]": "PASS"}, out[-3000:]
+    assert "Timeout" in verdicts["test_waits_for_the_machine_past_its_limit[local]"][1], verdicts
+    # The wait is the run record's waited_s, not the test's own seconds (what --kvm-durations weighs).
+    after = next(t for t in json.loads((pytester.path / "reports" / "run.json").read_text())["tests"]
+                 if t["test"].endswith("test_after_the_measurement"))
+    assert after["waited_s"] >= 2 and after["duration_s"] < 2, after
+    notes = [path.read_text() for path in artifacts.glob("*evidence_breaks*/kvmcheck__evidence_not_gathered.txt")]
+    assert notes == ["kvmcheck's own code raised (a bug): RuntimeError: a bug in the evidence"], \
+        sorted(map(str, artifacts.rglob("*")))
+    assert_nothing_left(workdir, out)
