@@ -7,6 +7,9 @@ VM's unix socket, bridged to a local socketpair for qemu.qmp).
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
+import io
 import logging
 import os
 import select
@@ -45,6 +48,27 @@ _PY_RELAY = (
 _CLOCK_LOOP = ("if command -v bash >/dev/null && [ -n \"$(bash -c 'echo $EPOCHREALTIME')\" ]; then "
                "exec bash -c 'while read -r _; do echo \"$EPOCHREALTIME\"; done'; fi; "
                "while read -r _; do date +%s.%N; done")
+
+
+PACK_FROM_BYTES = 4 << 20  # files this big are copied gzipped (put_file)
+
+
+@functools.lru_cache(maxsize=8)
+def _packed(path: str, size: int, mtime_ns: int) -> bytes:
+    with open(path, "rb") as f:
+        return gzip.compress(f.read(), compresslevel=1, mtime=0)  # level 1: 0.5 s for 66 MB, 6 packs it 8% smaller in 2.5x the time
+
+
+def _worth_packing(path: str) -> bool:
+    """Big, and not packed already (the second QEMU's bundle is a .tar.gz)."""
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_size >= PACK_FROM_BYTES and f.read(2) != b"\x1f\x8b"
+
+
+def _gzipped(path: str) -> bytes:
+    """The file gzipped, once per version of it in this process (every host gets the same)."""
+    st = os.stat(path)
+    return _packed(path, st.st_size, st.st_mtime_ns)
 
 
 def _bridge(channel: paramiko.Channel) -> socket.socket:
@@ -251,10 +275,25 @@ class SSHHost(Host):
             sftp.chmod(path, mode)
 
     def put_file(self, local_path: str, remote_path: str) -> None:
+        """Copy a local file to the host. A big one goes gzipped and is unpacked there: the
+        guest's 66 MB kernel took 10.7 s to reach a lab host's NFS as it is, 3.8 s packed (the
+        host's sshd and its one vCPU, not the link, set the pace)."""
         # A name of this copy's own: hosts prepared at once that share storage may copy the same
         # file (threads of one process too: a pid alone was not enough, one's rename took the other's).
         tmp = f"{remote_path}.part-{os.getpid()}-{secrets.token_hex(4)}"
-        with self._files(f"copying {local_path} to {remote_path}") as sftp:
+        what = f"copying {local_path} to {remote_path}"
+        if _worth_packing(local_path):
+            with self._files(what) as sftp:
+                sftp.putfo(io.BytesIO(_gzipped(local_path)), f"{tmp}.gz")
+            unpacked = self.run(["sh", "-c", 'gzip -dc -- "$1" > "$2" && rm -f -- "$1" && mv -- "$2" "$3"',
+                                 "sh", f"{tmp}.gz", tmp, remote_path], timeout=300)
+            if unpacked.ok:
+                return
+            self.run(["rm", "-f", "--", f"{tmp}.gz", tmp])
+            if unpacked.exit_status != 127:  # 127: no gzip there, the file goes as it is
+                raise HostError(f"host {self.name}: {what}: unpacking it there failed "
+                                f"(exit {unpacked.exit_status}): {unpacked.stderr.strip()[-500:]}")
+        with self._files(what) as sftp:
             sftp.put(local_path, tmp)
             sftp.posix_rename(tmp, remote_path)
 

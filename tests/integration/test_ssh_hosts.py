@@ -140,3 +140,28 @@ def test_a_lost_connection_is_the_hosts_error_and_the_next_command_reconnects(ss
         assert host.run(["echo", "back"]).stdout == "back\n"
     finally:
         host.close()
+
+
+def test_a_big_file_reaches_the_host_whole(ssh_hosts, workdir, tmp_path):
+    """put_file sends a big file gzipped and unpacks it on the host: the host's copy is the
+    same bytes, as root and as a user, and no part of the copy is left beside it."""
+    import hashlib
+    import os
+
+    from pytest_kvmcheck.hosts.connect import connect
+    from pytest_kvmcheck.hosts.spec import parse_hosts
+
+    big = tmp_path / "kernel"
+    big.write_bytes(os.urandom(1 << 20) * 6 + b"tail")  # 6 MiB that packs well, as a kernel does
+    for ssh_host in ssh_hosts[:2]:
+        host = connect(parse_hosts(ssh_host.url(workdir / ssh_host.name))[0])
+        try:
+            target = f"{host.spec.workdir}/copied"
+            host.makedirs(target)
+            host.put_file(str(big), f"{target}/kernel")
+            assert host.run(["sha256sum", f"{target}/kernel"]).check().stdout.split()[0] == \
+                hashlib.sha256(big.read_bytes()).hexdigest()
+            assert host.listdir(target) == ["kernel"]
+            host.run(["rm", "-rf", target]).check()
+        finally:
+            host.close()
