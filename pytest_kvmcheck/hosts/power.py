@@ -14,6 +14,7 @@ from ..errors import HostError, HostKeyUnknown, KvmCheckError
 from .transport import Host
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+POLL_S = 1.0  # between asks for the boot id while the host is away
 
 
 def power_cycle(host: Host, timeout: float = 600.0) -> float:
@@ -45,5 +46,5 @@ def power_cycle(host: Host, timeout: float = 600.0) -> float:
             raise HostError(f"host {host.name} came back from its power cycle with another SSH host key: {exc}") from None
         except KvmCheckError as exc:
             last = str(exc)
-        time.sleep(1)
+        time.sleep(POLL_S)
     raise HostError(f"host {host.name}: not back within {timeout:.0f} s of its power cycle ({last})")

@@ -181,8 +181,9 @@ def _build_into(work: Path, recipe_dir: Path, recipe: dict, kernel_pkg: str, dig
     say(f"packing the initramfs ({len(modules)} modules, {len(kvm_only)} of them for KVM hosts alone)")
     kvm_root = work / "kvm-root"
     for rel in kvm_only:
-        (kvm_root / kmods.relative_to(root) / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(kmods / rel, kvm_root / kmods.relative_to(root) / rel)
+        moved = kvm_root / kmods.relative_to(root) / rel
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(kmods / rel, moved)
     cpio = CpioWriter()
     cpio.add_tree(root)
     cpio.add_chardev("dev/console", 5, 1)
