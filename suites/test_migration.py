@@ -21,7 +21,8 @@ import time
 import pytest
 
 from pytest_kvmcheck import Disk, Nic, VMSpec, premise, wait_until
-from pytest_kvmcheck.errors import KvmCheckError, EventTimeout, MigrationDidNotConverge, MigrationFailed, QMPCommandError, QMPLost
+from pytest_kvmcheck.errors import (KvmCheckError, EventTimeout, MigrationDidNotConverge, MigrationFailed, QMPCommandError,
+                                     QMPLost, VMError)
 from pytest_kvmcheck.guests.shows import MIB
 from pytest_kvmcheck.hosts.settings import HostLock, SysfsSettings
 from pytest_kvmcheck.qemu.hotplug import plug_disk
@@ -585,10 +586,10 @@ def test_destination_lost_in_postcopy_fails_and_names_the_guests_fate(boot_vm, k
 # --------------------------------------------------------------------------- the manager's limits
 
 LIMITED_LINK = 16 * MIB  # bytes/s: well below what any host sends over loopback or a LAN
-# Guest RAM that is not zero (QEMU sends no zero page): enough for three measurements, the
-# second with no limit, before the migration ends.
-FILL_MIB = 144
-FILL_GUEST_MIB = 320
+# Guest RAM that is not zero (QEMU sends no zero page): enough for four measurements, the
+# second and fourth with no limit, before the migration ends.
+FILL_MIB = 192
+FILL_GUEST_MIB = 352
 BANDWIDTH_TOLERANCE = 0.10
 LINK_HEADROOM = 1.5  # a link carrying this many times the limit with no limit is clearly faster than it
 DOWNTIME_LIMIT_MS = 250  # below QEMU's default 300 ms: a limit the host must be seen to honour
@@ -600,6 +601,16 @@ PACED_LINK = 128 * MIB
 HELD_DATA_MIB = 768
 
 
+def unlimited_rate(source) -> float:
+    """Bytes a second the source's migration sends with no limit, over 1.5 s (infinite if it
+    ended sooner: a link that fast has room for any limit)."""
+    try:
+        sent, took = measure_throughput(source, 1.5, settle=0.3, least=0.3)
+    except VMError:  # active for less than 0.3 s of it: the rest of the guest's RAM went at once
+        return float("inf")
+    return sent / took
+
+
 def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_metric):
     """Handbook 4.3 (``migrate_set_speed``, now max-bandwidth): a migration sends at the rate
     the manager set, within 10 %, measured from QEMU's own byte count over 3 s of the move.
@@ -608,7 +619,10 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
     is measured once more, under a limit the link can carry: where the link with no limit is
     not clearly faster (the lab's, under load: 8-17 MiB/s), half of what it carried; else the
     same limit again (a busy moment of an emulated CPU's sends a limited migration 40 % short
-    while the link has room). Only that second measurement is judged."""
+    while the link has room). Only that second measurement is judged; one short of the limit
+    again is QEMU's fault only if the link, measured once more with no limit, had room for it
+    (in a lab run it had not: 12.2 MiB/s under a 16 MiB/s limit while the other worker's guest
+    dirtied its memory on the same machine, a healthy host's FAIL)."""
     source = boot_vm(VMSpec(memory_mib=FILL_GUEST_MIB))
     source.guest.hold_memory(FILL_MIB, data=True)
     GuestState.prepare(source)
@@ -620,8 +634,7 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
     rate = sent / seconds
     source.qmp.cmd("migrate-set-parameters", max_bandwidth=UNLIMITED_BANDWIDTH)
     if rate < limit * (1 - BANDWIDTH_TOLERANCE):  # slower than the limit: QEMU, or the link?
-        unlimited, took = measure_throughput(source, 1.5, settle=0.3, least=0.3)
-        capacity = unlimited / took
+        capacity = unlimited_rate(source)
         kvm_note("link", f"under the limit the migration sent {rate / MIB:.2f} MiB/s; with no limit "
                          f"{capacity / MIB:.2f} MiB/s")
         if capacity <= limit * LINK_HEADROOM:  # not clearly faster than the limit: one it carries with room
@@ -633,6 +646,12 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
         sent, seconds = measure_throughput(source, 3.0)
         rate = sent / seconds
         source.qmp.cmd("migrate-set-parameters", max_bandwidth=UNLIMITED_BANDWIDTH)
+        if rate < limit * (1 - BANDWIDTH_TOLERANCE):
+            after = unlimited_rate(source)
+            premise(after > limit * LINK_HEADROOM,
+                    f"a link with room for the limit while it was measured: under max-bandwidth {link_mib} MiB/s "
+                    f"the migration sent {rate / MIB:.2f} MiB/s, and with no limit right after {after / MIB:.2f} MiB/s "
+                    f"({kvm_host.name} -> {kvm_peer.name}: its CPUs were busy)")
     info = await_migration(source, uri, destination=dest)
     kvm_note("bandwidth", f"max-bandwidth {link_mib} MiB/s: sent {sent / MIB:.1f} MiB in {seconds:.2f} s = "
                           f"{rate / MIB:.2f} MiB/s ({rate / limit - 1:+.1%}); {stats(info)}")
