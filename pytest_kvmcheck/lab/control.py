@@ -32,6 +32,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -113,8 +114,32 @@ def _sh(argv: list[str], timeout: float = 60, check: bool = True) -> subprocess.
     return proc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+PORT_HELD_S = 60  # how long a power cycle waits for its SSH port to be free again
+
+
+def _ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> range:
+    try:
+        low, high = map(int, Path(path).read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def _free_port(ephemeral: range | None = None) -> int:
+    """A free port on loopback for a lab host's SSH, below the kernel's ephemeral range: a
+    port from that range, free while its QEMU was down for a power cycle, was handed to one of
+    the run's own outgoing connections, and the host came back on another port than the
+    inventory's (the run waited 600 s for it)."""
+    ephemeral = ephemeral or _ephemeral_ports()
+    candidates = list(range(max(1024, ephemeral.start - 20000), ephemeral.start))
+    for port in secrets.SystemRandom().sample(candidates, min(len(candidates), 200)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the range: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -273,13 +298,23 @@ class Lab:
         for disk, size in (("nvme.img", "256M"), *((("local.img", "2G"),) if host.power else ())):
             if not os.path.exists(f"{host.directory}/{disk}"):  # what a power cycle must find again
                 _sh(["qemu-img", "create", "-q", "-f", "raw", f"{host.directory}/{disk}", size])
-        for attempt in range(5):  # a free port can be taken between asking and binding
-            host.ssh_port = host.ssh_port if host.ssh_port and attempt == 0 else _free_port()
+        # A new host takes a free port, another if that one is taken before QEMU binds it. A
+        # power cycle keeps the port the inventory names, waiting for it to be free again.
+        keep, attempts = host.ssh_port, 0
+        deadline = time.monotonic() + PORT_HELD_S
+        while True:
+            host.ssh_port = keep or _free_port()
             proc = _sh(self._argv(host, image, public_key, storage_ip), timeout=60, check=False)
             if proc.returncode == 0:
                 break
-            if "host forwarding rule" not in proc.stderr or attempt == 4:
-                raise LabError(f"{host.name}: QEMU did not start: {proc.stderr.strip()[-500:]}")
+            attempts += 1
+            taken = "host forwarding rule" in proc.stderr
+            if taken and (time.monotonic() < deadline if keep else attempts < 5):
+                time.sleep(1 if keep else 0)
+                continue
+            held = f" (its SSH port {keep}, which the inventory names, stayed taken for {PORT_HELD_S} s)" \
+                if keep and taken else ""
+            raise LabError(f"{host.name}: QEMU did not start{held}: {proc.stderr.strip()[-500:]}")
         host.pid = int(Path(host.pidfile).read_text().strip())
         # The tap moves into the lab's namespace, onto its bridge: the private network stays there.
         _sh(["ip", "link", "set", host.tap, "netns", self.netns])

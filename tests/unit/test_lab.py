@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from pytest_kvmcheck.hosts.spec import load_inventory
-from pytest_kvmcheck.lab.control import Lab, LabHost
+from pytest_kvmcheck.lab.control import Lab, LabHost, _ephemeral_ports, _free_port
 from pytest_kvmcheck.lab.image import LabImage
 
 
@@ -65,3 +65,20 @@ def test_inventory_lists_private_address_shared_workdir_and_assignable(tmp_path)
 
 def test_two_lab_dirs_get_separate_namespaces(tmp_path):
     assert Lab(tmp_path / "a").netns != Lab(tmp_path / "b").netns
+
+
+def test_a_lab_hosts_ssh_port_is_below_the_ephemeral_range():
+    """The kernel never hands such a port to an outgoing connection, so a power-cycled host
+    finds its port free again (one from the range went to the run's own connection once)."""
+    ephemeral = _ephemeral_ports()
+    ports = {_free_port() for _ in range(20)}
+    assert all(1024 <= port < ephemeral.start for port in ports), (ports, ephemeral)
+    assert len(ports) > 1  # chosen at random: two labs' hosts do not try the same one first
+
+
+def test_the_ephemeral_range_is_the_kernels_or_linuxs_default(tmp_path):
+    custom = tmp_path / "range"
+    custom.write_text("40000\t50000\n")
+    assert _ephemeral_ports(str(custom)) == range(40000, 50001)
+    assert _ephemeral_ports(str(tmp_path / "missing")) == range(32768, 61000)
+    assert _free_port(range(1024, 2000)) in _ephemeral_ports()  # no room below the range: any free port
