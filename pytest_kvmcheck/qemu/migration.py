@@ -375,9 +375,13 @@ def postcopy_broke(source: VM, uri: str, status: str, info: dict, destination: V
     (migrate-recover), and is lost with the destination."""
     where = ("postcopy-paused, its guest stopped, waiting for the destination to recover the stream"
              if status == "postcopy-paused" else f"{status} after the switch to postcopy: its copy of the guest is stale")
-    there = "" if destination is None else f"; the destination {destination.name}: " + (
-        destination_side(destination) if destination.alive() else "its QEMU exited: the guest is lost "
-        "(its newest pages died with it, QEMU's documented behaviour for postcopy)")
+    there = ""
+    if destination is not None:
+        said = destination_side(destination) if destination.alive() else ""
+        if not destination.alive():  # also one that exited while it was asked (a lab run saw that race)
+            said = ("its QEMU exited: the guest is lost (its newest pages died with it, QEMU's documented "
+                    "behaviour for postcopy)")
+        there = f"; the destination {destination.name}: {said}"
     return (f"migration of {source.name} to {uri} broke in postcopy: the source is {where} "
             f"({info.get('error-desc', 'no error-desc')}){there}")
 
