@@ -92,6 +92,14 @@ class MigrationDidNotConverge(MigrationFailed):
     """The guest dirtied memory faster than it was sent: cancelled at the deadline."""
 
 
+class QemuExited(VMError):
+    """QEMU exited while the check still needed its guest: it crashed or was killed, or its
+    guest's kernel panicked (kvmcheck's guests run with ``panic=-1`` and ``-no-reboot``, so
+    QEMU ends with them). The message carries QEMU's stderr and the serial console's tail."""
+
+    verdict = "FAIL"
+
+
 class QMPLost(VMError):
     """The QMP connection to a running VM broke (QEMU died or was killed)."""
 

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import GuestBootError, GuestLoginError, KvmCheckError, QemuNotFound, QMPLost, VMError
+from ..errors import GuestBootError, GuestLoginError, KvmCheckError, QemuExited, QemuNotFound, QMPLost, VMError
 from ..guests.session import GuestSession, RunKey
 from ..guests.shows import console_excerpt
 from ..images.build import READY_MARKER
@@ -203,13 +203,25 @@ class VM:
             try:
                 return GuestSession(connect(), self.run_key, self.host_run.host_public_key, label)
             except retry_on as exc:
-                if time.monotonic() > deadline or not self.alive():
+                if not self.alive():
+                    raise self.exited(f"before its guest took an SSH session ({exc})") from None
+                if time.monotonic() > deadline:
                     raise VMError(f"VM {self.name}: no SSH session to the guest{' at ' + where if where else ''} "
-                                  f"within {timeout:.0f} s ({attempts} attempts): {exc}; "
-                                  f"{'QEMU running' if self.alive() else 'QEMU exited'}; serial console (last lines):\n"
-                                  f"{self.console_tail(10) or '(empty)'}") from None
+                                  f"within {timeout:.0f} s ({attempts} attempts): {exc}; QEMU running; "
+                                  f"serial console (last lines):\n{self.console_tail(10) or '(empty)'}") from None
                 log.info("VM %s: SSH to %s not yet: %s", self.name, label, exc)
                 time.sleep(1)
+            except (KvmCheckError, OSError, EOFError) as exc:  # the forward itself refused: is QEMU gone?
+                if self.pid is not None and not self.alive():
+                    raise self.exited(f"before its guest took an SSH session ({exc})") from None
+                raise
+
+    def exited(self, when: str) -> QemuExited:
+        """The error for a QEMU found gone ``when`` the check needed its guest: its stderr and
+        the console's tail (a guest kernel's crash report, if it printed one), which say why."""
+        return QemuExited(f"VM {self.name} on host {self.host.name}: QEMU {self.pid} exited {when}.\n"
+                          f"--- serial console (last lines) ---\n{self.console_tail(25) or '(empty)'}\n"
+                          f"--- QEMU stderr ---\n{self.log_tail() or '(empty)'}")
 
 
     def mac(self, index: int) -> str:

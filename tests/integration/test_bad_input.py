@@ -8,10 +8,12 @@ import time
 
 import pytest
 
-from pytest_kvmcheck.errors import GuestBootError, QMPLost, QMPTimeout, VMError
+from pytest_kvmcheck import verdicts
+from pytest_kvmcheck.errors import GuestBootError, QemuExited, QMPLost, QMPTimeout, VMError
 from pytest_kvmcheck.hosts.spec import parse_host
 from pytest_kvmcheck.run import KvmRun
 from pytest_kvmcheck.qemu.spec import VMSpec
+from pytest_kvmcheck.waiting import poll
 
 from .conftest import SUITES, assert_nothing_left, interruptible, qemu_processes, run_pytest
 
@@ -133,6 +135,23 @@ def test_lost_qmp_connection(local_run, workdir):
             time.sleep(0.05)
     vm.stop()  # must not raise for a dead VM
     vm.destroy()
+
+
+def test_qemu_gone_before_the_guest_login(local_run, workdir):
+    """A QEMU that dies before a guest session is opened (a destination after its move, in
+    CI) is QEMU's exit, with its stderr and console: not the refused port forward it leaves."""
+    vm = local_run.new_vm("local", VMSpec()).boot()
+    assert vm.ssh_port  # the forward was there while QEMU ran
+    os.kill(vm.pid, signal.SIGKILL)
+    assert poll(lambda: not vm.alive(), 10)
+    with pytest.raises(QemuExited) as info:
+        vm.run("true")
+    message = str(info.value)
+    assert f"QEMU {vm.pid} exited before its guest took an SSH session" in message, message
+    assert "--- serial console (last lines) ---" in message and "--- QEMU stderr ---" in message, message
+    assert verdicts.classify(info) == "FAIL"
+    vm.destroy()
+    assert not qemu_processes(str(workdir))
 
 
 def test_qemu_that_stops_answering_qmp(local_run, workdir):

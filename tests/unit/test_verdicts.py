@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 
 from pytest_kvmcheck import errors, verdicts
-from pytest_kvmcheck.errors import (GuestBootError, GuestCommandError, HostUnreachable, MigrationFailed, PremiseError, QMPCommandError,
-                                    QMPLost)
+from pytest_kvmcheck.errors import (GuestBootError, GuestCommandError, HostUnreachable, MigrationFailed, PremiseError, QemuExited,
+                                    QMPCommandError, QMPLost)
 
 
 def ending(exc: BaseException) -> pytest.ExceptionInfo:
@@ -21,6 +21,7 @@ def ending(exc: BaseException) -> pytest.ExceptionInfo:
     (QMPCommandError("device_add", "Bus 'pci.0' does not support hotplugging", "GenericError"), "FAIL"),
     (MigrationFailed("failed", {}), "FAIL"),
     (QMPLost("QEMU died"), "FAIL"),
+    (QemuExited("QEMU exited before its guest took an SSH session"), "FAIL"),
     (HostUnreachable("no route"), "ERROR"),
     (GuestBootError("no ready marker"), "ERROR"),
     (PremiseError("the guest dirties too slowly"), "ERROR"),
