@@ -42,6 +42,12 @@ def measure_offset(read_remote: Callable[[], float], samples: int = 5,
     return best_offset(readings)
 
 
+def event_time(event: dict) -> float:
+    """A QMP event's time: seconds since the epoch by the clock of the host its QEMU runs on."""
+    stamp = event["timestamp"]
+    return stamp["seconds"] + stamp["microseconds"] / 1e6
+
+
 def parse_wall_clock(text: str) -> float:
     """Seconds since the epoch from ``date +%s.%N`` output, or from busybox ``adjtimex``
     (tv_sec and tv_usec), the one with sub-second digits where busybox's date has none."""

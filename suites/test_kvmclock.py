@@ -15,7 +15,7 @@ import pytest
 
 from pytest_kvmcheck import VMSpec, premise, vm_fixture
 from pytest_kvmcheck.clock import measure_offset
-from pytest_kvmcheck.qemu.migration import migrate, stats
+from pytest_kvmcheck.qemu.migration import guest_pause, migrate, stats
 
 WALL_CLOCK_TOLERANCE_S = 2.0
 DRIFT_WINDOW_S = 30
@@ -24,7 +24,7 @@ DRIFT_WINDOW_S = 30
 # held (the sensitivity mutant pauses it 0.5 s in every 2.5) loses seconds. 50 ms in 30 s is the
 # rate 100 ms in 60 s allowed: the window was halved, not the bound loosened.
 DRIFT_BOUND_MS = 50
-# Beyond the downtime: the guest's clock may stand still while the guest does not run.
+# Beyond the time the guest stood still (STOP to RESUME), when its clock stands still too.
 STEP_TOLERANCE_MS = 200
 # A looser measurement says nothing: the checks fail only by more than their uncertainty, so a
 # host that answers slowly (a busy lab host: up to 60 ms) cannot fail them wrongly, only pass.
@@ -91,9 +91,13 @@ def test_guest_clock_keeps_pace_with_the_host(clock_guest, kvm_host, kvm_metric)
 @pytest.mark.kvm_requires("kvm", on="peer")
 def test_clock_across_live_migration(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_metric):
     """Handbook 1.x and 4.3: after a live migration the guest still keeps time with kvm-clock,
-    and its wall clock has not stepped by more than the downtime plus STEP_TOLERANCE_MS.
+    and its wall clock has not stepped by more than the time the guest stood still (its STOP
+    on the source to its RESUME on the destination) plus STEP_TOLERANCE_MS.
 
-    Both readings are against this machine's clock, one reference for both hosts."""
+    kvm-clock stands still while the guest is stopped, so the guest's clock falls behind by
+    that pause. QEMU's downtime is only the source's part of it: in a CI run a healthy guest's
+    clock fell 3.6 s behind across a move QEMU gave 701 ms of downtime. Every reading is
+    against this machine's clock, one reference for both hosts."""
     source = boot_vm(VMSpec(memory_mib=256))
     clocksource, available = source.guest.clocksource()
     premise(clocksource == "kvm-clock", f"the source guest keeps time with {clocksource!r} (has {available}), "
@@ -103,13 +107,18 @@ def test_clock_across_live_migration(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_
     numbers = stats(migrate(source, uri, timeout=120, destination=dest))
     after = measure_offset(dest.guest.wall_clock)
     step = after - before
-    kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name}: {numbers}; the guest's clock moved {step}")
+    with kvm_host.transport.clock() as source_clock, kvm_peer.transport.clock() as dest_clock:
+        pause = guest_pause(source, dest, measure_offset(source_clock), measure_offset(dest_clock))
+    kvm_note("migration", f"{kvm_host.name} -> {kvm_peer.name}: {numbers}; the guest stood still {pause}, "
+                          f"its clock moved {step}")
     kvm_metric("clock_step_at_migration", abs(step.seconds) * 1000, "ms")
-    premise(step.uncertainty * 1000 <= MAX_UNCERTAINTY_MS, f"the guest's clock readings were too slow: {step}")
+    uncertainty = step.uncertainty + pause.uncertainty
+    premise(uncertainty * 1000 <= MAX_UNCERTAINTY_MS, f"the clock readings were too slow: the guest's clock "
+                                                      f"moved {step}, the guest stood still {pause}")
     clocksource, available = dest.guest.clocksource()
     assert clocksource == "kvm-clock", \
         f"after the migration to {kvm_peer.name} the guest keeps time with {clocksource!r} (has {available})"
-    bound = numbers["downtime_ms"] + STEP_TOLERANCE_MS
-    assert abs(step.seconds) * 1000 - step.uncertainty * 1000 <= bound, \
-        f"the guest's wall clock stepped {step} across the migration; the downtime was " \
-        f"{numbers['downtime_ms']} ms, the bound {bound} ms"
+    bound = pause.seconds * 1000 + STEP_TOLERANCE_MS
+    assert abs(step.seconds) * 1000 - uncertainty * 1000 <= bound, \
+        f"the guest's wall clock stepped {step} across the migration; the guest stood still {pause} " \
+        f"(QEMU's downtime {numbers['downtime_ms']} ms), the bound {bound:.0f} ms"

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from ..clock import Offset, event_time
 from ..hosts.capabilities import Capabilities
 from ..errors import KvmCheckError, MigrationDidNotConverge, MigrationFailed, QMPCommandError, VMError
 from ..hosts.transport import Host
@@ -679,6 +680,24 @@ class DiskWriter:
         if not vm.guest.stop(self.pid):
             return False
         return bool(poll(lambda: not vm.guest.running(self.pid), 5, 0.1))
+
+
+def guest_pause(source: VM, dest: VM, source_clock: Offset, dest_clock: Offset) -> Offset:
+    """How long the guest stood still in the move just completed: from its STOP on the source
+    (the last before it ran on the destination) to its RESUME on the destination, each QMP
+    event's time put on this machine's clock by its host's offset (``source_clock``,
+    ``dest_clock``: :func:`~pytest_kvmcheck.clock.measure_offset` of each host's clock).
+
+    QEMU's ``downtime`` is the source's view and leaves out what the destination does after
+    the stream: it activates the disks (on a loaded NFS, seconds) before the guest runs."""
+    resumes = dest.qmp.events("RESUME")
+    if not resumes:
+        raise VMError(f"VM {dest.name}: no RESUME event: the guest has not run on the destination")
+    resumed = event_time(resumes[0]) - dest_clock.seconds
+    stops = [t for t in (event_time(e) - source_clock.seconds for e in source.qmp.events("STOP")) if t <= resumed]
+    if not stops:
+        raise VMError(f"VM {source.name}: no STOP event before the guest resumed on {dest.name}")
+    return Offset(resumed - max(stops), source_clock.uncertainty + dest_clock.uncertainty)
 
 
 def stats(info: dict) -> dict:

@@ -2,6 +2,8 @@
 import pytest
 
 from pytest_kvmcheck.clock import Offset, best_offset, measure_offset, parse_wall_clock
+from pytest_kvmcheck.errors import VMError
+from pytest_kvmcheck.qemu.migration import guest_pause
 
 
 def test_the_shortest_round_trip_wins():
@@ -30,3 +32,29 @@ def test_wall_clock_from_date_and_from_busybox_adjtimex():
     assert parse_wall_clock(adjtimex) == pytest.approx(1795723817.641895)
     with pytest.raises(ValueError):
         parse_wall_clock("1795723814.%N")  # a date without nanoseconds must not pass for one
+
+
+class _Events:
+    def __init__(self, name, **events):
+        self.name, self._events = name, events
+        self.qmp = self
+
+    def events(self, name):
+        return [{"event": name, "timestamp": {"seconds": int(t), "microseconds": round(t % 1 * 1e6)}}
+                for t in self._events.get(name, [])]
+
+
+def test_the_guest_stood_still_from_its_last_stop_before_it_resumed():
+    """The pause runs from the source's STOP (the last before the destination's RESUME: a
+    stop/cont after the move does not count) to that RESUME, on this machine's clock."""
+    source = _Events("src", STOP=[100.0, 103.5, 109.0])  # a pause before, the switch-over, one after
+    dest = _Events("dst", RESUME=[1104.25])               # its host's clock is 1000 s ahead of ours
+    pause = guest_pause(source, dest, Offset(0.0, 0.002), Offset(1000.0, 0.003))
+    assert pause.seconds == pytest.approx(0.75) and pause.uncertainty == pytest.approx(0.005)
+
+
+def test_no_resume_on_the_destination_is_an_error_not_a_pause():
+    with pytest.raises(VMError, match="no RESUME event"):
+        guest_pause(_Events("src", STOP=[1.0]), _Events("dst"), Offset(0, 0), Offset(0, 0))
+    with pytest.raises(VMError, match="no STOP event before the guest resumed on dst"):
+        guest_pause(_Events("src", STOP=[9.0]), _Events("dst", RESUME=[5.0]), Offset(0, 0), Offset(0, 0))
