@@ -12,8 +12,10 @@ machines go on.
 A turnstile keeps a waiting measurement from being starved: a test takes it, briefly, before
 its shared lock; a measurement holds it while it waits and runs. Several machines are locked in
 name order, so two tests never wait on each other. The locks are ``flock`` on files in the
-run's state directory, which every xdist worker of the run sees; a worker that dies releases
-its locks with its process.
+user's cache (:func:`~pytest_kvmcheck.paths.machine_locks_dir`), which every xdist worker of
+the run sees, and every other run of the user on this controller: a measurement is alone also
+beside another run's tests (a healthy switch-over measured beside other runs' guests in CI
+took three times its downtime limit). A process that dies releases its locks with it.
 """
 from __future__ import annotations
 

@@ -23,6 +23,12 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def machine_locks_dir() -> Path:
+    """The machines' locks (machines.py): in the user's cache, so that every run of this user on
+    this controller sees them, not only the run's own workers."""
+    return cache_dir() / "machines"
+
+
 def lab_dir() -> Path:
     """The lab's state: its key, known_hosts, inventory and each host's QEMU files."""
     return Path(os.environ.get("KVMCHECK_LAB_DIR") or cache_dir() / "lab")

@@ -35,7 +35,7 @@ from .guests.session import RunKey
 from .hosts.spec import HostSpec
 from .images.cloud import CloudImage, seed_iso
 from .images.tiny import TinyImage, build_tiny
-from .paths import cache_dir
+from .paths import cache_dir, machine_locks_dir
 from .hosts.footprint import KEEP_MARKER, HostRun, place_files, remove_run, start_run
 from .hosts.settings import replay_stale_changes
 from .machines import MachineHold
@@ -348,7 +348,7 @@ class KvmRun:
     def machine_hold(self, hosts: Iterable[str]) -> MachineHold:
         """The machines ``hosts`` run on, to hold for a test (machines.py)."""
         self._ensure_state()
-        return MachineHold(self.state_dir / "machines", (self.specs[h].machine_name for h in hosts))
+        return MachineHold(machine_locks_dir(), (self.specs[h].machine_name for h in hosts))
 
     def write_spread(self, stood_in_by: dict[str, dict[str, str]]) -> None:
         """--kvm-spread's plan (host -> {feature: the host that ran it instead}), for the controller.

@@ -663,7 +663,7 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
     assert not problems, "continuity broken:\n" + "\n".join(problems)
 
 
-def test_downtime_limit_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_metric):
+def test_downtime_limit_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_metric, kvm_alone):
     """Handbook 4.3 (``migrate_set_downtime``, now downtime-limit): with the limit set below
     QEMU's default and a guest dirtying memory at a rate the link absorbs (QEMU's own
     dirty-page rate, at most half the link), the downtime QEMU reports stays within the limit.
@@ -671,7 +671,9 @@ def test_downtime_limit_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_m
 
     QEMU's limit covers the RAM it sends after the stop, not the devices' state: a host that
     declares a slower switch-over (max_downtime_ms=, the lab's emulated CPUs: 331 ms seen there)
-    is held to what it declares; the note keeps the downtime measured."""
+    is held to what it declares; the note keeps the downtime measured. Held to the limit itself,
+    the move runs alone on its machines: beside other tests' guests in CI, a healthy local
+    switch-over took 745 ms (the guest dirtying 0.14 MiB/s of a 128 MiB/s link)."""
     source = boot_vm(VMSpec(memory_mib=1024))
     source.guest.hold_memory(HELD_DATA_MIB, data=True)
     GuestState.prepare(source)
@@ -689,8 +691,9 @@ def test_downtime_limit_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_m
 
     limit = DOWNTIME_LIMIT_MS
     bound = max([limit, *(h.spec.max_downtime_ms for h in (kvm_host, kvm_peer) if h.spec.max_downtime_ms)])
-    info = migrate(source, uri, timeout=120, max_downtime_ms=limit, bandwidth_bytes=PACED_LINK,
-                   destination=dest, on_progress=progress)
+    with kvm_alone() if bound == limit else contextlib.nullcontext():
+        info = migrate(source, uri, timeout=120, max_downtime_ms=limit, bandwidth_bytes=PACED_LINK,
+                       destination=dest, on_progress=progress)
     numbers = stats(info)
     rate = max(dirty, default=0.0)
     kvm_note("downtime", f"downtime-limit {limit} ms (bound {bound} ms), link {PACED_LINK // MIB} MiB/s, the guest "

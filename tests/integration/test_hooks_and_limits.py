@@ -106,6 +106,7 @@ OUTSIDE_THE_TEST = '''
 import subprocess, sys, time
 import pytest
 from pytest_kvmcheck.hosts.capabilities import Capabilities
+from pytest_kvmcheck.paths import machine_locks_dir
 from pytest_kvmcheck.run import RUN_KEY
 
 MEASURE_ELSEWHERE = """
@@ -124,7 +125,7 @@ def test_report_evidence_breaks(kvm_host, monkeypatch):
 def test_another_worker_starts_a_measurement(request, kvm_host, tmp_path):
     run = request.config.stash[RUN_KEY]
     started = tmp_path / "measuring"
-    subprocess.Popen([sys.executable, "-c", MEASURE_ELSEWHERE, str(run.state_dir / "machines"),
+    subprocess.Popen([sys.executable, "-c", MEASURE_ELSEWHERE, str(machine_locks_dir()),
                       run.specs[kvm_host.name].machine_name, str(started)])
     time.sleep(1)  # it waits for this test to let go of the machine, then measures for 8 s
     assert not started.exists()
