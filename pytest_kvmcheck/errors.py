@@ -92,6 +92,14 @@ class MigrationDidNotConverge(MigrationFailed):
     """The guest dirtied memory faster than it was sent: cancelled at the deadline."""
 
 
+class GuestCrashed(VMError):
+    """A guest that ran answers no more, and its kernel reported a crash or a stalled CPU on
+    its serial console (the message has the report): the host broke a running guest (our
+    guest image boots and runs clean on a sound host)."""
+
+    verdict = "FAIL"
+
+
 class QemuExited(VMError):
     """QEMU exited while the check still needed its guest: it crashed or was killed, or its
     guest's kernel panicked (kvmcheck's guests run with ``panic=-1`` and ``-no-reboot``, so

@@ -91,7 +91,13 @@ def first_checksum(text: str) -> str:
 # The first line of a report the guest's kernel prints when it crashes (an oops, a BUG, a
 # panic, a warning): what its console's last lines, all registers and trace, leave out.
 _CRASH = re.compile(r"^(?:\[[ \d.]+\] )?(?:BUG: |Oops: |general protection fault|Kernel panic - |kernel BUG at "
-                    r"|WARNING: CPU: |------------\[ cut here \]------------)", re.M)
+                    r"|WARNING: CPU: |------------\[ cut here \]------------|rcu: INFO: rcu_\w+ detected stalls"
+                    r"|watchdog: BUG: soft lockup)", re.M)
+
+
+def kernel_crashed(text: str) -> bool:
+    """Whether a guest's serial console holds its kernel's report of a crash or a stalled CPU."""
+    return _CRASH.search(text) is not None
 
 
 def console_excerpt(text: str, lines: int, report_lines: int = 30) -> str:
@@ -105,7 +111,7 @@ def console_excerpt(text: str, lines: int, report_lines: int = 30) -> str:
     shown = report[:report_lines]
     if len(report) > report_lines:
         shown += [f"[... {len(report) - report_lines - 1} more lines ...]", report[-1]]
-    return "the guest's kernel reported a crash:\n" + "\n".join(shown)
+    return "the guest's kernel reported a crash or a stall:\n" + "\n".join(shown)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import GuestBootError, GuestLoginError, KvmCheckError, QemuExited, QemuNotFound, QMPLost, VMError
+from ..errors import GuestBootError, GuestCrashed, GuestLoginError, KvmCheckError, QemuExited, QemuNotFound, QMPLost, VMError
 from ..guests.session import GuestSession, RunKey
-from ..guests.shows import console_excerpt
+from ..guests.shows import console_excerpt, kernel_crashed
 from ..images.build import READY_MARKER
 from ..waiting import poll
 from .monitor import Monitor
@@ -206,9 +206,11 @@ class VM:
                 if not self.alive():
                     raise self.exited(f"before its guest took an SSH session ({exc})") from None
                 if time.monotonic() > deadline:
-                    raise VMError(f"VM {self.name}: no SSH session to the guest{' at ' + where if where else ''} "
-                                  f"within {timeout:.0f} s ({attempts} attempts): {exc}; QEMU running; "
-                                  f"serial console (last lines):\n{self.console_tail(10) or '(empty)'}") from None
+                    console = self.console()
+                    error = GuestCrashed if kernel_crashed(console) else VMError
+                    raise error(f"VM {self.name}: no SSH session to the guest{' at ' + where if where else ''} "
+                                f"within {timeout:.0f} s ({attempts} attempts): {exc}; QEMU running; "
+                                f"serial console (last lines):\n{console_excerpt(console, 10) or '(empty)'}") from None
                 log.info("VM %s: SSH to %s not yet: %s", self.name, label, exc)
                 time.sleep(1)
             except (KvmCheckError, OSError, EOFError) as exc:  # the forward itself refused: is QEMU gone?

@@ -154,6 +154,22 @@ def test_qemu_gone_before_the_guest_login(local_run, workdir):
     assert not qemu_processes(str(workdir))
 
 
+def test_a_guest_whose_kernel_crashes_after_it_booted(local_run, workdir):
+    """A guest kernel that crashes after boot (a destination's, corrupted in its move: CI)
+    ends its QEMU (panic=-1, -no-reboot): the next login is the host's FAIL with the crash
+    report from the console, not a login timeout."""
+    vm = local_run.new_vm("local", VMSpec()).boot()
+    vm.guest.start("sleep 1; echo c > /proc/sysrq-trigger")
+    assert poll(lambda: not vm.alive(), 30), "the guest's crash did not end its QEMU"
+    with pytest.raises(QemuExited) as info:
+        vm.reconnect_guest()
+    message = str(info.value)
+    assert "the guest's kernel reported a crash or a stall:" in message and "sysrq" in message.lower(), message
+    assert verdicts.classify(info) == "FAIL"
+    vm.destroy()
+    assert not qemu_processes(str(workdir))
+
+
 def test_qemu_that_stops_answering_qmp(local_run, workdir):
     """A QEMU hung in a command (here: stopped by SIGSTOP) is told from one that died: the
     error says it still runs and where its main thread waits."""

@@ -1,6 +1,6 @@
 """The guest vocabulary's parsers: what lspci, sysfs and /proc print, read into plain data."""
-from pytest_kvmcheck.guests.shows import (BlockDevice, PciFunction, console_excerpt, first_checksum, listening_ports,
-                                          parse_cpu_list, parse_lspci, parse_meminfo)
+from pytest_kvmcheck.guests.shows import (BlockDevice, PciFunction, console_excerpt, first_checksum, kernel_crashed,
+                                          listening_ports, parse_cpu_list, parse_lspci, parse_meminfo)
 from pytest_kvmcheck.hosts.transport import CommandResult
 
 LSPCI = """\
@@ -73,13 +73,23 @@ def test_console_excerpt_is_the_tail_or_the_kernels_crash_report():
     assert console_excerpt("a\nb\nc\n", 2) == "b\nc"
     assert console_excerpt("", 5) == ""
     shown = console_excerpt(OOPS, 3)
-    assert shown.startswith("the guest's kernel reported a crash:\n[    7.461870] BUG: unable to handle page fault")
+    assert shown.startswith("the guest's kernel reported a crash or a stall:\n[    7.461870] BUG: unable to handle page fault")
     assert "RIP: 0010:release_pages" in shown and shown.endswith("exited with preempt_count 1")
     assert "KVMCHECK-READY" not in shown
     long = "[    1.0] WARNING: CPU: 0 PID: 1 at x\n" + "".join(f"[    1.0] line {i}\n" for i in range(50))
     cut = console_excerpt(long, 3, report_lines=10).splitlines()
     assert cut[1].endswith("WARNING: CPU: 0 PID: 1 at x") and cut[-2] == "[... 40 more lines ...]" and \
         cut[-1].endswith("line 49")
+
+
+def test_a_stalled_cpu_counts_as_a_crash_report():
+    """A destination guest whose CPU stalled after a move (TCG, CI) answered no login for a
+    minute: its console's RCU stall report is what says why."""
+    stall = ("KVMCHECK-READY 4.2 0.1\n[   35.768846] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n"
+             "[   35.771357] rcu: \t1-...0: (1 GPs behind) idle=54b4/1/0x4000000000000000 softirq=1083/1084\n")
+    assert kernel_crashed(stall) and kernel_crashed("[ 61.2] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!")
+    assert console_excerpt(stall, 1).startswith("the guest's kernel reported a crash or a stall:\n[   35.768846] rcu:")
+    assert not kernel_crashed("KVMCHECK-READY 4.2 0.1\n[    1.0] virtio_net virtio1 eth1: renamed\n")
 
 
 def test_listening_ports_come_from_the_kernels_tcp_tables():

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from pytest_kvmcheck import errors, verdicts
-from pytest_kvmcheck.errors import (GuestBootError, GuestCommandError, HostUnreachable, MigrationFailed, PremiseError, QemuExited,
+from pytest_kvmcheck.errors import (GuestBootError, GuestCrashed, GuestCommandError, HostUnreachable, MigrationFailed, PremiseError, QemuExited,
                                     QMPCommandError, QMPLost)
 
 
@@ -22,6 +22,7 @@ def ending(exc: BaseException) -> pytest.ExceptionInfo:
     (MigrationFailed("failed", {}), "FAIL"),
     (QMPLost("QEMU died"), "FAIL"),
     (QemuExited("QEMU exited before its guest took an SSH session"), "FAIL"),
+    (GuestCrashed("no SSH session to the guest; rcu: INFO: rcu_preempt detected stalls"), "FAIL"),
     (HostUnreachable("no route"), "ERROR"),
     (GuestBootError("no ready marker"), "ERROR"),
     (PremiseError("the guest dirties too slowly"), "ERROR"),
