@@ -352,7 +352,7 @@ class VM:
     def qmp(self) -> Monitor:
         if self._qmp is None:
             if not self.alive():
-                raise QMPLost(f"VM {self.name}: QEMU is not running; see its console log")
+                raise QMPLost(f"VM {self.name}: {self._qemu_state()}")
             self._qmp = Monitor(self.host.connect_unix(self.qmp_socket), self.name, diagnose=self._qemu_state)
         return self._qmp
 
@@ -360,8 +360,10 @@ class VM:
         """What became of QEMU, for a QMP error: exited (with its log), or running and where
         its main thread waits (a QEMU hung in a command is not one that died)."""
         try:
-            if not self.alive():
-                return f"QEMU {self.pid} has exited: " + (self.log_tail(5).strip() or "see its console log")
+            if not self.alive():  # what it said, and its guest's kernel crash that ended it (panic=-1, -no-reboot)
+                console = self.console()
+                said = [self.log_tail(5).strip(), console_excerpt(console, 1) if kernel_crashed(console) else ""]
+                return f"QEMU {self.pid} has exited: " + ("\n".join(filter(None, said)) or "see its console log")
             waits = self.host.read_root_text(f"/proc/{self.pid}/wchan", default="?").strip() or "running"
             return f"QEMU {self.pid} still runs (main thread in {waits}): hung in the command, or its socket's relay stalled"
         except KvmCheckError as exc:

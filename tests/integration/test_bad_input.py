@@ -157,7 +157,7 @@ def test_qemu_gone_before_the_guest_login(local_run, workdir):
 def test_a_guest_whose_kernel_crashes_after_it_booted(local_run, workdir):
     """A guest kernel that crashes after boot (a destination's, corrupted in its move: CI)
     ends its QEMU (panic=-1, -no-reboot): the next login is the host's FAIL with the crash
-    report from the console, not a login timeout."""
+    report from the console, not a login timeout; so is a QMP command's."""
     vm = local_run.new_vm("local", VMSpec()).boot()
     vm.guest.start("sleep 1; echo c > /proc/sysrq-trigger")
     assert poll(lambda: not vm.alive(), 30), "the guest's crash did not end its QEMU"
@@ -166,6 +166,8 @@ def test_a_guest_whose_kernel_crashes_after_it_booted(local_run, workdir):
     message = str(info.value)
     assert "the guest's kernel reported a crash or a stall:" in message and "sysrq" in message.lower(), message
     assert verdicts.classify(info) == "FAIL"
+    with pytest.raises(QMPLost, match=rf"QEMU {vm.pid} has exited: (.|\n)*the guest's kernel reported a crash"):
+        vm.qmp.cmd("query-status")  # a QMP command's error names the crash too
     vm.destroy()
     assert not qemu_processes(str(workdir))
 
