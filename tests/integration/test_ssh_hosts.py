@@ -5,7 +5,14 @@ import re
 import pytest
 
 from .conftest import (BACKPORTS_BIN, BACKPORTS_QEMU, HUGEPAGES, KSM, LOCAL_FEATURES, SUITES, assert_nothing_left,
-                       assert_suites_passed, knobs, run_pytest, skip_reasons)
+                       assert_suites_passed, knobs, run_pytest, skip_reasons, verdicts_of)
+
+# QEMU 7.2 under TCG (these hosts' QEMU) corrupts a guest moved while the host streams to it:
+# in 4 of 16 such moves here the destination's kernel crashed (kernel BUG at lib/list_debug.c)
+# or a CPU of it stalled, under multi- and single-threaded TCG alike; QEMU 10.0 on the same hosts,
+# with the same guest, moved it clean 14 times of 14. The check FAILs the host for it, naming
+# the crash from the console: that FAIL, and only it, is what these hosts may give besides PASS.
+TCG_MOVE_CORRUPTS = re.compile(r"^test_production_guest_moves_under_load\[[\d.]+-network-load\]$")
 
 # Migration's checks where QEMU 10.x differs from 7.2 (a cancel in setup or postcopy, postcopy
 # beside multifd, postcopy recovery); the rest of migration runs on 7.2, locally and below.
@@ -69,25 +76,31 @@ def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
     # dirtying guest and the refusals run in the local run: the second host adds nothing there.
     result = run_pytest(pytester, f"{SUITES}/test_migration.py", f"--kvm-hosts={hosts}", "--junitxml=junit.xml",
                         "-n", "2", "--dist", "loadscope", "-k", "not (cancel or honoured or destination_lost or dirtying or mismatched or unreachable)")
-    outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
+    verdicts = verdicts_of(pytester.path / "junit.xml")
+    known = {name for name, (verdict, text) in verdicts.items() if verdict == "FAIL" and TCG_MOVE_CORRUPTS.search(name)
+             and "the guest's kernel reported a crash or a stall" in text}
+    others = {name: (verdict, text[:600]) for name, (verdict, text) in verdicts.items()
+              if verdict not in ("PASS", "SKIP") and name not in known}
+    assert not others, f"{others}\n{result.stdout.str()[-4000:]}"
     for line in skip_reasons(result):
         assert re.search(r"host \S+: needs ", line), f"a skip without host and capability: {line}"
-    verdicts = "\n".join(result.outlines)
+    table = "\n".join(result.outlines)
     # Neither host's spec names QEMU: a's is found on PATH, b's where RHEL puts it.
     for host, qemu in ((a, "/usr/bin/qemu-system-x86_64"), (b, "/usr/libexec/qemu-kvm")):
-        assert re.search(rf"^kvmcheck: host {re.escape(host.address)}: QEMU [\d.]+ \({qemu}\)", verdicts, re.M), \
-            verdicts[-2000:]
+        assert re.search(rf"^kvmcheck: host {re.escape(host.address)}: QEMU [\d.]+ \({qemu}\)", table, re.M), \
+            table[-2000:]
     for host in (a, b):
-        assert re.search(rf"^{re.escape(host.address)}\s+test_migration\s+PASS", verdicts, re.M), verdicts[-2000:]
+        cell = "FAIL" if any(f"[{host.address}-" in name for name in known) else "PASS"
+        assert re.search(rf"^{re.escape(host.address)}\s+test_migration\s+{cell}", table, re.M), table[-2000:]
     junit = (pytester.path / "junit.xml").read_text()
     for source, dest in ((a, b), (b, a)):  # the reports say who moved where, and the stream went to the peer
         assert f"{source.address} -&gt; {dest.address} (precopy)" in junit, "no cross-host migration note"
         assert f"tcp:{dest.address}:" in junit, f"the stream to {dest.address} did not go to its own address"
         assert re.search(rf"{re.escape(source.address)} -&gt; {re.escape(dest.address)} \(postcopy\), session to ",
                          junit), "the guest-session test did not run across the hosts"
-        assert re.search(rf"{re.escape(source.address)} -&gt; {re.escape(dest.address)} \(network-load\)", junit) \
-            and "across the move" in junit, "the production guest did not move under network load"
+        assert re.search(rf"{re.escape(source.address)} -&gt; {re.escape(dest.address)} \(network-load\)", junit), \
+            "the production guest did not move under network load"
+    assert known or "across the move" in junit, "the host's stream to the moving guest left no note"
     tests = json.loads((pytester.path / "reports/run.json").read_text())["tests"]
     spans = {host.address: (min(t["start"] for t in tests if t["host"] == host.address),
                             max(t["stop"] for t in tests if t["host"] == host.address)) for host in ssh_hosts}
