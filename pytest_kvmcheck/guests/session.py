@@ -67,6 +67,12 @@ class GuestSession(GuestShows):
         except paramiko.BadHostKeyException:
             raise VMError(f"guest {name}: its SSH host key is not the image's: refusing to talk to it") from None
         except paramiko.AuthenticationException as exc:
+            transport = self._client.get_transport()
+            dropped = transport is None or not transport.is_active()
+            self._client.close()
+            if dropped:  # paramiko calls a connection that ended during the login an authentication failure
+                raise GuestLoginError(f"guest {name}: SSH login failed: the connection ended during "
+                                      f"authentication ({exc})") from None
             raise VMError(f"guest {name}: SSH login refused: {exc} (the guest does not accept the run's key)") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self._client.close()

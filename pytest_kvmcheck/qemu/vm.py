@@ -352,7 +352,7 @@ class VM:
     def qmp(self) -> Monitor:
         if self._qmp is None:
             if not self.alive():
-                raise QMPLost(f"VM {self.name}: {self._qemu_state()}")
+                raise QMPLost(f"VM {self.name}: " + (self._qemu_state() if self.pid is not None else "QEMU was not started"))
             self._qmp = Monitor(self.host.connect_unix(self.qmp_socket), self.name, diagnose=self._qemu_state)
         return self._qmp
 
