@@ -8,7 +8,7 @@ from .conftest import (BACKPORTS_BIN, BACKPORTS_QEMU, HUGEPAGES, KSM, LOCAL_FEAT
                        assert_suites_passed, knobs, run_pytest, skip_reasons, verdicts_of)
 
 # QEMU 7.2 under TCG (these hosts' QEMU) corrupts a guest moved while the host streams to it:
-# in 4 of 16 such moves here the destination's kernel crashed (kernel BUG at lib/list_debug.c)
+# in 5 of 22 such moves here the destination's kernel crashed (kernel BUG at lib/list_debug.c)
 # or a CPU of it stalled, under multi- and single-threaded TCG alike; QEMU 10.0 on the same hosts,
 # with the same guest, moved it clean 14 times of 14. The check FAILs the host for it, naming
 # the crash from the console: that FAIL, and only it, is what these hosts may give besides PASS.
