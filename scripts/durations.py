@@ -14,19 +14,20 @@ from collections import defaultdict
 from statistics import median
 
 from pytest_kvmcheck import record
+from pytest_kvmcheck.spread import duration_key
 
 
 def durations(records: list[dict]) -> dict:
-    seconds: dict[tuple[str, str], list[float]] = defaultdict(list)
+    seconds: dict[str, list[float]] = defaultdict(list)  # by the name --kvm-durations looks tests up by
     schema = "kvmcheck-run/1"
     for document in records:
         schema = document["schema"]
         for test in document.get("tests", ()):
             if test.get("duration_s") is not None and test.get("verdict") not in ("SKIP", None):
-                seconds[(test["feature"], test["test"].rsplit("::", 1)[-1])].append(test["duration_s"])
+                seconds[duration_key(test["feature"], test["test"])].append(test["duration_s"])
     return {"schema": schema, "note": "seconds per test for --kvm-durations (scripts/durations.py)",
-            "tests": [{"feature": feature, "test": test, "duration_s": round(median(values), 1)}
-                      for (feature, test), values in sorted(seconds.items())]}
+            "tests": [{"feature": key.partition("::")[0], "test": key.partition("::")[2],
+                       "duration_s": round(median(values), 1)} for key, values in sorted(seconds.items())]}
 
 
 if __name__ == "__main__":

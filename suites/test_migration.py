@@ -601,13 +601,15 @@ PACED_LINK = 128 * MIB
 HELD_DATA_MIB = 768
 
 
-def unlimited_rate(source) -> float:
+def unlimited_rate(source, uri: str, dest) -> float:
     """Bytes a second the source's migration sends with no limit, over 1.5 s (infinite if it
-    ended sooner: a link that fast has room for any limit)."""
+    completed sooner: a link that fast has room for any limit). One that ended otherwise is
+    the migration's failure, with both QEMUs' reasons, not a rate."""
     try:
         sent, took = measure_throughput(source, 1.5, settle=0.3, least=0.3)
-    except VMError:  # active for less than 0.3 s of it: the rest of the guest's RAM went at once
-        return float("inf")
+    except VMError:  # no longer active: a failed migration raises here
+        await_migration(source, uri, destination=dest)
+        return float("inf")  # it completed: the rest of the guest's RAM went at once
     return sent / took
 
 
@@ -634,7 +636,7 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
     rate = sent / seconds
     source.qmp.cmd("migrate-set-parameters", max_bandwidth=UNLIMITED_BANDWIDTH)
     if rate < limit * (1 - BANDWIDTH_TOLERANCE):  # slower than the limit: QEMU, or the link?
-        capacity = unlimited_rate(source)
+        capacity = unlimited_rate(source, uri, dest)
         kvm_note("link", f"under the limit the migration sent {rate / MIB:.2f} MiB/s; with no limit "
                          f"{capacity / MIB:.2f} MiB/s")
         if capacity <= limit * LINK_HEADROOM:  # not clearly faster than the limit: one it carries with room
@@ -647,7 +649,7 @@ def test_max_bandwidth_is_honoured(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_me
         rate = sent / seconds
         source.qmp.cmd("migrate-set-parameters", max_bandwidth=UNLIMITED_BANDWIDTH)
         if rate < limit * (1 - BANDWIDTH_TOLERANCE):
-            after = unlimited_rate(source)
+            after = unlimited_rate(source, uri, dest)
             premise(after > limit * LINK_HEADROOM,
                     f"a link with room for the limit while it was measured: under max-bandwidth {link_mib} MiB/s "
                     f"the migration sent {rate / MIB:.2f} MiB/s, and with no limit right after {after / MIB:.2f} MiB/s "

@@ -113,7 +113,7 @@ class SSHHost(Host):
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         self._home: str | None = None
-        self._has_socat: bool | None = None
+        self._programs: dict[str, bool] = {}  # which programs the host has, asked once each (has())
         self.file_timeout = FILE_TIMEOUT
 
     # --- connection -------------------------------------------------------------
@@ -282,7 +282,7 @@ class SSHHost(Host):
         # file (threads of one process too: a pid alone was not enough, one's rename took the other's).
         tmp = f"{remote_path}.part-{os.getpid()}-{secrets.token_hex(4)}"
         what = f"copying {local_path} to {remote_path}"
-        if _worth_packing(local_path):
+        if _worth_packing(local_path) and self.has("gzip"):  # a host without gzip takes it as it is
             with self._files(what) as sftp:
                 sftp.putfo(io.BytesIO(_gzipped(local_path)), f"{tmp}.gz")
             unpacked = self.run(["sh", "-c", 'gzip -dc -- "$1" > "$2" && rm -f -- "$1" && mv -- "$2" "$3"',
@@ -290,12 +290,17 @@ class SSHHost(Host):
             if unpacked.ok:
                 return
             self.run(["rm", "-f", "--", f"{tmp}.gz", tmp])
-            if unpacked.exit_status != 127:  # 127: no gzip there, the file goes as it is
-                raise HostError(f"host {self.name}: {what}: unpacking it there failed "
-                                f"(exit {unpacked.exit_status}): {unpacked.stderr.strip()[-500:]}")
+            raise HostError(f"host {self.name}: {what}: unpacking it there failed "
+                            f"(exit {unpacked.exit_status}): {unpacked.stderr.strip()[-500:]}")
         with self._files(what) as sftp:
             sftp.put(local_path, tmp)
             sftp.posix_rename(tmp, remote_path)
+
+    def has(self, program: str) -> bool:
+        """Whether ``program`` is on the host's PATH: asked once per host, not per use."""
+        if program not in self._programs:
+            self._programs[program] = self.run(["sh", "-c", 'command -v "$1"', "sh", program], timeout=30).ok
+        return self._programs[program]
 
     @contextlib.contextmanager
     def follow(self, path: str) -> Iterator[Callable[[], str]]:
@@ -349,9 +354,7 @@ class SSHHost(Host):
             raise HostError(f"host {self.name}: cannot reach {address}:{port} from there: {exc}") from None
 
     def connect_unix(self, path: str, timeout: float = 10.0) -> socket.socket:
-        if self._has_socat is None:  # asked once per host, not per connection
-            self._has_socat = self.run(["sh", "-c", "command -v socat"], timeout=timeout).ok
-        argv = ["socat", "-", f"UNIX-CONNECT:{path}"] if self._has_socat else ["python3", "-c", _PY_RELAY, path]
+        argv = ["socat", "-", f"UNIX-CONNECT:{path}"] if self.has("socat") else ["python3", "-c", _PY_RELAY, path]
         channel = self.client.get_transport().open_session(timeout=timeout)
         # QEMU's sockets belong to the user QEMU started as: root, through sudo= if the user is not.
         channel.exec_command(shlex.join(self.privileged(argv)))

@@ -378,7 +378,7 @@ def postcopy_broke(source: VM, uri: str, status: str, info: dict, destination: V
              if status == "postcopy-paused" else f"{status} after the switch to postcopy: its copy of the guest is stale")
     there = ""
     if destination is not None:
-        said = destination_side(destination) if destination.alive() else ""
+        said = destination_side(destination, alive=True) if destination.alive() else ""
         if not destination.alive():  # also one that exited while it was asked (a lab run saw that race)
             said = ("its QEMU exited: the guest is lost (its newest pages died with it, QEMU's documented "
                     "behaviour for postcopy)")
@@ -424,9 +424,10 @@ def failure_message(source: VM, uri: str, status: str, info: dict, destination: 
     return "; ".join(parts)
 
 
-def destination_side(dest: VM) -> str:
-    """What the destination QEMU says about an incoming migration that failed."""
-    if dest.alive():
+def destination_side(dest: VM, alive: bool | None = None) -> str:
+    """What the destination QEMU says about an incoming migration that failed (``alive``: its
+    liveness, if the caller has just asked)."""
+    if dest.alive() if alive is None else alive:
         try:
             answer = dest.qmp.cmd("query-migrate")
             said = f"query-migrate status {answer.get('status')}: {answer.get('error-desc', '(no error-desc)')}"

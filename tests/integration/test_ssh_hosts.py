@@ -111,16 +111,24 @@ def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
         assert_nothing_left(workdir / host.name, result.stdout.str())
 
 
-def test_follow_reads_only_what_a_file_gained(ssh_hosts, workdir):
-    """Host.follow, which a boot's wait for the guest reads the serial console with: "" while
-    the file is missing, then each call only what was appended since the one before, over
-    one SFTP handle (as root) and through sudo's cat (host b, a user with sudo=1)."""
+@pytest.fixture
+def connected(ssh_hosts, workdir):
+    """The two SSH test hosts as kvmcheck connects to them: a as root, b as a user with sudo."""
     from pytest_kvmcheck.hosts.connect import connect
     from pytest_kvmcheck.hosts.spec import parse_hosts
 
-    for ssh_host in ssh_hosts[:2]:
-        host = connect(parse_hosts(ssh_host.url(workdir / ssh_host.name))[0])
-        path = f"/tmp/kvmcheck-follow-{ssh_host.name}"
+    hosts = [connect(parse_hosts(ssh_host.url(workdir / ssh_host.name))[0]) for ssh_host in ssh_hosts[:2]]
+    yield hosts
+    for host in hosts:
+        host.close()
+
+
+def test_follow_reads_only_what_a_file_gained(connected):
+    """Host.follow, which a boot's wait for the guest reads the serial console with: "" while
+    the file is missing, then each call only what was appended since the one before, over
+    one SFTP handle (as root) and through sudo's cat (host b, a user with sudo=1)."""
+    for host in connected:
+        path = f"/tmp/kvmcheck-follow-{host.name}"
         try:
             host.run(["rm", "-f", path]).check()
             with host.follow(path) as more:
@@ -132,49 +140,35 @@ def test_follow_reads_only_what_a_file_gained(ssh_hosts, workdir):
                 assert more() == "KVMCHECK-READY\n"
         finally:
             host.run(["rm", "-f", path])
-            host.close()
 
 
-def test_a_lost_connection_is_the_hosts_error_and_the_next_command_reconnects(ssh_hosts, workdir):
+def test_a_lost_connection_is_the_hosts_error_and_the_next_command_reconnects(connected):
     """A command whose SSH connection dies under it (its sshd killed) is a HostUnreachable that
     says so, not a command that "exited -1", which a check would read as the host's answer; the
     next command connects again."""
     from pytest_kvmcheck.errors import HostUnreachable
-    from pytest_kvmcheck.hosts.connect import connect
-    from pytest_kvmcheck.hosts.spec import parse_hosts
 
-    ssh_host = ssh_hosts[0]
-    host = connect(parse_hosts(ssh_host.url(workdir / ssh_host.name))[0])
-    try:
-        assert host.run(["true"]).ok
-        kill_session = "kill -9 $PPID; sleep 10"  # root's session is one sshd: the shell's parent
-        with pytest.raises(HostUnreachable, match=rf"host {re.escape(host.name)}: the SSH connection (was lost|broke) during"):
-            host.run(["sh", "-c", kill_session], timeout=30)
-        assert host.run(["echo", "back"]).stdout == "back\n"
-    finally:
-        host.close()
+    host = connected[0]
+    assert host.run(["true"]).ok
+    kill_session = "kill -9 $PPID; sleep 10"  # root's session is one sshd: the shell's parent
+    with pytest.raises(HostUnreachable, match=rf"host {re.escape(host.name)}: the SSH connection (was lost|broke) during"):
+        host.run(["sh", "-c", kill_session], timeout=30)
+    assert host.run(["echo", "back"]).stdout == "back\n"
 
 
-def test_a_big_file_reaches_the_host_whole(ssh_hosts, workdir, tmp_path):
+def test_a_big_file_reaches_the_host_whole(connected, tmp_path):
     """put_file sends a big file gzipped and unpacks it on the host: the host's copy is the
     same bytes, as root and as a user, and no part of the copy is left beside it."""
     import hashlib
     import os
 
-    from pytest_kvmcheck.hosts.connect import connect
-    from pytest_kvmcheck.hosts.spec import parse_hosts
-
     big = tmp_path / "kernel"
     big.write_bytes(os.urandom(1 << 20) * 6 + b"tail")  # 6 MiB that packs well, as a kernel does
-    for ssh_host in ssh_hosts[:2]:
-        host = connect(parse_hosts(ssh_host.url(workdir / ssh_host.name))[0])
-        try:
-            target = f"{host.spec.workdir}/copied"
-            host.makedirs(target)
-            host.put_file(str(big), f"{target}/kernel")
-            assert host.run(["sha256sum", f"{target}/kernel"]).check().stdout.split()[0] == \
-                hashlib.sha256(big.read_bytes()).hexdigest()
-            assert host.listdir(target) == ["kernel"]
-            host.run(["rm", "-rf", target]).check()
-        finally:
-            host.close()
+    for host in connected:
+        target = f"{host.spec.workdir}/copied"
+        host.makedirs(target)
+        host.put_file(str(big), f"{target}/kernel")
+        assert host.run(["sha256sum", f"{target}/kernel"]).check().stdout.split()[0] == \
+            hashlib.sha256(big.read_bytes()).hexdigest()
+        assert host.listdir(target) == ["kernel"]
+        host.run(["rm", "-rf", target]).check()

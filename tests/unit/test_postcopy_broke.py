@@ -28,8 +28,16 @@ def test_a_destination_that_exited_loses_the_guest():
 
 def test_a_destination_that_exits_while_it_is_asked_loses_the_guest_too():
     """Alive when first asked, gone by the end (a lab run: killed by the test a moment before)."""
-    said = postcopy_broke(SOURCE, "tcp:x:1", "postcopy-paused", {}, Destination(True, True, False))
+    said = postcopy_broke(SOURCE, "tcp:x:1", "postcopy-paused", {}, Destination(True, False))
     assert "the guest is lost" in said, said
+
+
+def test_the_destination_is_asked_whether_it_runs_twice():
+    """Before it is asked where its migration stands, and after (the race above): no more."""
+    destination = Destination(True, True, False)
+    assert "query-migrate status postcopy-paused" in postcopy_broke(SOURCE, "tcp:x:1", "postcopy-paused", {},
+                                                                    destination)
+    assert destination._alive == [False], "asked more than twice"
 
 
 def test_a_live_destination_says_where_its_migration_stands():
