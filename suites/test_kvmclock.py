@@ -95,8 +95,9 @@ def test_clock_across_live_migration(boot_vm, kvm_host, kvm_peer, kvm_note, kvm_
     on the source to its RESUME on the destination) plus STEP_TOLERANCE_MS.
 
     kvm-clock stands still while the guest is stopped, so the guest's clock falls behind by
-    that pause. QEMU's downtime is only the source's part of it: in a CI run a healthy guest's
-    clock fell 3.6 s behind across a move QEMU gave 701 ms of downtime. Every reading is
+    that pause. QEMU's downtime is the source's measure, not the pause: in a CI run a healthy
+    guest's clock fell 3.6 s behind across a move QEMU gave 701 ms of downtime (in the lab, a
+    healthy guest stood still 405 ms and its clock fell 335 ms behind). Every reading is
     against this machine's clock, one reference for both hosts."""
     source = boot_vm(VMSpec(memory_mib=256))
     clocksource, available = source.guest.clocksource()

@@ -689,8 +689,8 @@ def guest_pause(source: VM, dest: VM, source_clock: Offset, dest_clock: Offset) 
     event's time put on this machine's clock by its host's offset (``source_clock``,
     ``dest_clock``: :func:`~pytest_kvmcheck.clock.measure_offset` of each host's clock).
 
-    QEMU's ``downtime`` is the source's view and leaves out what the destination does after
-    the stream: it activates the disks (on a loaded NFS, seconds) before the guest runs."""
+    QEMU's ``downtime`` is the source's measure, not this: what the destination does after the
+    stream, before the guest runs there, is not in it."""
     resumes = dest.qmp.events("RESUME")
     if not resumes:
         raise VMError(f"VM {dest.name}: no RESUME event: the guest has not run on the destination")
