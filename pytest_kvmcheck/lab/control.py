@@ -104,6 +104,21 @@ class LabHost:
             return False
 
 
+def _qemus_in(directory: Path) -> list[int]:
+    """The QEMU processes whose command line names ``directory`` (its files are there)."""
+    pids, inside = [], f"{str(directory).rstrip('/')}/".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if b"qemu" in os.path.basename(argv[0]) and any(inside in a for a in argv[1:]):
+            pids.append(int(proc.name))
+    return pids
+
+
 def _sh(argv: list[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -488,6 +503,9 @@ class Lab:
                 while host.alive():
                     time.sleep(0.05)
             notes.append(f"{host.name}: stopped (QEMU {host.pid})")
+        for pid in _qemus_in(self.dir):  # one started as an interrupt came, before the lab's state named it
+            os.kill(pid, signal.SIGKILL)
+            notes.append(f"killed QEMU {pid}, started in {self.dir} but not yet in the lab's state")
         if _sh(["ip", "netns", "list"], check=False).stdout.split().count(self.netns):
             _sh(["ip", "netns", "del", self.netns])
             notes.append(f"deleted network namespace {self.netns}")

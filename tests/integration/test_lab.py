@@ -258,6 +258,19 @@ def assert_lab_mutants_caught(pytester, lab_dir: Path) -> None:
         transport.close()
 
 
+def test_lab_down_finds_a_qemu_its_state_does_not_name(lab_dir):
+    """A host's QEMU started just as Ctrl-C came is in the lab's dir but not yet in its state
+    (CI: 'QEMU 28310' left after an interrupted lab up): lab down finds it by its files."""
+    from pytest_kvmcheck.lab.control import Lab
+    (lab_dir / "lab-power").mkdir(parents=True)
+    subprocess.run(["qemu-system-x86_64", "-S", "-nodefaults", "-display", "none", "-daemonize",
+                    "-pidfile", str(lab_dir / "lab-power" / "qemu.pid")], check=True, timeout=60)
+    pid = int((lab_dir / "lab-power" / "qemu.pid").read_text())
+    notes = Lab(lab_dir).down()
+    assert f"killed QEMU {pid}, started in {lab_dir} but not yet in the lab's state" in notes, notes
+    assert not lab_leftovers(lab_dir), lab_leftovers(lab_dir)
+
+
 def test_lab_up_interrupted_leaves_nothing(lab_dir):
     """Ctrl-C while the hosts boot: the lab takes itself down, and says so."""
     proc = subprocess.Popen([KVMCHECK, "lab", "up", "--hosts", "2"], stderr=subprocess.PIPE, text=True,
