@@ -18,12 +18,16 @@ from ..waiting import poll
 from .monitor import Monitor
 from .spec import noguest_argv
 
+# A QEMU with no guest starts and answers in well under a second on a sound host. In CI a
+# loaded lab host's first start of its second QEMU (read from the lab's NFS) took over 30 s.
+START_TIMEOUT_S = 120
 _QUIT = json.dumps({"execute": "qmp_capabilities"}) + "\n" + json.dumps({"execute": "quit"}) + "\n"
 
 
 def try_options(host: Host, options: list[str]) -> CommandResult:
     """Start the host's QEMU with ``options`` and no guest; exit status 0 means accepted."""
-    return host.run(noguest_argv(host.spec.qemu, qmp="stdio") + list(options), timeout=30, input=_QUIT, root=True)
+    return host.run(noguest_argv(host.spec.qemu, qmp="stdio") + list(options), timeout=START_TIMEOUT_S, input=_QUIT,
+                    root=True)
 
 
 class NoGuestQemu:
@@ -44,7 +48,8 @@ class NoGuestQemu:
         self.host.makedirs(self.directory)
         try:
             self.host.run(noguest_argv(self.host.spec.qemu, qmp=f"unix:{sock},server=on,wait=off", pidfile=pidfile)
-                          + list(self.extra_args), timeout=30, root=True).check(f"QEMU without a guest on {self.host.name}")
+                          + list(self.extra_args), timeout=START_TIMEOUT_S,
+                          root=True).check(f"QEMU without a guest on {self.host.name}")
             self.pid = int(self.host.read_root_text(pidfile).strip())
             self.monitor = Monitor(self.host.connect_unix(sock), f"QEMU without a guest on {self.host.name}")
         except BaseException:
