@@ -23,7 +23,7 @@ from ..errors import HostError, KvmCheckError, QemuNotFound, QMPCommandError
 from .footprint import kill_vm_dir
 from .spec import HostSpec
 from .transport import Host
-from ..qemu.noguest import NoGuestQemu, try_options
+from ..qemu.noguest import START_TIMEOUT_S, NoGuestQemu, try_options
 from ..qemu.spec import qemu_argv
 from .tools import sriov_pfs
 from ..waiting import poll
@@ -256,18 +256,18 @@ def first_present(host: Host, candidates: tuple[str, ...]) -> str:
 
 def _probe_qemu(host: Host, caps: Capabilities) -> None:
     qemu = host.spec.qemu
-    result = host.run([qemu, "-version"], timeout=30)
+    result = host.run([qemu, "-version"], timeout=START_TIMEOUT_S)
     if result.exit_status == 127 or (not result.ok and "No such file" in result.stderr):
         raise QemuNotFound(f"host {host.name}: QEMU binary {qemu!r} not found. Install QEMU "
                            f"({INSTALL_QEMU}) or set qemu= for the host")
     result.check(f"{qemu} -version on {host.name}")
     caps.qemu_version = parse_qemu_version(result.stdout)
     caps.qemu_version_text = ".".join(map(str, caps.qemu_version))
-    caps.devices = parse_device_help(host.run([qemu, "-device", "help"], timeout=30).stdout)
-    caps.objects = parse_object_help(host.run([qemu, "-object", "help"], timeout=30).stdout)
-    caps.machines = parse_machine_help(host.run([qemu, "-machine", "help"], timeout=30).stdout)
-    caps.accels = parse_accel_help(host.run([qemu, "-accel", "help"], timeout=30).stdout)
-    img = host.run([host.spec.qemu_img, "--version"], timeout=30)
+    caps.devices = parse_device_help(host.run([qemu, "-device", "help"], timeout=START_TIMEOUT_S).stdout)
+    caps.objects = parse_object_help(host.run([qemu, "-object", "help"], timeout=START_TIMEOUT_S).stdout)
+    caps.machines = parse_machine_help(host.run([qemu, "-machine", "help"], timeout=START_TIMEOUT_S).stdout)
+    caps.accels = parse_accel_help(host.run([qemu, "-accel", "help"], timeout=START_TIMEOUT_S).stdout)
+    img = host.run([host.spec.qemu_img, "--version"], timeout=START_TIMEOUT_S)
     if not img.ok:
         raise QemuNotFound(f"host {host.name}: {host.spec.qemu_img!r} not found. Install it "
                            f"({INSTALL_QEMU}) or set qemu_img= for the host")
@@ -382,7 +382,7 @@ def _probe_other_qemu(host: Host, caps: Capabilities) -> None:
     path = host.spec.other_qemu
     if not path:
         return
-    answer = host.run([path, "--version"], timeout=30)
+    answer = host.run([path, "--version"], timeout=START_TIMEOUT_S)
     if answer.ok and "QEMU emulator version" in answer.stdout:
         caps.other_qemu = path
     else:

@@ -18,8 +18,9 @@ from ..waiting import poll
 from .monitor import Monitor
 from .spec import noguest_argv
 
-# A QEMU with no guest starts and answers in well under a second on a sound host. In CI a
-# loaded lab host's first start of its second QEMU (read from the lab's NFS) took over 30 s.
+# A QEMU with no guest (asked its version, its devices, an option) starts and answers in well
+# under a second on a sound host. In CI a loaded lab host's first starts of its second QEMU
+# (read from the lab's NFS) took over 30 s, twice: -sandbox on, then -version.
 START_TIMEOUT_S = 120
 _QUIT = json.dumps({"execute": "qmp_capabilities"}) + "\n" + json.dumps({"execute": "quit"}) + "\n"
 
