@@ -104,21 +104,6 @@ class LabHost:
             return False
 
 
-def _qemus_in(directory: Path) -> list[int]:
-    """The QEMU processes whose command line names ``directory`` (its files are there)."""
-    pids, inside = [], f"{str(directory).rstrip('/')}/".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        if b"qemu" in os.path.basename(argv[0]) and any(inside in a for a in argv[1:]):
-            pids.append(int(proc.name))
-    return pids
-
-
 def _sh(argv: list[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -487,10 +472,22 @@ class Lab:
         return out
 
     # ------------------------------------------------------------------ down
+    def _unnamed_hosts(self) -> list[LabHost]:
+        """Hosts whose QEMU wrote its pidfile in the lab's dir before the lab's state named them:
+        one started as an interrupt came (CI's interrupted lab up left the power host's)."""
+        named = {host.directory for host in self.hosts()}
+        found = []
+        for pidfile in sorted(self.dir.glob("*/qemu.pid")) if self.dir.exists() else ():
+            pid = pidfile.read_text(errors="replace").strip()
+            if str(pidfile.parent) not in named and pid.isdigit():
+                found.append(LabHost(name=pidfile.parent.name, index=0, directory=str(pidfile.parent), ssh_port=0,
+                                     private_ip="", tap="", pid=int(pid)))
+        return found
+
     def down(self) -> list[str]:
         """Kill every lab host, delete the namespace and the state dir. Safe to repeat."""
         notes = []
-        hosts = self.hosts()
+        hosts = self.hosts() + self._unnamed_hosts()
         for host in hosts:
             if host.alive():
                 os.kill(host.pid, signal.SIGTERM)
@@ -503,9 +500,6 @@ class Lab:
                 while host.alive():
                     time.sleep(0.05)
             notes.append(f"{host.name}: stopped (QEMU {host.pid})")
-        for pid in _qemus_in(self.dir):  # one started as an interrupt came, before the lab's state named it
-            os.kill(pid, signal.SIGKILL)
-            notes.append(f"killed QEMU {pid}, started in {self.dir} but not yet in the lab's state")
         if _sh(["ip", "netns", "list"], check=False).stdout.split().count(self.netns):
             _sh(["ip", "netns", "del", self.netns])
             notes.append(f"deleted network namespace {self.netns}")
