@@ -360,7 +360,9 @@ class VM:
         """What became of QEMU, for a QMP error: exited (with its log), or running and where
         its main thread waits (a QEMU hung in a command is not one that died)."""
         try:
-            if not self.alive():  # what it said, and its guest's kernel crash that ended it (panic=-1, -no-reboot)
+            # A QEMU that closed its socket as it was killed may still be ending (a CI run read
+            # one as "still runs, main thread in 0"): it gets a second to be gone.
+            if poll(lambda: not self.alive(), 1.0, 0.05):  # what it said, and the guest kernel's crash that ended it
                 console = self.console()
                 said = [self.log_tail(5).strip(), console_excerpt(console, 1) if kernel_crashed(console) else ""]
                 return f"QEMU {self.pid} has exited: " + ("\n".join(filter(None, said)) or "see its console log")
