@@ -170,8 +170,7 @@ def test_fsynced_writes_outlast_a_power_loss(boot_vm, kvm_host, kvm_note, kvm_me
     the host's flushes, so its data may still sit in the page cache the power loss takes);
     the report says whether unsafe lost it."""
     host = kvm_host.transport
-    directory = f"{kvm_host.caps.local_dir}/kvmcheck-{secrets.token_hex(4)}"
-    try:
+    with host.scratch_dir(f"{kvm_host.caps.local_dir}/kvmcheck-{secrets.token_hex(4)}") as directory:
         images = durable_images(host, directory)
         writer, written = write_and_fsync(boot_vm, images)
         took = power_cycle(host)
@@ -184,5 +183,3 @@ def test_fsynced_writes_outlast_a_power_loss(boot_vm, kvm_host, kvm_note, kvm_me
         must_keep = [mode for mode in lost if mode != "unsafe"]
         assert not must_keep, f"data the guest fsync'd is not on the disk after host {kvm_host.name} lost power, " \
                               f"cache mode(s): {', '.join(must_keep)}"
-    finally:
-        host.run(["rm", "-rf", "--", directory], timeout=60)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import shlex
 import socket
 import time
@@ -19,6 +20,7 @@ from .spec import HostSpec
 from .tools import Ip, QemuImg, QemuProcess
 
 DEFAULT_TIMEOUT = 60.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,22 @@ class Host(abc.ABC):
 
     def makedirs(self, path: str) -> None:
         self.run(["mkdir", "-p", "--", path]).check()
+
+    @contextlib.contextmanager
+    def scratch_dir(self, path: str) -> Iterator[str]:
+        """A directory made for a check and removed after it. When the check's own error is on
+        its way, a removal that fails too (the host may be gone: a power cycle it did not come
+        back from) is logged, not raised: it must not stand in for what went wrong."""
+        self.makedirs(path)
+        try:
+            yield path
+        except BaseException:
+            try:
+                self.remove_tree(path)
+            except HostError as exc:
+                log.warning("host %s: %s was not removed: %s", self.name, path, exc)
+            raise
+        self.remove_tree(path)
 
     def remove_tree(self, path: str, settle: float = 30.0) -> None:
         """``rm -rf``; on NFS a file whose last user just exited lingers as .nfsXXXX for a moment."""

@@ -138,3 +138,26 @@ def test_huge_page_mappings_are_counted_by_their_flag():
              "7f20-7f30 rw-p 0 00:00 0\nSize: 1024 kB\nRss: 512 kB\nVmFlags: rd wr mr mw me ac sd\n")
     assert hugetlb_kib(smaps) == 262144
     assert hugetlb_kib(smaps.replace(" ht ", " ")) == 0
+
+
+def test_a_scratch_dir_is_made_and_removed(tmp_path):
+    host = LocalHost(HostSpec(name="local"))
+    with host.scratch_dir(str(tmp_path / "scratch")) as path:
+        assert os.path.isdir(path)
+    assert not os.path.exists(path)
+
+
+def test_a_scratch_dir_that_cannot_be_removed_does_not_hide_the_checks_error(tmp_path, monkeypatch):
+    """A power cycle the host did not come back from: its error is the one raised, not the
+    failed removal's 'cannot connect'."""
+    host = LocalHost(HostSpec(name="local"))
+
+    def unreachable(path, settle=30.0):
+        raise HostError("host local: cannot connect")
+    monkeypatch.setattr(host, "remove_tree", unreachable)
+    with pytest.raises(HostError, match="did not come back"):
+        with host.scratch_dir(str(tmp_path / "scratch")):
+            raise HostError("host local: not back within 600 s of its power cycle (did not come back)")
+    with pytest.raises(HostError, match="cannot connect"):  # alone, the failed removal is an error
+        with host.scratch_dir(str(tmp_path / "other")):
+            pass
