@@ -295,6 +295,12 @@ class VM:
         none); where the guest's kernel crashed, its crash report (:func:`console_excerpt`)."""
         return console_excerpt(self.console(), lines)
 
+    def kernel_crash_report(self) -> str:
+        """The guest kernel's report of a crash or a stalled CPU on the serial console, "" if it
+        made none: what explains a guest that runs but no longer does its work."""
+        console = self.console()
+        return console_excerpt(console, 1) if kernel_crashed(console) else ""
+
     def alive(self) -> bool:
         return self.pid is not None and self.host.pid_alive(self.pid)
 
