@@ -30,9 +30,9 @@ def power_cycle(host: Host, timeout: float = 600.0) -> float:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HostError(f"host {host.name}: power_cycle command {command[0]!r} did not run: {exc}") from None
     if done.returncode != 0:
-        said = (done.stderr or done.stdout).strip().splitlines()
+        said = (done.stderr or done.stdout).strip()
         raise HostError(f"host {host.name}: power_cycle command failed (exit {done.returncode}): "
-                        f"{said[-1] if said else 'no output'}")
+                        f"{said[-1500:] if said else 'no output'}")
     host.close()  # its connection died with the host
     deadline = started + timeout
     last = "no answer yet"

@@ -97,11 +97,36 @@ class LabHost:
         return f"{self.directory}/console.log"
 
     def alive(self) -> bool:
-        """Our QEMU (its argv names our pidfile: a recycled pid does not count)."""
+        """Our QEMU (its argv names our pidfile: a recycled pid does not count), until its last
+        thread has ended. A killed QEMU's main thread lets go of its argv before the others have
+        ended and closed its files: its SSH port and its tap, which a power cycle's new QEMU needs."""
         try:
-            return self.pidfile in Path(f"/proc/{self.pid}/cmdline").read_bytes().decode(errors="replace")
+            argv = Path(f"/proc/{self.pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             return False
+        return self.pidfile in argv if argv else _threads_running(self.pid)
+
+
+PF_KTHREAD = 0x00200000  # /proc/PID/stat's flags: a kernel thread
+KILLED_QEMU_ENDS_S = 60  # a SIGKILLed QEMU frees its guest's RAM and closes its files in this time
+
+
+def _threads_running(pid: int) -> bool:
+    """Whether a process with no argv (one exiting, or a kernel thread) has a thread that has
+    not ended; a kernel thread is never a lab host's QEMU."""
+    try:
+        if int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[6]) & PF_KTHREAD:
+            return False
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (OSError, ValueError, IndexError):
+        return False
+    for task in tasks:
+        try:
+            if Path(f"/proc/{pid}/task/{task}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X"):
+                return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 def _sh(argv: list[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
@@ -368,10 +393,7 @@ class Lab:
             raise LabError(f"no lab host {name!r} (the lab has: {', '.join(h.name for h in hosts) or 'none'})")
         if not host.power:
             raise LabError(f"{name} shares the lab's storage or runs its tests; only {POWER_HOST} is power-cycled")
-        if host.alive():
-            os.kill(host.pid, signal.SIGKILL)
-            while host.alive():
-                time.sleep(0.05)
+        self._kill(host)
         Path(host.console).write_text("")  # the ready markers below must be the new boot's
         if not (self.dir / "image" / "manifest.json").is_file():
             raise LabError(f"the lab's copy of its image is gone from {self.dir / 'image'}: "
@@ -471,6 +493,18 @@ class Lab:
             out.append(row)
         return out
 
+    @staticmethod
+    def _kill(host: LabHost) -> None:
+        """SIGKILL the host's QEMU, if it runs, and wait until its last thread has ended."""
+        if not host.alive():
+            return
+        os.kill(host.pid, signal.SIGKILL)
+        deadline = time.monotonic() + KILLED_QEMU_ENDS_S
+        while host.alive():
+            if time.monotonic() > deadline:
+                raise LabError(f"{host.name}: QEMU {host.pid} has not ended {KILLED_QEMU_ENDS_S} s after SIGKILL")
+            time.sleep(0.05)
+
     # ------------------------------------------------------------------ down
     def _unnamed_hosts(self) -> list[LabHost]:
         """Hosts whose QEMU wrote its pidfile in the lab's dir before the lab's state named them:
@@ -495,11 +529,11 @@ class Lab:
         for host in hosts:
             while host.alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if host.alive():
-                os.kill(host.pid, signal.SIGKILL)
-                while host.alive():
-                    time.sleep(0.05)
-            notes.append(f"{host.name}: stopped (QEMU {host.pid})")
+            try:
+                self._kill(host)
+                notes.append(f"{host.name}: stopped (QEMU {host.pid})")
+            except LabError as exc:  # the rest comes down all the same
+                notes.append(str(exc))
         if _sh(["ip", "netns", "list"], check=False).stdout.split().count(self.netns):
             _sh(["ip", "netns", "del", self.netns])
             notes.append(f"deleted network namespace {self.netns}")

@@ -1,8 +1,11 @@
 """The lab's QEMU command line and inventory: pure logic, no QEMU started."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from pytest_kvmcheck.hosts.spec import load_inventory
-from pytest_kvmcheck.lab.control import Lab, LabHost, _ephemeral_ports, _free_port
+from pytest_kvmcheck.lab.control import Lab, LabHost, _ephemeral_ports, _free_port, _threads_running
 from pytest_kvmcheck.lab.image import LabImage
 
 
@@ -82,3 +85,33 @@ def test_the_ephemeral_range_is_the_kernels_or_linuxs_default(tmp_path):
     assert _ephemeral_ports(str(custom)) == range(40000, 50001)
     assert _ephemeral_ports(str(tmp_path / "missing")) == range(32768, 61000)
     assert _free_port(range(1024, 2000)) in _ephemeral_ports()  # no room below the range: any free port
+
+
+def test_a_lab_hosts_qemu_counts_as_alive_by_its_pidfile_until_it_has_ended(tmp_path):
+    """A process whose argv names the host's pidfile is its QEMU; another is a recycled pid."""
+    _, host, _ = lab_and_host(tmp_path)
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", host.pidfile])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/elsewhere/qemu.pid"])
+    try:
+        for proc in (ours, other):  # until each runs its own argv, not a fork of this one
+            while b"time.sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                pass
+        assert LabHost(**{**host.__dict__, "pid": ours.pid}).alive()
+        assert not LabHost(**{**host.__dict__, "pid": other.pid}).alive()
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
+    assert not LabHost(**{**host.__dict__, "pid": ours.pid}).alive()
+
+
+def test_a_process_with_a_running_thread_is_not_over():
+    """What alive() asks of a QEMU whose main thread let go of its argv while others still end."""
+    assert _threads_running(os.getpid())
+    zombie = subprocess.Popen(["true"])
+    while open(f"/proc/{zombie.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+        pass  # ended, not yet reaped: no thread of it runs
+    try:
+        assert not _threads_running(zombie.pid)
+    finally:
+        zombie.wait()
