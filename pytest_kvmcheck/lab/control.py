@@ -139,7 +139,7 @@ def _sh(argv: list[str], timeout: float = 60, check: bool = True) -> subprocess.
     return proc
 
 
-PORT_HELD_S = 60  # how long a power cycle waits for its SSH port to be free again
+PORT_HELD_S = 60  # how long a power cycle waits for its SSH port and disks to be free again
 
 
 def _ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> range:
@@ -334,11 +334,13 @@ class Lab:
                 break
             attempts += 1
             taken = "host forwarding rule" in proc.stderr
-            if taken and (time.monotonic() < deadline if keep else attempts < 5):
+            # A power cycle's QEMU may find its disks still locked by the killed one's last files.
+            locked = keep and 'Failed to get "write" lock' in proc.stderr
+            if (taken or locked) and (time.monotonic() < deadline if keep else attempts < 5):
                 time.sleep(1 if keep else 0)
                 continue
             held = f" (its SSH port {keep}, which the inventory names, stayed taken for {PORT_HELD_S} s)" \
-                if keep and taken else ""
+                if keep and taken else f" (its disks stayed locked for {PORT_HELD_S} s)" if locked else ""
             raise LabError(f"{host.name}: QEMU did not start{held}: {proc.stderr.strip()[-500:]}")
         host.pid = int(Path(host.pidfile).read_text().strip())
         # The tap moves into the lab's namespace, onto its bridge: the private network stays there.
