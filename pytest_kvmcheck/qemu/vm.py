@@ -296,10 +296,18 @@ class VM:
         return console_excerpt(self.console(), lines)
 
     def kernel_crash_report(self) -> str:
-        """The guest kernel's report of a crash or a stalled CPU on the serial console, "" if it
-        made none: what explains a guest that runs but no longer does its work."""
+        """The guest kernel's report of a crash or a stalled CPU, "" if it made none: what
+        explains a guest that runs but no longer does its work. The serial console has what
+        the kernel printed as it went down; its log (dmesg), if the guest still answers, also
+        what a quiet console leaves out (a WARNING)."""
         console = self.console()
-        return console_excerpt(console, 1) if kernel_crashed(console) else ""
+        if kernel_crashed(console):
+            return console_excerpt(console, 1)
+        try:
+            log = self.guest_dmesg()
+        except KvmCheckError:
+            return ""
+        return console_excerpt(log, 1) if kernel_crashed(log) else ""
 
     def alive(self) -> bool:
         return self.pid is not None and self.host.pid_alive(self.pid)

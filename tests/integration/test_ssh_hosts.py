@@ -8,11 +8,13 @@ from .conftest import (BACKPORTS_BIN, BACKPORTS_QEMU, HUGEPAGES, KSM, LOCAL_FEAT
                        assert_suites_passed, knobs, run_pytest, skip_reasons, verdicts_of)
 
 # QEMU 7.2 under TCG (these hosts' QEMU) corrupts a guest moved while the host streams to it:
-# in 5 of 22 such moves here the destination's kernel crashed (kernel BUG at lib/list_debug.c)
-# or a CPU of it stalled, under multi- and single-threaded TCG alike; QEMU 10.0 on the same hosts,
-# with the same guest, moved it clean 14 times of 14. The check FAILs the host for it, naming
-# the crash from the console: that FAIL, and only it, is what these hosts may give besides PASS.
-TCG_MOVE_CORRUPTS = re.compile(r"^test_production_guest_moves_under_load\[[\d.]+-network-load\]$")
+# the destination's kernel crashes (list corruption, a bad page state in kvmcheck-net, a NULL
+# dereference) or a CPU of it stalls, under multi- and single-threaded TCG alike. 5 of 22 such
+# moves idle; 4 of 12 beside two busy CPUs, as in CI. QEMU 10.0 on the same hosts with the same
+# guest: 14 of 14 idle, 12 of 12 beside the busy CPUs. The check rightly FAILs a 7.2 host for it,
+# naming the crash; here that move runs on 10.0, so what it shows is the suite's own behaviour.
+NETWORK_MOVE = "production and network"
+NEWER_QEMU = f"&qemu={BACKPORTS_QEMU}&qemu_img={BACKPORTS_BIN / 'qemu-img'}"
 
 # Migration's checks where QEMU 10.x differs from 7.2 (a cancel in setup or postcopy, postcopy
 # beside multifd, postcopy recovery); the rest of migration runs on 7.2, locally and below.
@@ -33,7 +35,7 @@ def test_suites_pass_over_ssh_on_the_backports_qemu(pytester, sshd, workdir):
     assert BACKPORTS_QEMU.exists(), "the backports QEMU is not unpacked: make setup runs scripts/qemu-backports.sh"
     before = knobs(but=(KSM, HUGEPAGES))
     url = (sshd.url(workdir).replace("&allow_host_changes=1", "")  # an SSH host's default: no host changes
-           + f"&qemu={BACKPORTS_QEMU}&qemu_img={BACKPORTS_BIN / 'qemu-img'}")
+           + NEWER_QEMU)
     result = run_pytest(pytester, SUITES, "-k", f"not test_migration.py or ({MIGRATION_ON_10})", f"--kvm-hosts={url}")
     after = knobs(but=(KSM, HUGEPAGES))
     assert after == before, {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
@@ -75,40 +77,48 @@ def test_migration_between_two_ssh_hosts(pytester, ssh_hosts, workdir):
     # its bridge, runs only here). Cancels, limits, a lost destination, convergence under a
     # dirtying guest and the refusals run in the local run: the second host adds nothing there.
     result = run_pytest(pytester, f"{SUITES}/test_migration.py", f"--kvm-hosts={hosts}", "--junitxml=junit.xml",
-                        "-n", "2", "--dist", "loadscope", "-k", "not (cancel or honoured or destination_lost or dirtying or mismatched or unreachable)")
-    verdicts = verdicts_of(pytester.path / "junit.xml")
-    known = {name for name, (verdict, text) in verdicts.items() if verdict == "FAIL" and TCG_MOVE_CORRUPTS.search(name)
-             and "the guest's kernel reported a crash or a stall" in text}
-    others = {name: (verdict, text[:600]) for name, (verdict, text) in verdicts.items()
-              if verdict not in ("PASS", "SKIP") and name not in known}
-    assert not others, f"{others}\n{result.stdout.str()[-4000:]}"
-    for line in skip_reasons(result):
-        assert re.search(r"host \S+: needs ", line), f"a skip without host and capability: {line}"
+                        "-n", "2", "--dist", "loadscope", "-k", "not (cancel or honoured or destination_lost or dirtying "
+                                                                f"or mismatched or unreachable or ({NETWORK_MOVE}))")
+    assert_only_pass_or_skip(result, pytester.path / "junit.xml")
     table = "\n".join(result.outlines)
     # Neither host's spec names QEMU: a's is found on PATH, b's where RHEL puts it.
     for host, qemu in ((a, "/usr/bin/qemu-system-x86_64"), (b, "/usr/libexec/qemu-kvm")):
         assert re.search(rf"^kvmcheck: host {re.escape(host.address)}: QEMU [\d.]+ \({qemu}\)", table, re.M), \
             table[-2000:]
-    for host in (a, b):
-        cell = "FAIL" if any(f"[{host.address}-" in name for name in known) else "PASS"
-        assert re.search(rf"^{re.escape(host.address)}\s+test_migration\s+{cell}", table, re.M), table[-2000:]
+        assert re.search(rf"^{re.escape(host.address)}\s+test_migration\s+PASS", table, re.M), table[-2000:]
     junit = (pytester.path / "junit.xml").read_text()
     for source, dest in ((a, b), (b, a)):  # the reports say who moved where, and the stream went to the peer
         assert f"{source.address} -&gt; {dest.address} (precopy)" in junit, "no cross-host migration note"
         assert f"tcp:{dest.address}:" in junit, f"the stream to {dest.address} did not go to its own address"
         assert re.search(rf"{re.escape(source.address)} -&gt; {re.escape(dest.address)} \(postcopy\), session to ",
                          junit), "the guest-session test did not run across the hosts"
-        assert re.search(rf"{re.escape(source.address)} -&gt; {re.escape(dest.address)} \(network-load\)", junit), \
-            "the production guest did not move under network load"
-    assert known or "across the move" in junit, "the host's stream to the moving guest left no note"
     tests = json.loads((pytester.path / "reports/run.json").read_text())["tests"]
     spans = {host.address: (min(t["start"] for t in tests if t["host"] == host.address),
                             max(t["stop"] for t in tests if t["host"] == host.address)) for host in ssh_hosts}
     workers = {host.address: {t["worker"] for t in tests if t["host"] == host.address} for host in ssh_hosts}
     assert max(s for s, _ in spans.values()) < min(e for _, e in spans.values()), f"the hosts ran one after the other: {spans}"
     assert all(len(w) == 1 for w in workers.values()) and workers[a.address] != workers[b.address], workers
+
+    newer = ",".join(h.url(workdir / h.name) + NEWER_QEMU for h in ssh_hosts)
+    moved = run_pytest(pytester, f"{SUITES}/test_migration.py", f"--kvm-hosts={newer}", "--junitxml=network.xml",
+                       "-n", "2", "--dist", "loadscope", "-k", NETWORK_MOVE)
+    assert_only_pass_or_skip(moved, pytester.path / "network.xml")
+    junit = (pytester.path / "network.xml").read_text()
+    for source, dest in ((a, b), (b, a)):
+        assert re.search(rf"{re.escape(source.address)} -&gt; {re.escape(dest.address)} \(network-load\)", junit), \
+            "the production guest did not move under network load"
+    assert junit.count("across the move") >= 2, "the host's stream to the moving guest left no note"
     for host in ssh_hosts:
-        assert_nothing_left(workdir / host.name, result.stdout.str())
+        assert_nothing_left(workdir / host.name, result.stdout.str() + moved.stdout.str())
+
+
+def assert_only_pass_or_skip(result, junit) -> None:
+    """Every verdict PASS or SKIP, and every skip names its host and the missing capability."""
+    others = {name: (verdict, text[:600]) for name, (verdict, text) in verdicts_of(junit).items()
+              if verdict not in ("PASS", "SKIP")}
+    assert not others, f"{others}\n{result.stdout.str()[-4000:]}"
+    for line in skip_reasons(result):
+        assert re.search(r"host \S+: needs ", line), f"a skip without host and capability: {line}"
 
 
 @pytest.fixture
