@@ -1,7 +1,10 @@
 """How long a fleet's run takes under xdist's loadscope and under kvmcheck's host+module
 grouping: a recorded run's test durations replayed through the real schedulers (not a timed test).
 
-    python benchmarks/schedule.py [reports/lab3/run.json] [--hosts 1,2,8,32] [--workers-per-host 1]
+    python benchmarks/schedule.py [reports/lab/run.json] [--hosts 1,2,8,32] [--workers-per-host 1]
+
+The record is a run's run.json (``make lab-suite`` writes reports/lab/run.json): its test ids
+carry their module, which both schedulers group by.
 
 Each recorded test's duration (averaged over the hosts it ran on) is given to H made-up hosts;
 both schedulers see the same collection, with as many workers as hosts, and a simulated clock
@@ -47,6 +50,8 @@ def durations_of(record: dict) -> dict[str, float]:
     """Test id without its host -> seconds, averaged over the hosts it ran on."""
     seen = defaultdict(list)
     for test in record["tests"]:
+        if "::" not in test["test"]:  # fixtures/lab-durations.json: seconds per test, without module
+            raise SystemExit(f"benchmarks/schedule.py: {test['test']!r} names no module: give a run's run.json")
         seen[test["test"]].append(test["duration_s"])
     return {test: statistics.mean(values) for test, values in seen.items()}
 
@@ -100,10 +105,12 @@ def makespan(scheduler_class, nodeids: list[str], seconds: list[float], workers:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("record", nargs="?", default=str(ROOT / "reports/lab3/run.json"))
+    parser.add_argument("record", nargs="?", default=str(ROOT / "reports/lab/run.json"))
     parser.add_argument("--hosts", default="1,2,8,32")
     parser.add_argument("--workers-per-host", type=int, default=1)
     args = parser.parse_args()
+    if not Path(args.record).is_file():
+        raise SystemExit(f"benchmarks/schedule.py: no run record at {args.record}: run make lab-suite, or give one")
     durations = durations_of(json.loads(Path(args.record).read_text()))
     print(f"{len(durations)} tests from {args.record}, {sum(durations.values()):.0f} s of test time per host")
     print(f"{'hosts':>5} {'workers':>7} {'loadscope (module)':>19} {'host+module':>12} {'vs one host':>11}")
