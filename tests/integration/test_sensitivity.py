@@ -333,6 +333,10 @@ MUTANTS = [
     Mutant("QEMU quits when postcopy pauses", "test_migration.py", "test_postcopy_recovers_from_a_broken_stream",
            'on_migration("postcopy-paused", "quit")',
            r"QMP connection lost during (query-migrate|migrate-recover|migrate).*has exited"),
+    # A race this mutant can lose on a loaded machine (once in 8 CI runs): the test's kill of the
+    # destination lands before the source's QEMU takes the cancel. In postcopy-paused QEMU 7.2
+    # cannot resume the stale guest (a cancel there stays "cancelling"; cont answers "Migration
+    # is not finalized yet"), so the check then rightly passes and the mutant goes uncaught.
     Mutant("stale source resumed after postcopy began", "test_migration.py",
            "test_destination_lost_in_postcopy_fails_and_names_the_guests_fate",
            'watch_migration(dict([("postcopy-active", ("migrate_cancel", dict())), ("cancelled", ("cont", dict()))]))',
