@@ -351,8 +351,9 @@ def test_production_guest_moves_under_load(boot_vm, kvm_host, kvm_peer, load, kv
                 problems.append("the host's stream to the guest delivered nothing")
         except KvmCheckError as exc:
             problems.append(f"the host's stream to the guest broke across the move: {exc}")
-    if problems:
-        problems += filter(None, [dest.kernel_crash_report()])
+    crash = dest.kernel_crash_report() if problems else ""
+    if crash:
+        problems.append(crash)
     assert not problems, f"the production guest after the move ({load}):\n" + "\n".join(problems)
 
 

@@ -100,6 +100,11 @@ def kernel_crashed(text: str) -> bool:
     return _CRASH.search(text) is not None
 
 
+def crash_report(text: str) -> str:
+    """The guest kernel's crash or stall report in a console or a kernel log, "" if none."""
+    return console_excerpt(text, 1) if kernel_crashed(text) else ""
+
+
 def console_excerpt(text: str, lines: int, report_lines: int = 30) -> str:
     """What an error shows of a guest's serial console: its last ``lines``; where the guest's
     kernel reported a crash, the report from its first line instead (its last lines are only

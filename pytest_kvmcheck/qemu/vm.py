@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import GuestBootError, GuestCrashed, GuestLoginError, KvmCheckError, QemuExited, QemuNotFound, QMPLost, VMError
 from ..guests.session import GuestSession, RunKey
-from ..guests.shows import console_excerpt, kernel_crashed
+from ..guests.shows import console_excerpt, crash_report, kernel_crashed
 from ..images.build import READY_MARKER
 from ..waiting import poll
 from .monitor import Monitor
@@ -300,14 +300,13 @@ class VM:
         explains a guest that runs but no longer does its work. The serial console has what
         the kernel printed as it went down; its log (dmesg), if the guest still answers, also
         what a quiet console leaves out (a WARNING)."""
-        console = self.console()
-        if kernel_crashed(console):
-            return console_excerpt(console, 1)
+        report = crash_report(self.console())
+        if report:
+            return report
         try:
-            log = self.guest_dmesg()
+            return crash_report(self.guest_dmesg())
         except KvmCheckError:
             return ""
-        return console_excerpt(log, 1) if kernel_crashed(log) else ""
 
     def alive(self) -> bool:
         return self.pid is not None and self.host.pid_alive(self.pid)
@@ -377,8 +376,7 @@ class VM:
             # A QEMU that closed its socket as it was killed may still be ending (a CI run read
             # one as "still runs, main thread in 0"): it gets a second to be gone.
             if poll(lambda: not self.alive(), 1.0, 0.05):  # what it said, and the guest kernel's crash that ended it
-                console = self.console()
-                said = [self.log_tail(5).strip(), console_excerpt(console, 1) if kernel_crashed(console) else ""]
+                said = [self.log_tail(5).strip(), crash_report(self.console())]
                 return f"QEMU {self.pid} has exited: " + ("\n".join(filter(None, said)) or "see its console log")
             waits = self.host.read_root_text(f"/proc/{self.pid}/wchan", default="?").strip() or "running"
             return f"QEMU {self.pid} still runs (main thread in {waits}): hung in the command, or its socket's relay stalled"

@@ -1,5 +1,5 @@
 """The guest vocabulary's parsers: what lspci, sysfs and /proc print, read into plain data."""
-from pytest_kvmcheck.guests.shows import (BlockDevice, PciFunction, console_excerpt, first_checksum, kernel_crashed,
+from pytest_kvmcheck.guests.shows import (BlockDevice, PciFunction, console_excerpt, crash_report, first_checksum, kernel_crashed,
                                           listening_ports, parse_cpu_list, parse_lspci, parse_meminfo)
 from pytest_kvmcheck.hosts.transport import CommandResult
 
@@ -102,3 +102,9 @@ def test_listening_ports_come_from_the_kernels_tcp_tables():
    1: 00000000000000000000000000000000:1E5D 00000000000000000000000000000000:0000 06 00000000:00000000
 """
     assert listening_ports(text) == {22, 7771, 7772}  # 49828 is a connection, 7773 is TIME_WAIT
+
+
+def test_a_crash_report_is_the_kernels_report_or_nothing():
+    assert crash_report("[    1.0] Run /init as init process\nlogin:") == ""
+    report = crash_report("booted\n[   15.0] kernel BUG at lib/list_debug.c:62!\n[   15.0] RIP: 0010:x\n")
+    assert report.startswith("the guest's kernel reported a crash or a stall:\n[   15.0] kernel BUG at lib/list_debug.c:62!")
